@@ -1,0 +1,506 @@
+//! Every rule a configuration must follow, on the typed model. A rule that
+//! fails records the path of the offending value and a sentence for the
+//! operator; the loader turns paths into file, line and column.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use crate::locate::Seg::{self, Index, Key};
+use crate::model::*;
+
+/// Problems found in one file: (path, message).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub issues: Vec<(Vec<Seg>, String)>,
+}
+
+impl Report {
+    pub fn add(&mut self, path: Vec<Seg>, message: impl Into<String>) {
+        self.issues.push((path, message.into()));
+    }
+}
+
+fn with(path: &[Seg], seg: Seg) -> Vec<Seg> {
+    let mut p = path.to_vec();
+    p.push(seg);
+    p
+}
+
+/// A hostname label: what node names must be.
+pub fn check_node_name(r: &mut Report, path: Vec<Seg>, name: &str) {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        r.add(
+            path,
+            format!("node name `{name}` must be a hostname label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"),
+        );
+    }
+}
+
+/// Linux interface names: 1-15 bytes, no '/', ':' or white space.
+pub fn check_interface(r: &mut Report, path: Vec<Seg>, name: &str) {
+    let ok = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace());
+    if !ok {
+        r.add(
+            path,
+            format!(
+                "`{name}` is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+            ),
+        );
+    }
+}
+
+fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usize) {
+    let ok = (1..=max).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        r.add(
+            path,
+            format!("{what} `{name}` must be 1-{max} of A-Z, a-z, 0-9, '_' and '-'"),
+        );
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    r: &mut Report,
+    path: Vec<Seg>,
+    what: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) {
+    if v < lo || v > hi {
+        r.add(path, format!("{what} {v} is out of range ({lo}-{hi})"));
+    }
+}
+
+fn usable_unicast(a: IpAddr) -> bool {
+    !(a.is_unspecified()
+        || a.is_multicast()
+        || a.is_loopback()
+        || matches!(a, IpAddr::V4(v4) if v4.is_broadcast()))
+}
+
+pub fn node(n: &NodeConfig) -> Report {
+    let mut r = Report::default();
+    check_node_name(&mut r, vec![Key("name")], &n.name);
+    if let Some(i) = &n.cluster_interface {
+        check_interface(&mut r, vec![Key("cluster_interface")], i);
+    }
+    if let Some(a) = n.cluster_address
+        && !usable_unicast(a)
+    {
+        r.add(
+            vec![Key("cluster_address")],
+            format!("cluster_address {a} is not a usable unicast address"),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, k) in n.api_keys.iter().enumerate() {
+        let p = vec![Key("api_keys"), Index(i)];
+        check_ident(&mut r, with(&p, Key("name")), "API key name", &k.name, 64);
+        if !names.insert(k.name.as_str()) {
+            r.add(
+                with(&p, Key("name")),
+                format!("API key `{}` appears twice", k.name),
+            );
+        }
+        if k.sha256.len() != 64
+            || !k
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            r.add(
+                with(&p, Key("sha256")),
+                format!(
+                    "API key `{}`: sha256 must be 64 lowercase hex digits",
+                    k.name
+                ),
+            );
+        }
+    }
+    r
+}
+
+pub fn cluster(c: &ClusterConfig) -> Report {
+    let mut r = Report::default();
+    if c.virtual_router_id == 0 {
+        r.add(
+            vec![Key("virtual_router_id")],
+            "cluster: virtual_router_id must be 1-255",
+        );
+    }
+    // VRRP timing (RFC 5798 §5.2.7: 12 bits of centiseconds; RFC 3768: seconds).
+    let v = &c.vrrp;
+    let iv = v.advert_interval_ms;
+    match v.version {
+        3 => {
+            if !(10..=40950).contains(&iv) || !iv.is_multiple_of(10) {
+                r.add(
+                    vec![Key("vrrp"), Key("advert_interval_ms")],
+                    format!("cluster: advert_interval_ms {iv} must be 10-40950 in steps of 10 with VRRPv3"),
+                );
+            }
+        }
+        2 => {
+            if !(1000..=255_000).contains(&iv) || !iv.is_multiple_of(1000) {
+                r.add(
+                    vec![Key("vrrp"), Key("advert_interval_ms")],
+                    format!("cluster: advert_interval_ms {iv} must be whole seconds, 1000-255000, with VRRPv2"),
+                );
+            }
+        }
+        other => r.add(
+            vec![Key("vrrp"), Key("version")],
+            format!("cluster: VRRP version {other} does not exist (2 or 3)"),
+        ),
+    }
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_repeat")],
+        "cluster: garp_repeat",
+        v.garp_repeat,
+        1,
+        100,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_interval_ms")],
+        "cluster: garp_interval_ms",
+        v.garp_interval_ms,
+        0,
+        10_000,
+    );
+
+    if c.nodes.len() != 2 {
+        r.add(
+            vec![Key("nodes")],
+            format!(
+                "cluster: a Tandem cluster has exactly 2 nodes, this one lists {}",
+                c.nodes.len()
+            ),
+        );
+    }
+    let mut names = HashMap::new();
+    let mut addrs = HashMap::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let p = vec![Key("nodes"), Index(i)];
+        check_node_name(&mut r, with(&p, Key("name")), &n.name);
+        if let Some(first) = names.insert(n.name.as_str(), i) {
+            r.add(
+                with(&p, Key("name")),
+                format!(
+                    "cluster: node `{}` appears twice (nodes {} and {})",
+                    n.name,
+                    first + 1,
+                    i + 1
+                ),
+            );
+        }
+        if let Some(first) = addrs.insert(n.address, i) {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "cluster: address {} is given to nodes {} and {}",
+                    n.address,
+                    first + 1,
+                    i + 1
+                ),
+            );
+        }
+        if !usable_unicast(n.address) {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "cluster: node `{}` address {} is not a usable unicast address",
+                    n.name, n.address
+                ),
+            );
+        }
+        if v.version == 2 && n.address.is_ipv6() {
+            r.add(
+                with(&p, Key("address")),
+                "cluster: VRRPv2 runs over IPv4 only; use version = 3 for IPv6",
+            );
+        }
+        check_range(
+            &mut r,
+            with(&p, Key("priority")),
+            &format!("cluster: node `{}` priority", n.name),
+            n.priority,
+            1,
+            254,
+        );
+    }
+    if let [a, b] = c.nodes.as_slice()
+        && a.address.is_ipv4() != b.address.is_ipv4()
+    {
+        r.add(
+            vec![Key("nodes"), Index(1), Key("address")],
+            "cluster: both nodes' addresses must be of the same family",
+        );
+    }
+    if let Failback::Node(pref) = &c.failback
+        && !c.nodes.iter().any(|n| n.name == *pref)
+    {
+        let known: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+        r.add(
+            vec![Key("failback")],
+            format!("cluster: failback names node `{pref}`, which is not one of the nodes ({}); use \"none\" or a node name", known.join(", ")),
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, t) in c.tracked_interfaces.iter().enumerate() {
+        check_interface(&mut r, vec![Key("tracked_interfaces"), Index(i)], t);
+        if !seen.insert(t) {
+            r.add(
+                vec![Key("tracked_interfaces"), Index(i)],
+                format!("cluster: tracked interface `{t}` appears twice"),
+            );
+        }
+    }
+    if c.floating_ips.is_empty() {
+        r.add(
+            vec![Key("floating_ips")],
+            "cluster: at least one floating IP is needed",
+        );
+    }
+    let mut fips = HashSet::new();
+    for (i, f) in c.floating_ips.iter().enumerate() {
+        let p = vec![Key("floating_ips"), Index(i)];
+        check_interface(&mut r, with(&p, Key("interface")), &f.interface);
+        if !usable_unicast(f.address.addr) {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "cluster: floating IP {} is not a usable unicast address",
+                    f.address.addr
+                ),
+            );
+        }
+        if !fips.insert(f.address.addr) {
+            r.add(
+                with(&p, Key("address")),
+                format!("cluster: floating IP {} appears twice", f.address.addr),
+            );
+        }
+        if c.nodes.iter().any(|n| n.address == f.address.addr) {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "cluster: floating IP {} is a node's own address",
+                    f.address.addr
+                ),
+            );
+        }
+    }
+    if c.sync.conntrack_port == 0 {
+        r.add(
+            vec![Key("sync"), Key("conntrack_port")],
+            "cluster: conntrack_port must be 1-65535",
+        );
+    }
+    if c.sync.ssh_port == 0 {
+        r.add(
+            vec![Key("sync"), Key("ssh_port")],
+            "cluster: ssh_port must be 1-65535",
+        );
+    }
+    r
+}
+
+pub fn farm(f: &Farm, file_stem: &str) -> Report {
+    let mut r = Report::default();
+    let name = &f.name;
+    check_ident(&mut r, vec![Key("name")], "farm name", name, 32);
+    if name != file_stem {
+        r.add(
+            vec![Key("name")],
+            format!("farm `{name}` must be in a file named {name}.toml, not {file_stem}.toml"),
+        );
+    }
+    if !usable_unicast(f.vip) {
+        r.add(
+            vec![Key("vip")],
+            format!(
+                "farm `{name}`: vip {} is not a usable unicast address",
+                f.vip
+            ),
+        );
+    }
+    match (f.forwarding, f.snat_address) {
+        (Forwarding::Nat, None) => r.add(
+            vec![Key("snat_address")],
+            format!("farm `{name}`: NAT forwarding needs snat_address, a floating IP on the backends' side (masquerading to the node's own address breaks every flow at failover)"),
+        ),
+        (Forwarding::Nat, Some(s)) if s.is_ipv4() != f.vip.is_ipv4() => {
+            r.add(vec![Key("snat_address")], format!("farm `{name}`: snat_address {s} and vip {} are of different families", f.vip));
+        }
+        (Forwarding::Dsr, Some(_)) => {
+            r.add(vec![Key("snat_address")], format!("farm `{name}`: direct server return does not translate addresses; remove snat_address"));
+        }
+        _ => {}
+    }
+    let hc = &f.health_check;
+    let hp = |k| vec![Key("health_check"), Key(k)];
+    check_range(
+        &mut r,
+        hp("interval_ms"),
+        &format!("farm `{name}`: interval_ms"),
+        hc.interval_ms,
+        100,
+        3_600_000,
+    );
+    check_range(
+        &mut r,
+        hp("timeout_ms"),
+        &format!("farm `{name}`: timeout_ms"),
+        hc.timeout_ms,
+        10,
+        3_600_000,
+    );
+    if hc.timeout_ms >= hc.interval_ms {
+        r.add(
+            hp("timeout_ms"),
+            format!(
+                "farm `{name}`: timeout_ms ({}) must be less than interval_ms ({})",
+                hc.timeout_ms, hc.interval_ms
+            ),
+        );
+    }
+    check_range(
+        &mut r,
+        hp("rise"),
+        &format!("farm `{name}`: rise"),
+        hc.rise,
+        1,
+        100,
+    );
+    check_range(
+        &mut r,
+        hp("fall"),
+        &format!("farm `{name}`: fall"),
+        hc.fall,
+        1,
+        100,
+    );
+    let http = matches!(hc.kind, HealthCheckKind::Http | HealthCheckKind::Https);
+    if let Some(p) = &hc.path {
+        if !http {
+            r.add(
+                hp("path"),
+                format!("farm `{name}`: path applies to http and https checks only"),
+            );
+        } else if !p.starts_with('/') {
+            r.add(
+                hp("path"),
+                format!("farm `{name}`: path `{p}` must start with '/'"),
+            );
+        }
+    }
+    if let Some(s) = hc.expect_status {
+        if !http {
+            r.add(
+                hp("expect_status"),
+                format!("farm `{name}`: expect_status applies to http and https checks only"),
+            );
+        } else {
+            check_range(
+                &mut r,
+                hp("expect_status"),
+                &format!("farm `{name}`: expect_status"),
+                s,
+                100,
+                599,
+            );
+        }
+    }
+    match (&hc.command, hc.kind) {
+        (None, HealthCheckKind::Command) => {
+            r.add(
+                vec![Key("health_check"), Key("kind")],
+                format!("farm `{name}`: a command check needs `command`"),
+            );
+        }
+        (Some(c), HealthCheckKind::Command) if !c.starts_with('/') => {
+            r.add(
+                hp("command"),
+                format!("farm `{name}`: command `{c}` must be an absolute path"),
+            );
+        }
+        (Some(_), k) if k != HealthCheckKind::Command => {
+            r.add(
+                hp("command"),
+                format!("farm `{name}`: command applies to command checks only"),
+            );
+        }
+        _ => {}
+    }
+    let mut seen = HashMap::new();
+    for (i, b) in f.backends.iter().enumerate() {
+        let p = vec![Key("backends"), Index(i)];
+        let port_text = b.port.map_or_else(|| f.port.to_string(), |p| p.to_string());
+        if b.address.is_ipv4() != f.vip.is_ipv4() {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "farm `{name}`: backend {} and vip {} are of different families",
+                    b.address, f.vip
+                ),
+            );
+        }
+        if !usable_unicast(b.address) {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "farm `{name}`: backend address {} is not a usable unicast address",
+                    b.address
+                ),
+            );
+        }
+        if b.port == Some(0) {
+            r.add(
+                with(&p, Key("port")),
+                format!("farm `{name}`: backend port must be 1-65535"),
+            );
+        }
+        if f.forwarding == Forwarding::Dsr
+            && b.port
+                .is_some_and(|bp| !f.port.is_single() || bp != f.port.first)
+        {
+            r.add(with(&p, Key("port")), format!("farm `{name}`: with direct server return a backend cannot use another port than the farm's"));
+        }
+        check_range(
+            &mut r,
+            with(&p, Key("weight")),
+            &format!("farm `{name}`: backend {}:{port_text} weight", b.address),
+            b.weight,
+            1,
+            10_000,
+        );
+        if let Some(first) = seen.insert((b.address, b.port), i) {
+            let _ = first;
+            r.add(
+                p,
+                format!(
+                    "farm `{name}`: backend {}:{port_text} appears twice",
+                    b.address
+                ),
+            );
+        }
+    }
+    r
+}
