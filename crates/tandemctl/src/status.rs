@@ -1,0 +1,258 @@
+//! `tandemctl status` and `tandemctl reload`: one question to each daemon.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use comfy_table::{Table, presets};
+use serde::Serialize;
+use tandem_proto::DAEMONS;
+use tandem_proto::v1::{
+    self, cfg_sync_client::CfgSyncClient, cluster_manager_client::ClusterManagerClient,
+    conntrack_sync_client::ConntrackSyncClient, lb_forwarder_client::LbForwarderClient,
+    vrrpd_client::VrrpdClient,
+};
+use tandem_runtime::RuntimeError;
+use tonic::transport::Channel;
+
+/// A daemon that does not answer within this is reported as not responding.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Serialize)]
+struct DaemonRow {
+    daemon: String,
+    /// "running", "not running" or "not responding".
+    state: String,
+    pid: Option<u32>,
+    version: Option<String>,
+    node: Option<String>,
+    config_generation: Option<u64>,
+    /// What the daemon says of itself (role, VRRP state, farms ...).
+    detail: String,
+    /// The last configuration reload error, if the last reload was refused.
+    reload_error: Option<String>,
+}
+
+pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut rows = Vec::with_capacity(DAEMONS.len());
+    for daemon in DAEMONS {
+        rows.push(query(runtime_dir, daemon).await);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    let all_running = rows.iter().all(|r| r.state == "running");
+    Ok(if all_running {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+fn print_table(rows: &[DaemonRow]) {
+    let mut table = Table::new();
+    table.load_style(presets::UTF8_FULL_CONDENSED);
+    table.set_header(["DAEMON", "STATE", "PID", "VERSION", "CONFIG", "DETAIL"]);
+    for r in rows {
+        let mut detail = r.detail.clone();
+        if let Some(e) = &r.reload_error {
+            detail.push_str(&format!(" (last reload refused: {e})"));
+        }
+        table.add_row([
+            r.daemon.clone(),
+            r.state.clone(),
+            r.pid.map(|p| p.to_string()).unwrap_or_default(),
+            r.version.clone().unwrap_or_default(),
+            r.config_generation
+                .map(|g| format!("gen {g}"))
+                .unwrap_or_default(),
+            detail,
+        ]);
+    }
+    println!("{table}");
+}
+
+async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
+    let mut row = DaemonRow {
+        daemon: daemon.to_owned(),
+        state: "not running".into(),
+        pid: None,
+        version: None,
+        node: None,
+        config_generation: None,
+        detail: String::new(),
+        reload_error: None,
+    };
+    let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
+        Ok(c) => c,
+        Err(RuntimeError::NotRunning { path, .. }) => {
+            row.detail = format!("no daemon listening on {}", path.display());
+            return row;
+        }
+        Err(e) => {
+            row.detail = e.to_string();
+            return row;
+        }
+    };
+    match tokio::time::timeout(RPC_TIMEOUT, status_of(daemon, channel)).await {
+        Ok(Ok((info, detail))) => {
+            row.state = "running".into();
+            row.pid = Some(info.pid);
+            row.version = Some(info.version);
+            row.node = Some(info.node_name);
+            row.config_generation = Some(info.config_generation);
+            row.reload_error = Some(info.last_reload_error).filter(|e| !e.is_empty());
+            row.detail = detail;
+        }
+        Ok(Err(e)) => {
+            row.state = "not responding".into();
+            row.detail = e.to_string();
+        }
+        Err(_) => {
+            row.state = "not responding".into();
+            row.detail = format!("no answer within {} s", RPC_TIMEOUT.as_secs());
+        }
+    }
+    row
+}
+
+/// Calls the daemon's Status RPC; returns its identity and a one-line summary.
+async fn status_of(daemon: &str, ch: Channel) -> anyhow::Result<(v1::DaemonInfo, String)> {
+    let (info, detail) = match daemon {
+        "clustermanager" => {
+            let s = ClusterManagerClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let role = s
+                .role()
+                .as_str_name()
+                .trim_start_matches("NODE_ROLE_")
+                .to_lowercase();
+            (s.daemon, format!("role {role}: {}", s.message))
+        }
+        "vrrpd" => {
+            let s = VrrpdClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let state = s
+                .state()
+                .as_str_name()
+                .trim_start_matches("VRRP_STATE_")
+                .to_lowercase();
+            (s.daemon, format!("{state}: {}", s.reason))
+        }
+        "lb-forwarder" => {
+            let s = LbForwarderClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let datapath = if s.datapath_loaded {
+                "loaded"
+            } else {
+                "not loaded"
+            };
+            (
+                s.daemon,
+                format!(
+                    "{} farms, {} backends, datapath {datapath}",
+                    s.farms, s.backends
+                ),
+            )
+        }
+        "conntrack-syncd" => {
+            let s = ConntrackSyncClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let role = s
+                .role()
+                .as_str_name()
+                .trim_start_matches("SYNC_ROLE_")
+                .to_lowercase();
+            let peer = if s.peer.is_empty() {
+                "none".to_owned()
+            } else {
+                s.peer.clone()
+            };
+            (s.daemon, format!("role {role}, peer {peer}"))
+        }
+        "cfg-syncd" => {
+            let s = CfgSyncClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let dir = s
+                .direction()
+                .as_str_name()
+                .trim_start_matches("SYNC_DIRECTION_")
+                .to_lowercase();
+            let peer = if s.peer.is_empty() {
+                "none".to_owned()
+            } else {
+                s.peer.clone()
+            };
+            (s.daemon, format!("direction {dir}, peer {peer}"))
+        }
+        other => bail!("unknown daemon `{other}`"),
+    };
+    let info = info.ok_or_else(|| anyhow::anyhow!("{daemon} answered without its identity"))?;
+    Ok((info, detail))
+}
+
+pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
+    if let Some(name) = only
+        && !DAEMONS.contains(&name)
+    {
+        bail!(
+            "unknown daemon `{name}`; the daemons are {}",
+            DAEMONS.join(", ")
+        );
+    }
+    let mut failed = false;
+    for daemon in DAEMONS.iter().filter(|d| only.is_none_or(|o| o == **d)) {
+        let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
+            Ok(c) => c,
+            Err(RuntimeError::NotRunning { .. }) if only.is_none() => continue,
+            Err(e) => {
+                println!("{daemon}: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let req = v1::ReloadRequest {};
+        let reply = match *daemon {
+            "clustermanager" => ClusterManagerClient::new(channel).reload(req).await,
+            "vrrpd" => VrrpdClient::new(channel).reload(req).await,
+            "lb-forwarder" => LbForwarderClient::new(channel).reload(req).await,
+            "conntrack-syncd" => ConntrackSyncClient::new(channel).reload(req).await,
+            "cfg-syncd" => CfgSyncClient::new(channel).reload(req).await,
+            other => bail!("unknown daemon `{other}`"),
+        };
+        match reply.map(tonic::Response::into_inner) {
+            Ok(r) if r.applied => {
+                println!("{daemon}: reloaded (config gen {})", r.config_generation)
+            }
+            Ok(r) => {
+                failed = true;
+                println!("{daemon}: reload refused, previous configuration stays in force:");
+                for e in r.errors {
+                    println!("  {e}");
+                }
+            }
+            Err(e) => {
+                failed = true;
+                println!("{daemon}: {}", e.message());
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

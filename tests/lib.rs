@@ -1,0 +1,239 @@
+//! Fixtures for Tandem's end-to-end tests: a node made of the real daemon
+//! binaries, with its own config and runtime directories.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub const DAEMONS: &[&str] = &[
+    "clustermanager",
+    "vrrpd",
+    "lb-forwarder",
+    "conntrack-syncd",
+    "cfg-syncd",
+];
+
+/// The shipped example configuration (`deploy/examples`).
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// Path of a workspace binary, or a panic that says how to build it.
+pub fn bin(name: &str) -> PathBuf {
+    match tandem_lab::require_workspace_bin(name) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Copies a directory tree (the config examples) into `to`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("create config dir");
+    for entry in fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+/// A node's directories: a copy of the examples as its config, an empty
+/// runtime dir for sockets. Removed on drop.
+pub struct NodeDirs {
+    _tmp: tempfile::TempDir,
+    pub config: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl NodeDirs {
+    pub fn from_examples() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = tmp.path().join("etc");
+        let runtime = tmp.path().join("run");
+        copy_tree(&examples_dir(), &config);
+        NodeDirs {
+            _tmp: tmp,
+            config,
+            runtime,
+        }
+    }
+
+    pub fn socket(&self, daemon: &str) -> PathBuf {
+        self.runtime.join(format!("{daemon}.sock"))
+    }
+
+    /// A daemon started on these directories; stdout/stderr captured.
+    pub fn start(&self, daemon: &str) -> DaemonProcess {
+        let child = Command::new(bin(daemon))
+            .arg("--config-dir")
+            .arg(&self.config)
+            .arg("--runtime-dir")
+            .arg(&self.runtime)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {daemon}: {e}"));
+        DaemonProcess {
+            name: daemon.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    /// Starts a daemon and waits until its socket answers.
+    pub fn start_serving(&self, daemon: &str) -> DaemonProcess {
+        let mut p = self.start(daemon);
+        p.wait_serving(&self.socket(daemon));
+        p
+    }
+
+    /// Runs `tandemctl` against this node.
+    pub fn tandemctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("tandemctl"))
+            .arg("--runtime-dir")
+            .arg(&self.runtime)
+            .args(args)
+            .output()
+            .expect("running tandemctl")
+    }
+}
+
+/// A daemon process this test started; stopped by PID on drop.
+pub struct DaemonProcess {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl DaemonProcess {
+    pub fn pid(&self) -> Pid {
+        let id = self.child.as_ref().map(Child::id).unwrap_or(0);
+        Pid::from_raw(i32::try_from(id).expect("pid fits i32"))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal daemon");
+    }
+
+    /// Waits until a Unix stream connect to `socket` succeeds; panics with the
+    /// daemon's output if it exits first or time runs out.
+    pub fn wait_serving(&mut self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                let out = self.take_output();
+                panic!("{} exited before serving:\n{out}", self.name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not serve {} within 10 s",
+                self.name,
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit (up to `timeout`); returns its status
+    /// code and everything it printed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let code = status.code();
+                return (code, self.take_output());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn take_output(&mut self) -> String {
+        let Some(child) = self.child.take() else {
+            return String::new();
+        };
+        let out = child.wait_with_output().expect("collect output");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The checks every daemon binary passes: `--help` documents the shared
+/// arguments, `--version` prints the version, and a missing configuration
+/// is a clear error naming node.toml, not a panic.
+pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
+    let out = Command::new(bin)
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{daemon} --help failed");
+    for arg in [
+        "--config-dir",
+        "--runtime-dir",
+        "/etc/tandem",
+        "/run/tandem",
+    ] {
+        assert!(help.contains(arg), "{daemon} --help lacks {arg}:\n{help}");
+    }
+
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("run --version");
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        version.trim(),
+        format!("{daemon} {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin)
+        .arg("--config-dir")
+        .arg(tmp.path().join("missing"))
+        .arg("--runtime-dir")
+        .arg(tmp.path().join("run"))
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .expect("run with a missing config dir");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{daemon} must fail:\n{err}");
+    assert!(
+        err.contains("node.toml"),
+        "{daemon} names the missing file:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
+}
