@@ -237,3 +237,4 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
     );
     assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
 }
+pub mod vrrp_lab;

@@ -1,0 +1,208 @@
+//! vrrpd in a namespace lab: two nodes and a client on one bridge, real
+//! daemons, real VRRP, the floating IP probed from the client.
+
+use std::time::Duration;
+
+use tandem_e2e::vrrp_lab::{ClusterOptions, VrrpLab, set_maintenance};
+use tandem_proto::v1::VrrpState;
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Both nodes up, one master, the VIP answering from it.
+fn elected(opts: &ClusterOptions) -> (VrrpLab, String) {
+    let mut lab = VrrpLab::new(opts);
+    lab.start("lb1");
+    lab.start("lb2");
+    lab.wait_until(SETTLE, "one master and one backup", |l| {
+        l.masters().len() == 1
+            && l.nodes.iter().all(|n| {
+                matches!(
+                    l.state(&n.name),
+                    Some(VrrpState::Master | VrrpState::Backup)
+                )
+            })
+    });
+    let master = lab.masters().remove(0);
+    let m = master.clone();
+    lab.wait_until(SETTLE, "the VIP to answer from the master", |l| {
+        l.vip_answer().as_deref() == Some(m.as_str())
+    });
+    (lab, master)
+}
+
+fn other(name: &str) -> &'static str {
+    if name == "lb1" { "lb2" } else { "lb1" }
+}
+
+#[test]
+fn backup_takes_over_when_master_is_killed() {
+    let (mut lab, master) = elected(&ClusterOptions::default());
+    let backup = other(&master);
+    lab.kill9(&master);
+    // kill -9 leaves the VIP on the dead node's interface, as a crashed
+    // machine's would be unreachable: take it away as the crash would.
+    lab.node(&master)
+        .ns
+        .set_link("eth0", false)
+        .expect("old master's link down");
+    let took = lab.wait_until(SETTLE, "the backup to become master", |l| {
+        l.state(backup) == Some(VrrpState::Master)
+    });
+    // Master_Down_Interval at 100 ms is ~361 ms; allow scheduling slack.
+    assert!(took < Duration::from_secs(2), "took over in {took:?}");
+    lab.wait_until(SETTLE, "the VIP to answer from the new master", |l| {
+        l.vip_answer().as_deref() == Some(backup)
+    });
+    let s = lab.status(backup).expect("status");
+    assert!(
+        s.reason.contains("no advertisement"),
+        "reason names the silence: {}",
+        s.reason
+    );
+}
+
+#[test]
+fn a_healed_split_brain_leaves_exactly_one_master_within_three_intervals() {
+    let (lab, _) = elected(&ClusterOptions::default());
+    lab.cut_heartbeat("lb1", true);
+    lab.wait_until(SETTLE, "both nodes to become master", |l| {
+        l.masters().len() == 2
+    });
+    lab.cut_heartbeat("lb1", false);
+    let healed = lab.wait_until(SETTLE, "one master again", |l| l.masters().len() == 1);
+    assert!(
+        healed <= Duration::from_millis(300) + Duration::from_millis(200),
+        "healed in {healed:?}"
+    );
+    // Equal priority: the higher address keeps the role (RFC 5798 §6.4.3).
+    assert_eq!(lab.masters(), vec!["lb2".to_owned()]);
+}
+
+#[test]
+fn without_failback_a_returning_node_does_not_preempt() {
+    let (mut lab, master) = elected(&ClusterOptions::default());
+    let backup = other(&master).to_owned();
+    lab.kill9(&master);
+    lab.node(&master)
+        .ns
+        .set_link("eth0", false)
+        .expect("link down");
+    lab.wait_until(SETTLE, "takeover", |l| {
+        l.state(&backup) == Some(VrrpState::Master)
+    });
+    lab.node(&master)
+        .ns
+        .set_link("eth0", true)
+        .expect("link up");
+    lab.start(&master);
+    lab.wait_until(SETTLE, "the returning node to settle as backup", |l| {
+        l.state(&master) == Some(VrrpState::Backup)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        lab.masters(),
+        vec![backup],
+        "no preemption with failback = none"
+    );
+}
+
+#[test]
+fn with_failback_the_preferred_node_takes_the_role_back() {
+    let opts = ClusterOptions {
+        failback: "lb1".into(),
+        ..ClusterOptions::default()
+    };
+    let (mut lab, master) = elected(&opts);
+    assert_eq!(master, "lb1", "the preferred node wins the first election");
+    lab.kill9("lb1");
+    lab.node("lb1")
+        .ns
+        .set_link("eth0", false)
+        .expect("link down");
+    lab.wait_until(SETTLE, "lb2 takes over", |l| {
+        l.state("lb2") == Some(VrrpState::Master)
+    });
+    lab.node("lb1").ns.set_link("eth0", true).expect("link up");
+    lab.start("lb1");
+    lab.wait_until(SETTLE, "lb1 preempts", |l| {
+        l.masters() == vec!["lb1".to_owned()]
+    });
+    lab.wait_until(SETTLE, "the VIP answers from lb1", |l| {
+        l.vip_answer().as_deref() == Some("lb1")
+    });
+}
+
+#[test]
+fn a_tracked_interface_going_down_moves_the_vip() {
+    let opts = ClusterOptions {
+        tracked: true,
+        ..ClusterOptions::default()
+    };
+    let (lab, master) = elected(&opts);
+    let backup = other(&master);
+    lab.nodes
+        .iter()
+        .find(|n| n.name == master)
+        .expect("node")
+        .ns
+        .set_link("eth1", false)
+        .expect("eth1 down");
+    lab.wait_until(SETTLE, "the master to go to fault", |l| {
+        l.state(&master) == Some(VrrpState::Fault)
+    });
+    lab.wait_until(SETTLE, "the backup to take over", |l| {
+        l.state(backup) == Some(VrrpState::Master)
+    });
+    lab.wait_until(SETTLE, "the VIP to answer from the backup", |l| {
+        l.vip_answer().as_deref() == Some(backup)
+    });
+    let s = lab.status(&master).expect("status");
+    assert!(
+        s.reason.contains("eth1"),
+        "reason names the interface: {}",
+        s.reason
+    );
+    lab.nodes
+        .iter()
+        .find(|n| n.name == master)
+        .expect("node")
+        .ns
+        .set_link("eth1", true)
+        .expect("eth1 up");
+    lab.wait_until(SETTLE, "the faulted node to return as backup", |l| {
+        l.state(&master) == Some(VrrpState::Backup)
+    });
+}
+
+#[test]
+fn maintenance_hands_the_master_role_over_at_once() {
+    let opts = ClusterOptions {
+        advert_interval_ms: 1000,
+        ..ClusterOptions::default()
+    };
+    let (lab, master) = elected(&opts);
+    let backup = other(&master);
+    let dir = lab
+        .nodes
+        .iter()
+        .find(|n| n.name == master)
+        .expect("node")
+        .runtime_dir
+        .clone();
+    let s = set_maintenance(&dir, true);
+    assert_eq!(s.state(), VrrpState::Maintenance);
+    // With 1 s adverts Master_Down_Interval is ~3.6 s; the priority-0 advert
+    // makes the backup take over after Skew_Time (~0.6 s) instead.
+    let took = lab.wait_until(SETTLE, "the backup to take over", |l| {
+        l.state(backup) == Some(VrrpState::Master)
+    });
+    assert!(took < Duration::from_millis(1500), "handover took {took:?}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        lab.state(&master),
+        Some(VrrpState::Maintenance),
+        "stays out of the election"
+    );
+    let s = set_maintenance(&dir, false);
+    assert_eq!(s.state(), VrrpState::Backup);
+}
