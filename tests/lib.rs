@@ -44,12 +44,16 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// A node's directories: a copy of the examples as its config, an empty
-/// runtime dir for sockets. Removed on drop.
+/// A node's directories (a copy of the examples as its config, an empty
+/// runtime dir for sockets) and the network namespace its daemons run in.
+/// The daemons never run in the host's namespace: the example configuration
+/// names interfaces (eth0, eth1) that a host may really have. Removed on drop.
 pub struct NodeDirs {
-    _tmp: tempfile::TempDir,
     pub config: PathBuf,
     pub runtime: PathBuf,
+    pub ns: tandem_lab::Netns,
+    _lab: tandem_lab::Lab,
+    _tmp: tempfile::TempDir,
 }
 
 impl NodeDirs {
@@ -58,10 +62,14 @@ impl NodeDirs {
         let config = tmp.path().join("etc");
         let runtime = tmp.path().join("run");
         copy_tree(&examples_dir(), &config);
+        let lab = tandem_lab::Lab::new().expect("lab");
+        let ns = lab.netns("node").expect("node namespace");
         NodeDirs {
-            _tmp: tmp,
             config,
             runtime,
+            ns,
+            _lab: lab,
+            _tmp: tmp,
         }
     }
 
@@ -69,9 +77,12 @@ impl NodeDirs {
         self.runtime.join(format!("{daemon}.sock"))
     }
 
-    /// A daemon started on these directories; stdout/stderr captured.
+    /// A daemon started on these directories, inside the node's namespace
+    /// (`ip netns exec` execs the daemon: same pid); stdout/stderr captured.
     pub fn start(&self, daemon: &str) -> DaemonProcess {
-        let child = Command::new(bin(daemon))
+        let child = Command::new("ip")
+            .args(["netns", "exec", self.ns.name()])
+            .arg(bin(daemon))
             .arg("--config-dir")
             .arg(&self.config)
             .arg("--runtime-dir")
