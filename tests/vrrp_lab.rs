@@ -4,9 +4,11 @@
 //! holds the floating IP.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_lab::{Bridge, Lab, LabChild, Netns};
@@ -35,8 +37,16 @@ impl Default for ClusterOptions {
     }
 }
 
+/// Which VRRP implementation a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    Vrrpd,
+    Keepalived,
+}
+
 pub struct VrrpNode {
     pub name: String,
+    pub speaker: Speaker,
     pub ns: Netns,
     pub config_dir: PathBuf,
     pub runtime_dir: PathBuf,
@@ -94,8 +104,13 @@ impl VrrpLab {
                 ),
             );
             whoami(&ns, &name);
+            write(
+                &config_dir.join("keepalived.conf"),
+                &keepalived_conf(&name, opts, if opts.tracked { Some("eth1") } else { None }),
+            );
             nodes.push(VrrpNode {
                 name,
+                speaker: Speaker::Vrrpd,
                 ns,
                 config_dir,
                 runtime_dir,
@@ -118,27 +133,121 @@ impl VrrpLab {
             .expect("node")
     }
 
+    /// Starts vrrpd on a node.
     pub fn start(&mut self, name: &str) {
-        let bin = crate::bin("vrrpd");
+        self.start_as(name, Speaker::Vrrpd);
+    }
+
+    /// Starts vrrpd or keepalived (same VRID, version, interval, VIP) on a node.
+    pub fn start_as(&mut self, name: &str, speaker: Speaker) {
         let lab = &self.lab;
         let node = self
             .nodes
             .iter_mut()
             .find(|n| n.name == name)
             .expect("node");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config-dir")
-            .arg(&node.config_dir)
-            .arg("--runtime-dir")
-            .arg(&node.runtime_dir)
-            .env("RUST_LOG", "info")
-            .env_remove("JOURNAL_STREAM");
-        node.vrrpd = Some(lab.spawn(&node.ns, &mut cmd).expect("spawn vrrpd"));
-        tandem_lab::wait_for_unix_socket(
-            &node.runtime_dir.join("vrrpd.sock"),
-            Duration::from_secs(10),
-        )
-        .expect("vrrpd serving");
+        node.speaker = speaker;
+        let mut cmd = match speaker {
+            Speaker::Vrrpd => {
+                let mut cmd = Command::new(crate::bin("vrrpd"));
+                cmd.arg("--config-dir")
+                    .arg(&node.config_dir)
+                    .arg("--runtime-dir")
+                    .arg(&node.runtime_dir)
+                    .env("RUST_LOG", "info")
+                    .env_remove("JOURNAL_STREAM");
+                cmd
+            }
+            Speaker::Keepalived => {
+                std::fs::create_dir_all(&node.runtime_dir).expect("runtime dir");
+                let mut cmd = Command::new("keepalived");
+                // Foreground, log to the console, VRRP only, private pid files.
+                cmd.args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+                    .arg(node.config_dir.join("keepalived.conf"))
+                    .arg("--pid")
+                    .arg(node.runtime_dir.join("keepalived.pid"))
+                    .arg("--vrrp_pid")
+                    .arg(node.runtime_dir.join("keepalived-vrrp.pid"));
+                cmd
+            }
+        };
+        node.vrrpd = Some(lab.spawn(&node.ns, &mut cmd).expect("spawn VRRP speaker"));
+        if speaker == Speaker::Vrrpd {
+            tandem_lab::wait_for_unix_socket(
+                &node.runtime_dir.join("vrrpd.sock"),
+                Duration::from_secs(10),
+            )
+            .expect("vrrpd serving");
+        }
+    }
+
+    /// Whether a node holds the VIP on eth0 (works for any speaker).
+    pub fn holds_vip(&self, name: &str) -> bool {
+        let node = self.nodes.iter().find(|n| n.name == name).expect("node");
+        node.ns
+            .exec("ip", &["-o", "addr", "show", "dev", "eth0"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {VIP}/")))
+            .unwrap_or(false)
+    }
+
+    /// Nodes holding the VIP.
+    pub fn vip_holders(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| self.holds_vip(&n.name))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// Probes the VIP from the client every `every` with a UDP datagram; each
+    /// node answers with its name. Stop with [`Probe::finish`].
+    pub fn start_probe(&self, every: Duration) -> Probe {
+        let sock = self
+            .client
+            .run(|| UdpSocket::bind("0.0.0.0:0"))
+            .expect("client thread")
+            .expect("probe socket");
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let dest: SocketAddr = format!("{VIP}:{WHOAMI_PORT}").parse().expect("addr");
+        let sender = {
+            let sock = sock.try_clone().expect("clone socket");
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Unreachable moments (no ARP answer) are expected mid-failover.
+                    let _ = sock.send_to(&sent.to_be_bytes(), dest);
+                    sent += 1;
+                    std::thread::sleep(every);
+                }
+                sent
+            })
+        };
+        let receiver = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = sock.recv(&mut buf) {
+                        answers.push((
+                            start.elapsed(),
+                            String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        ));
+                    }
+                }
+                answers
+            })
+        };
+        Probe {
+            start,
+            stop,
+            sender,
+            receiver,
+        }
     }
 
     /// kill -9 of a node's vrrpd: no goodbye advert, addresses stay behind.
@@ -183,6 +292,49 @@ impl VrrpLab {
         }
     }
 
+    /// Waits until `cond` has held without a break for `stable`.
+    pub fn wait_stable(
+        &self,
+        timeout: Duration,
+        stable: Duration,
+        what: &str,
+        mut cond: impl FnMut(&Self) -> bool,
+    ) {
+        let start = Instant::now();
+        let mut since: Option<Instant> = None;
+        loop {
+            if cond(self) {
+                let s = *since.get_or_insert_with(Instant::now);
+                if s.elapsed() >= stable {
+                    return;
+                }
+            } else {
+                since = None;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what} to hold for {stable:?}; VIP held by {:?}",
+                self.vip_holders()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The machine dies: its link goes down first (nothing it says gets out
+    /// any more), then its VRRP speaker is killed with SIGKILL.
+    pub fn crash(&mut self, name: &str) {
+        self.node(name)
+            .ns
+            .set_link("eth0", false)
+            .expect("link down");
+        self.kill9(name);
+    }
+
+    /// The machine comes back: link up; the caller restarts its speaker.
+    pub fn revive(&mut self, name: &str) {
+        self.node(name).ns.set_link("eth0", true).expect("link up");
+    }
+
     pub fn masters(&self) -> Vec<String> {
         self.nodes
             .iter()
@@ -223,9 +375,89 @@ impl VrrpLab {
     }
 }
 
-/// A thread inside `ns` answering every TCP connection on port 7000 with
-/// the node's name, for the life of the test process.
+/// A running probe of the VIP.
+pub struct Probe {
+    pub start: Instant,
+    stop: Arc<AtomicBool>,
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<Vec<(Duration, String)>>,
+}
+
+/// What a probe saw: every answer, with the time since the probe started.
+#[derive(Debug, Clone)]
+pub struct ProbeLog {
+    pub sent: u64,
+    pub answers: Vec<(Duration, String)>,
+}
+
+impl Probe {
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn finish(self) -> ProbeLog {
+        self.stop.store(true, Ordering::Relaxed);
+        ProbeLog {
+            sent: self.sender.join().unwrap_or(0),
+            answers: self.receiver.join().unwrap_or_default(),
+        }
+    }
+}
+
+impl ProbeLog {
+    /// Failover time as the operator sees it: from the last answer of `from`
+    /// to the first answer of `to` after it.
+    pub fn failover(&self, from: &str, to: &str) -> Option<Duration> {
+        let last_old = self.answers.iter().rev().find(|(_, n)| n == from)?.0;
+        let first_new = self
+            .answers
+            .iter()
+            .find(|(t, n)| n == to && *t > last_old)?
+            .0;
+        Some(first_new - last_old)
+    }
+
+    pub fn answered(&self) -> usize {
+        self.answers.len()
+    }
+}
+
+/// keepalived's configuration equivalent to the lab's cluster.toml.
+fn keepalived_conf(name: &str, opts: &ClusterOptions, tracked: Option<&str>) -> String {
+    let interval = f64::from(opts.advert_interval_ms) / 1000.0;
+    // As vrrpd maps failback: nobody preempts with "none"; the preferred
+    // node preempts with a higher priority otherwise.
+    let preempt = if opts.failback == "none" {
+        "nopreempt"
+    } else {
+        ""
+    };
+    let priority = if opts.failback == name { 101 } else { 100 };
+    let track = tracked
+        .map(|t| format!("track_interface {{\n    {t}\n  }}"))
+        .unwrap_or_default();
+    format!(
+        "global_defs {{\n  router_id {name}\n  vrrp_version {}\n  vrrp_garp_master_repeat 2\n}}\n\
+         vrrp_instance VI_51 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  \
+         advert_int {interval}\n  {preempt}\n  {track}\n  virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n",
+        opts.version
+    )
+}
+
+/// Threads inside `ns` answering TCP connections and UDP datagrams on port
+/// 7000 with the node's name, for the life of the test process.
 fn whoami(ns: &Netns, name: &str) {
+    let udp = ns
+        .run(|| UdpSocket::bind(("0.0.0.0", WHOAMI_PORT)))
+        .expect("ns thread")
+        .expect("bind udp whoami");
+    let reply = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(reply.as_bytes(), peer);
+        }
+    });
     let listener = ns
         .run(|| TcpListener::bind(("0.0.0.0", WHOAMI_PORT)))
         .expect("ns thread")

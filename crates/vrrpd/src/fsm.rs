@@ -101,6 +101,8 @@ pub struct VirtualRouter {
     maintenance: bool,
     /// Some tracked interface is down.
     faulted: bool,
+    /// The master said goodbye (priority 0); we take over after Skew_Time.
+    master_left: bool,
 }
 
 fn cs(n: u32) -> Duration {
@@ -117,6 +119,7 @@ impl VirtualRouter {
             master: None,
             maintenance: false,
             faulted: false,
+            master_left: false,
         }
     }
 
@@ -201,12 +204,13 @@ impl VirtualRouter {
         }
         match self.state {
             State::Backup => {
-                let reason = match self.master {
-                    Some(m) => format!(
+                let reason = match (self.master, self.master_left) {
+                    (Some(m), true) => format!("master {m} left (priority 0 advertisement)"),
+                    (Some(m), false) => format!(
                         "no advertisement from master {m} for {:?}",
                         self.master_down_interval()
                     ),
-                    None => format!("no master heard for {:?}", self.master_down_interval()),
+                    (None, _) => format!("no master heard for {:?}", self.master_down_interval()),
                 };
                 self.become_master(now, &reason, &mut out);
             }
@@ -232,7 +236,8 @@ impl VirtualRouter {
                     if self.state == State::Backup {
                         self.deadline = Some(now + self.skew_time());
                     }
-                    self.master = None;
+                    self.master = Some(adv.sender);
+                    self.master_left = true;
                     return Ok(out);
                 }
                 if !self.config.preempt
@@ -241,6 +246,7 @@ impl VirtualRouter {
                 {
                     self.master_adver_interval_cs = adv.advert_interval_cs;
                     self.master = Some(adv.sender);
+                    self.master_left = false;
                     if self.state == State::Backup {
                         self.deadline = Some(now + self.master_down_interval());
                     }
@@ -348,6 +354,7 @@ impl VirtualRouter {
         out.push(Action::TakeAddresses);
         self.deadline = Some(now + self.advert_interval());
         self.master = Some(self.config.primary_address);
+        self.master_left = false;
         self.enter(State::Master, reason, out);
     }
 

@@ -106,6 +106,10 @@ fn priority_zero_from_the_master_means_takeover_after_skew_time() {
     assert_eq!(r.deadline(), Some(t0 + ms(10) + r.skew_time()));
     let out = r.on_timer(t0 + ms(10) + r.skew_time());
     assert_eq!(transitions(&out), vec![(State::Backup, State::Master)]);
+    assert!(
+        matches!(&out[2], Action::Transition { reason, .. } if reason == "master 192.168.100.2 left (priority 0 advertisement)"),
+        "{out:?}"
+    );
 }
 
 #[test]
