@@ -13,33 +13,43 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 pub use model::*;
 
 use locate::Seg::{self, Key};
 use validate::Report;
 
+/// Where the daemons and `tandemctl` look when not told otherwise.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/tandem";
+/// This node's file in the configuration directory (required, never replicated).
 pub const NODE_FILE: &str = "node.toml";
+/// The cluster's file in the configuration directory (optional, replicated).
 pub const CLUSTER_FILE: &str = "cluster.toml";
+/// The directory of farm files, one `<name>.toml` per farm (optional, replicated).
 pub const FARMS_DIR: &str = "farms";
 
 /// A whole, validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
+    /// `node.toml`.
     pub node: NodeConfig,
-    /// None on a standalone node.
+    /// `cluster.toml`; None on a standalone node.
     pub cluster: Option<ClusterConfig>,
-    /// Sorted by name.
+    /// `farms/*.toml`, sorted by name.
     pub farms: Vec<Farm>,
 }
 
 /// One problem, where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The file at fault (the missing one, for a missing `node.toml`).
     pub file: PathBuf,
+    /// 1-based; None when the problem is the file as a whole (missing, unreadable).
     pub line: Option<usize>,
+    /// 1-based, in characters; None with `line`.
     pub column: Option<usize>,
+    /// A sentence for the operator.
     pub message: String,
 }
 
@@ -52,6 +62,8 @@ impl fmt::Display for ConfigError {
         write!(f, ": {}", self.message)
     }
 }
+
+impl std::error::Error for ConfigError {}
 
 /// Every problem found in a configuration directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,15 +114,6 @@ impl Source {
             message,
         }
     }
-
-    fn whole_file(&self, message: String) -> ConfigError {
-        ConfigError {
-            file: self.path.clone(),
-            line: None,
-            column: None,
-            message,
-        }
-    }
 }
 
 struct Loader {
@@ -118,9 +121,12 @@ struct Loader {
 }
 
 impl Loader {
-    fn read(&mut self, path: PathBuf) -> Option<Source> {
+    /// The file's text; None (and an error) when it cannot be read. A file
+    /// that does not exist is an error only when `required`.
+    fn read(&mut self, path: PathBuf, required: bool) -> Option<Source> {
         match fs::read_to_string(&path) {
             Ok(text) => Some(Source { path, text }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
             Err(e) => {
                 self.errors.push(ConfigError {
                     message: format!("cannot read: {e}"),
@@ -157,13 +163,18 @@ impl Loader {
 }
 
 impl Config {
-    /// Reads and validates the configuration in `dir`.
+    /// Reads and validates the configuration in `dir`: `node.toml`
+    /// (required), `cluster.toml` (absent: a standalone node) and
+    /// `farms/*.toml` (absent: no farms). Every file is checked on its own
+    /// and against the others; the result is either a configuration valid
+    /// as a whole or every error found, in file order.
     pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
         let mut l = Loader { errors: Vec::new() };
 
         let node_path = dir.join(NODE_FILE);
-        let node_src = if node_path.exists() {
-            l.read(node_path)
+        // try_exists: a directory we may not search is "cannot read", not "missing".
+        let node_src = if !matches!(node_path.try_exists(), Ok(false)) {
+            l.read(node_path, true)
         } else {
             l.errors.push(ConfigError {
                 message: format!(
@@ -182,12 +193,7 @@ impl Config {
             Some(n)
         });
 
-        let cluster_path = dir.join(CLUSTER_FILE);
-        let cluster_src = if cluster_path.exists() {
-            l.read(cluster_path)
-        } else {
-            None
-        };
+        let cluster_src = l.read(dir.join(CLUSTER_FILE), false);
         let cluster = cluster_src.as_ref().and_then(|src| {
             let c: ClusterConfig = l.parse(src)?;
             l.report(src, validate::cluster(&c));
@@ -196,7 +202,9 @@ impl Config {
 
         let mut farms: Vec<(Source, Farm)> = Vec::new();
         for path in farm_files(&dir.join(FARMS_DIR), &mut l.errors) {
-            let Some(src) = l.read(path) else { continue };
+            let Some(src) = l.read(path, false) else {
+                continue;
+            };
             let Some(farm) = l.parse::<Farm>(&src) else {
                 continue;
             };
@@ -234,7 +242,9 @@ impl Config {
 }
 
 /// The `*.toml` files of the farms directory, sorted; a missing directory
-/// means no farms. Other files (editor swap files, `.tmp`) are ignored.
+/// means no farms. Other files (editor swap files, `web.toml.tmp`,
+/// `web.toml~`) and hidden ones (`.web.toml`, how atomic writers and
+/// editors name their temporaries) are ignored.
 fn farm_files(dir: &Path, errors: &mut Vec<ConfigError>) -> Vec<PathBuf> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -252,7 +262,13 @@ fn farm_files(dir: &Path, errors: &mut Vec<ConfigError>) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && p.is_file()
+        })
         .collect();
     files.sort();
     files
@@ -265,7 +281,7 @@ fn cross_check_farms(l: &mut Loader, farms: &[(Source, Farm)]) {
                 l.errors.push(src.error_at(
                     &[Key("name")],
                     format!(
-                        "farm `{}` is also defined in {}",
+                        "farm `{}` is defined twice: here and in {}",
                         farm.name,
                         other_src.path.display()
                     ),
@@ -283,12 +299,12 @@ fn cross_check_farms(l: &mut Loader, farms: &[(Source, Farm)]) {
                 l.errors.push(src.error_at(
                     &[Key("port")],
                     format!(
-                        "farms `{}` and `{}` both listen on {}:{}/{} ({})",
+                        "farms `{}` and `{}` both listen on {}/{} (`{}` is in {})",
                         other.name,
                         farm.name,
-                        farm.vip,
-                        overlap(&other.port, &farm.port),
+                        validate::endpoint(farm.vip, overlap(&other.port, &farm.port)),
                         proto.as_str(),
+                        other.name,
                         other_src.path.display()
                     ),
                 ));
@@ -313,7 +329,8 @@ fn cross_check_cluster(
     farms: &[(Source, Farm)],
 ) {
     if node.cluster_interface.is_none() {
-        l.errors.push(node_src.whole_file(
+        l.errors.push(node_src.error_at(
+            &[Key("cluster_interface")],
             "clustered (cluster.toml exists) but cluster_interface is not set: which interface carries the cluster link?".into(),
         ));
     }
@@ -326,10 +343,13 @@ fn cross_check_cluster(
             ));
         }
         Some(i) => match node.cluster_address {
-            None => l.errors.push(node_src.whole_file(format!(
-                "clustered (cluster.toml exists) but cluster_address is not set; cluster.toml gives this node {}",
-                cluster.nodes[i].address
-            ))),
+            None => l.errors.push(node_src.error_at(
+                &[Key("cluster_address")],
+                format!(
+                    "clustered (cluster.toml exists) but cluster_address is not set; cluster.toml gives this node {}",
+                    cluster.nodes[i].address
+                ),
+            )),
             Some(a) if a != cluster.nodes[i].address => l.errors.push(node_src.error_at(
                 &[Key("cluster_address")],
                 format!("cluster_address {a} differs from the address cluster.toml gives node `{}`: {}", node.name, cluster.nodes[i].address),

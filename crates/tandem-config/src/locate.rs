@@ -12,13 +12,15 @@ pub enum Seg {
     Index(usize),
 }
 
-/// The span of the deepest value the path reaches (the value itself when
-/// it exists; the enclosing table or array entry when the last key is
-/// missing). None when not even the first step exists.
+/// The span of the deepest value the path reaches: the value itself when it
+/// exists, the enclosing table (its `[header]`) or array entry when a key is
+/// missing, and the start of the document when not even the first key is
+/// there — where toml itself reports a missing top-level field. None only
+/// when the text does not parse.
 pub fn span_of(text: &str, path: &[Seg]) -> Option<Range<usize>> {
     let doc = DeTable::parse(text).ok()?;
     let mut table = doc.get_ref();
-    let mut span = None;
+    let mut span = Some(0..0);
     let mut value: Option<&DeValue<'_>> = None;
     for seg in path {
         let next = match (seg, value) {

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
@@ -13,12 +14,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's name: a hostname label (`[a-z0-9-]`, 1-63 characters).
+    /// This node's name: a hostname label (`[a-z0-9-]`, 1-63 characters, not
+    /// starting or ending with `-`). When clustered, one of the cluster's nodes.
     pub name: String,
     /// The interface of the cluster link (VRRP, sync). Required when clustered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_interface: Option<String>,
-    /// This node's address on the cluster link. Required when clustered.
+    /// This node's address on the cluster link. Required when clustered, and
+    /// then equal to this node's `address` in cluster.toml.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_address: Option<IpAddr>,
     /// Where to serve Prometheus metrics; off when absent.
@@ -33,8 +36,9 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
+    /// What the key is for, e.g. `monitoring`: unique, `[A-Za-z0-9_-]`, 1-64 characters.
     pub name: String,
-    /// 64 lowercase hex digits.
+    /// SHA-256 of the token, 64 lowercase hex digits (`sha256sum` output).
     pub sha256: String,
 }
 
@@ -50,17 +54,22 @@ pub struct ClusterConfig {
     pub failback: Failback,
     /// Seed of the hash schedulers, shared so both nodes send a flow to the
     /// same backend (nftables' jhash otherwise picks a random seed per load).
+    /// Default 0x7a6e6465.
     #[serde(default = "default_hash_seed")]
     pub hash_seed: u32,
-    /// Interfaces whose loss makes this node give up mastership.
+    /// Interfaces whose loss (link down) makes this node give up mastership.
+    /// Default none. Names must be valid interface names, each listed once.
     #[serde(default)]
     pub tracked_interfaces: Vec<String>,
+    /// The `[vrrp]` table: heartbeat timing and transport.
     #[serde(default)]
     pub vrrp: VrrpSettings,
-    /// The two nodes.
+    /// The `[[nodes]]`: exactly two, Tandem being a pair.
     pub nodes: Vec<ClusterNode>,
-    /// The addresses that move with the master role.
+    /// The `[[floating_ips]]`: the addresses that move with the master role;
+    /// at least one.
     pub floating_ips: Vec<FloatingIp>,
+    /// The `[sync]` table: ports and key of state and config replication.
     #[serde(default)]
     pub sync: SyncSettings,
 }
@@ -69,19 +78,23 @@ fn default_hash_seed() -> u32 {
     0x7a6e_6465
 }
 
+/// `[vrrp]` in `cluster.toml`: how the nodes elect the master.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VrrpSettings {
     /// 3 (RFC 5798, default) or 2 (RFC 3768, keepalived's default).
     pub version: u8,
-    /// Advertisement interval. v3: 10-40950 ms in steps of 10; v2: whole
-    /// seconds, 1000-255000 ms.
+    /// Advertisement interval, default 1000. v3: 10-40950 ms in steps of 10
+    /// (centiseconds on the wire); v2: whole seconds, 1000-255000 ms. The
+    /// backup takes over after about 3 intervals without an advert.
     pub advert_interval_ms: u32,
-    /// Gratuitous ARP / unsolicited NA sent on becoming master, 1-100.
+    /// Gratuitous ARPs / unsolicited NAs sent per floating IP on becoming
+    /// master, 1-100, default 3.
     pub garp_repeat: u8,
-    /// Pause between repeats, 0-10000 ms.
+    /// Pause between those repeats, 0-10000 ms, default 100.
     pub garp_interval_ms: u32,
-    /// Send adverts to the peer's address instead of the multicast group.
+    /// false (default): adverts go to 224.0.0.18 / ff02::12; true: to the
+    /// peer's address, for links that drop multicast.
     pub unicast: bool,
 }
 
@@ -97,13 +110,16 @@ impl Default for VrrpSettings {
     }
 }
 
+/// One of the two `[[nodes]]` of `cluster.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterNode {
+    /// The node's name, as its `node.toml` gives it; unique.
     pub name: String,
-    /// The node's address on the cluster link.
+    /// The node's address on the cluster link (its `cluster_address`):
+    /// unique, unicast, the same family as the other node's.
     pub address: IpAddr,
-    /// VRRP priority, 1-254.
+    /// VRRP priority, 1-254, default 100; the higher wins the election.
     #[serde(default = "default_priority")]
     pub priority: u8,
 }
@@ -112,12 +128,14 @@ fn default_priority() -> u8 {
     100
 }
 
+/// One of the `[[floating_ips]]` of `cluster.toml`: an address the master
+/// holds and the backup does not.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FloatingIp {
-    /// Address with prefix, e.g. `10.0.0.100/24`.
+    /// Address with prefix, e.g. `"10.0.0.100/24"`; unique, unicast.
     pub address: IpNet,
-    /// Interface it is added to.
+    /// The interface the master adds it to.
     pub interface: String,
 }
 
@@ -127,16 +145,25 @@ impl fmt::Display for FloatingIp {
     }
 }
 
+/// `[sync]` in `cluster.toml`: how the nodes replicate state and configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncSettings {
-    /// UDP port of conntrack replication on the cluster link.
+    /// UDP port of conntrack replication on the cluster link, 1-65535, default 3780.
     pub conntrack_port: u16,
-    /// Port of the peer's sshd (configuration replication, control).
+    /// Port of the peer's sshd (configuration replication, control), 1-65535, default 22.
     pub ssh_port: u16,
-    /// Shared key of the conntrack sync protocol, relative to the config dir.
+    /// Shared key of the conntrack sync protocol; a relative path is taken
+    /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+}
+
+impl SyncSettings {
+    /// `key_file` resolved against the configuration directory.
+    pub fn key_path(&self, config_dir: &Path) -> Option<PathBuf> {
+        self.key_file.as_ref().map(|k| config_dir.join(k))
+    }
 }
 
 impl Default for SyncSettings {
@@ -149,10 +176,12 @@ impl Default for SyncSettings {
     }
 }
 
-/// An address with a prefix length, written `addr/len`.
+/// An address with a prefix length, written (and serialized) `addr/len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpNet {
+    /// The address itself, e.g. 10.0.0.100.
     pub addr: IpAddr,
+    /// The prefix length: 0-32 for IPv4, 0-128 for IPv6.
     pub prefix_len: u8,
 }
 
@@ -194,11 +223,14 @@ impl<'de> Deserialize<'de> for IpNet {
     }
 }
 
-/// Who is preferred as master, if anyone.
+/// Who is preferred as master, if anyone; written `"none"` or a node name.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Failback {
+    /// No preference: the master keeps the role until it fails.
     #[default]
     None,
+    /// This node takes the master role back when it returns (after its
+    /// configuration and connection state are resynced).
     Node(String),
 }
 
@@ -234,40 +266,75 @@ impl<'de> Deserialize<'de> for Failback {
 pub struct Farm {
     /// `[A-Za-z0-9_-]`, 1-32 characters; the file is `<name>.toml`.
     pub name: String,
-    /// The virtual IP clients connect to.
+    /// The virtual IP clients connect to; when clustered, one of the
+    /// floating IPs, so that it moves at failover.
     pub vip: IpAddr,
-    /// A port (`80`) or a range (`"8000-8100"`).
+    /// A port (`80`) or a range (`"8000-8100"`), 1-65535. No two farms may
+    /// listen on the same vip, port and protocol.
     pub port: PortRange,
+    /// `tcp` (default), `udp` or `both`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `rr` (default), `wrr`, `lc` or `sh`.
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// `nat` (default) or `dsr`.
     #[serde(default)]
     pub forwarding: Forwarding,
-    /// Source address toward the backends with NAT forwarding; must be a
-    /// floating IP so it moves with the VIP.
+    /// Source address toward the backends; required with `nat`, refused
+    /// with `dsr`; the vip's family. When clustered it must be a floating IP:
+    /// the SNAT source must move with the VIP, or after a failover the
+    /// backends answer the dead node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_address: Option<IpAddr>,
+    /// The `[health_check]` table; absent: a TCP connect check with the
+    /// defaults below.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// The `[[backends]]`; none is valid (the farm accepts nothing yet).
     #[serde(default)]
     pub backends: Vec<Backend>,
 }
 
-/// Ports `first..=last`; one port when equal.
+impl Farm {
+    /// The port health checks probe on `backend`: its own port, or the
+    /// farm's (the first of a range) when it has none.
+    pub fn check_port(&self, backend: &Backend) -> u16 {
+        backend.port.unwrap_or(self.port.first)
+    }
+}
+
+/// Ports `first..=last`; one port when equal. Written `80` or `"8000-8100"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRange {
+    /// The lowest port, 1-65535.
     pub first: u16,
+    /// The highest port, `first`-65535.
     pub last: u16,
 }
 
 impl PortRange {
+    /// One port.
+    pub fn single(port: u16) -> PortRange {
+        PortRange {
+            first: port,
+            last: port,
+        }
+    }
+
+    /// Whether the two share at least one port.
     pub fn overlaps(&self, other: &PortRange) -> bool {
         self.first <= other.last && other.first <= self.last
     }
 
+    /// Whether this is one port rather than a range.
     pub fn is_single(&self) -> bool {
         self.first == self.last
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
     }
 }
 
@@ -291,7 +358,7 @@ impl Serialize for PortRange {
     }
 }
 
-const PORT_EXPECTED: &str = "a port (1-65535) or a range \"first-last\"";
+const PORT_EXPECTED: &str = "a port (1-65535) or a range \"lo-hi\"";
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -330,20 +397,29 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// The transport protocol(s) a farm listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
     Tcp,
     Udp,
+    /// TCP and UDP on the same port(s), e.g. DNS.
     Both,
 }
 
 impl Protocol {
+    /// Whether the two have a protocol in common.
     pub fn intersects(self, other: Protocol) -> bool {
         self == Protocol::Both || other == Protocol::Both || self == other
     }
 
+    /// Whether TCP is one of them.
+    pub fn has_tcp(self) -> bool {
+        self != Protocol::Udp
+    }
+
+    /// `tcp`, `udp` or `tcp+udp`, as messages and listings show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -364,41 +440,64 @@ pub enum Scheduler {
     Wrr,
     /// Least connections.
     Lc,
-    /// Source hash.
+    /// Source hash: a client keeps its backend. Seeded with the cluster's
+    /// `hash_seed`, so both nodes pick the same backend for a flow.
     Sh,
 }
 
+/// How packets reach the backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Forwarding {
     /// DNAT to the backend, SNAT to the farm's floating source address.
     #[default]
     Nat,
-    /// Direct server return: backends hold the VIP and answer clients directly.
+    /// Direct server return: backends hold the VIP (on a non-ARPing
+    /// interface) and answer clients directly; ports cannot be rewritten.
     Dsr,
 }
 
+/// `[health_check]` in a farm: how each backend is probed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheck {
+    /// `none`, `tcp` (default), `http`, `https` or `command`. A udp-only
+    /// farm cannot use the TCP-based kinds. Probes go to
+    /// [`Farm::check_port`].
     pub kind: HealthCheckKind,
-    /// 100-3600000 ms.
+    /// Time between two probes of a backend, 100-3600000 ms, default 2000.
     pub interval_ms: u32,
-    /// 10-3600000 ms, less than interval_ms.
+    /// Time a probe may take, 10-3600000 ms and less than `interval_ms`,
+    /// default 1000.
     pub timeout_ms: u32,
-    /// Successes in a row before a backend enters the rotation, 1-100.
+    /// Successes in a row before a backend enters the rotation, 1-100, default 2.
     pub rise: u8,
-    /// Failures in a row before a backend leaves the rotation, 1-100.
+    /// Failures in a row before a backend leaves the rotation, 1-100, default 3.
     pub fall: u8,
-    /// HTTP(S) only: the path requested (starts with `/`).
+    /// `http`/`https` only: the path requested, starting with `/`; default
+    /// `/` (see [`HealthCheck::http_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// HTTP(S) only: the status expected, 100-599.
+    /// `http`/`https` only: the status expected, 100-599; default 200 (see
+    /// [`HealthCheck::http_expect_status`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expect_status: Option<u16>,
-    /// `command` only: an absolute path, run with the backend's address and port.
+    /// `command` only, and required there: an absolute path, run with the
+    /// backend's address and port; exit status 0 means healthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+}
+
+impl HealthCheck {
+    /// The path an HTTP(S) check requests.
+    pub fn http_path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    /// The status an HTTP(S) check expects.
+    pub fn http_expect_status(&self) -> u16 {
+        self.expect_status.unwrap_or(200)
+    }
 }
 
 impl Default for HealthCheck {
@@ -416,29 +515,59 @@ impl Default for HealthCheck {
     }
 }
 
+/// What a health check does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthCheckKind {
+    /// No probing: backends are as healthy as their `state` says.
     None,
+    /// A TCP connect to the backend's port.
     #[default]
     Tcp,
+    /// An HTTP GET of `path`, expecting `expect_status`.
     Http,
+    /// The same over TLS (certificates are not verified).
     Https,
+    /// Runs `command`; exit status 0 means healthy.
     Command,
 }
 
+impl HealthCheckKind {
+    /// The name written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheckKind::None => "none",
+            HealthCheckKind::Tcp => "tcp",
+            HealthCheckKind::Http => "http",
+            HealthCheckKind::Https => "https",
+            HealthCheckKind::Command => "command",
+        }
+    }
+}
+
+/// One of a farm's `[[backends]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
+    /// The backend's address, of the vip's family; unique with `port`.
     pub address: IpAddr,
-    /// Default: the port the client connected to.
+    /// 1-65535. Default: the port the client connected to (with a range,
+    /// each connection keeps its port). With `dsr`, only the farm's own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// 1-10000; relative share with `wrr`.
+    /// 1-10000, default 1: the relative share of new connections with `wrr`.
     #[serde(default = "default_weight")]
     pub weight: u16,
+    /// `up` (default), `down`, `drain` or `maintenance`.
     #[serde(default)]
     pub state: BackendState,
+}
+
+impl Backend {
+    /// The port a connection to `requested` (a port of the farm) is sent to.
+    pub fn target_port(&self, requested: u16) -> u16 {
+        self.port.unwrap_or(requested)
+    }
 }
 
 fn default_weight() -> u16 {
@@ -449,10 +578,13 @@ fn default_weight() -> u16 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendState {
+    /// In the rotation while its health check passes.
     #[default]
     Up,
+    /// Out of the rotation, whatever its health check says.
     Down,
     /// No new connections; established ones continue.
     Drain,
+    /// Out of the rotation for maintenance, like `down`, but shown apart.
     Maintenance,
 }

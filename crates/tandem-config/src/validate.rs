@@ -60,7 +60,8 @@ pub fn check_interface(r: &mut Report, path: Vec<Seg>, name: &str) {
     }
 }
 
-fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usize) {
+/// Whether `name` is 1-`max` of `[A-Za-z0-9_-]`; records an error if not.
+fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usize) -> bool {
     let ok = (1..=max).contains(&name.len())
         && name
             .bytes()
@@ -71,6 +72,7 @@ fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usiz
             format!("{what} `{name}` must be 1-{max} of A-Z, a-z, 0-9, '_' and '-'"),
         );
     }
+    ok
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display>(
@@ -319,14 +321,24 @@ pub fn cluster(c: &ClusterConfig) -> Report {
             "cluster: ssh_port must be 1-65535",
         );
     }
+    if c.sync
+        .key_file
+        .as_ref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
+        r.add(
+            vec![Key("sync"), Key("key_file")],
+            "cluster: key_file is empty; give a path (relative to the configuration directory) or remove the key",
+        );
+    }
     r
 }
 
 pub fn farm(f: &Farm, file_stem: &str) -> Report {
     let mut r = Report::default();
     let name = &f.name;
-    check_ident(&mut r, vec![Key("name")], "farm name", name, 32);
-    if name != file_stem {
+    // An invalid name has no right file name to suggest.
+    if check_ident(&mut r, vec![Key("name")], "farm name", name, 32) && name != file_stem {
         r.add(
             vec![Key("name")],
             format!("farm `{name}` must be in a file named {name}.toml, not {file_stem}.toml"),
@@ -346,6 +358,12 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
             vec![Key("snat_address")],
             format!("farm `{name}`: NAT forwarding needs snat_address, a floating IP on the backends' side (masquerading to the node's own address breaks every flow at failover)"),
         ),
+        (Forwarding::Nat, Some(s)) if !usable_unicast(s) => {
+            r.add(
+                vec![Key("snat_address")],
+                format!("farm `{name}`: snat_address {s} is not a usable unicast address"),
+            );
+        }
         (Forwarding::Nat, Some(s)) if s.is_ipv4() != f.vip.is_ipv4() => {
             r.add(vec![Key("snat_address")], format!("farm `{name}`: snat_address {s} and vip {} are of different families", f.vip));
         }
@@ -428,6 +446,32 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
             );
         }
     }
+    // A TCP connect (or HTTP request) to a UDP-only service fails on every
+    // backend, taking the whole farm out of rotation.
+    if f.protocol == Protocol::Udp
+        && matches!(
+            hc.kind,
+            HealthCheckKind::Tcp | HealthCheckKind::Http | HealthCheckKind::Https
+        )
+    {
+        let implicit = *hc == HealthCheck::default();
+        r.add(
+            if implicit {
+                vec![Key("protocol")]
+            } else {
+                vec![Key("health_check"), Key("kind")]
+            },
+            format!(
+                "farm `{name}`: health check kind `{}` probes over TCP, but the farm is udp-only; set [health_check] kind = \"command\" (a script that speaks the protocol) or \"none\"{}",
+                hc.kind.as_str(),
+                if implicit {
+                    " (tcp is the default)"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     match (&hc.command, hc.kind) {
         (None, HealthCheckKind::Command) => {
             r.add(
@@ -449,10 +493,18 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
         }
         _ => {}
     }
-    let mut seen = HashMap::new();
+    let mut seen = HashSet::new();
     for (i, b) in f.backends.iter().enumerate() {
         let p = vec![Key("backends"), Index(i)];
-        let port_text = b.port.map_or_else(|| f.port.to_string(), |p| p.to_string());
+        // On a single-port farm, no port and the farm's port are the same backend.
+        let port = match b.port {
+            None if f.port.is_single() => Some(f.port.first),
+            p => p,
+        };
+        let backend = endpoint(
+            b.address,
+            port.map_or_else(|| f.port.to_string(), |p| p.to_string()),
+        );
         if b.address.is_ipv4() != f.vip.is_ipv4() {
             r.add(
                 with(&p, Key("address")),
@@ -486,21 +538,22 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
         check_range(
             &mut r,
             with(&p, Key("weight")),
-            &format!("farm `{name}`: backend {}:{port_text} weight", b.address),
+            &format!("farm `{name}`: backend {backend} weight"),
             b.weight,
             1,
             10_000,
         );
-        if let Some(first) = seen.insert((b.address, b.port), i) {
-            let _ = first;
-            r.add(
-                p,
-                format!(
-                    "farm `{name}`: backend {}:{port_text} appears twice",
-                    b.address
-                ),
-            );
+        if !seen.insert((b.address, port)) {
+            r.add(p, format!("farm `{name}`: backend {backend} appears twice"));
         }
     }
     r
+}
+
+/// `addr:port`, with IPv6 addresses in brackets.
+pub fn endpoint(addr: IpAddr, port: impl std::fmt::Display) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
 }

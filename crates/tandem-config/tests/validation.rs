@@ -1,0 +1,477 @@
+//! The rules beyond types: ranges, uniqueness, and consistency within a file
+//! and across files, each error at the offending value's line and column.
+
+mod common;
+
+use common::{NODE, WEB, cluster_with, dir, errors, one_error, web_with};
+use tandem_config::Config;
+
+// ---- farms ----
+
+#[test]
+fn a_duplicate_backend_is_named() {
+    let e = one_error(&[("farms/web.toml", &WEB.replace("10.1.0.12", "10.1.0.11"))]);
+    assert_eq!(
+        e,
+        "farms/web.toml:14:1: farm `web`: backend 10.1.0.11:8080 appears twice"
+    );
+}
+
+#[test]
+fn a_backend_without_port_is_the_same_as_one_on_the_farms_port() {
+    let farm = format!(
+        "{WEB}\n[[backends]]\naddress = \"10.1.0.11\"\nport = 80\n\n[[backends]]\naddress = \"10.1.0.11\"\n"
+    );
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:22:1: farm `web`: backend 10.1.0.11:80 appears twice"
+    );
+}
+
+#[test]
+fn a_timeout_not_shorter_than_the_interval_is_refused() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("timeout_ms = 1000", "timeout_ms = 3000"),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:8:14: farm `web`: timeout_ms (3000) must be less than interval_ms (2000)"
+    );
+}
+
+#[test]
+fn an_out_of_range_interval_is_named_with_its_range() {
+    let farm = web_with("interval_ms = 2000", "interval_ms = 50")
+        .replace("timeout_ms = 1000", "timeout_ms = 20");
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:7:15: farm `web`: interval_ms 50 is out of range (100-3600000)"
+    );
+    // Left at its 1000 ms, the timeout is now also too long: both are said.
+    let d = dir(&[(
+        "farms/web.toml",
+        &web_with("interval_ms = 2000", "interval_ms = 50"),
+    )]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web.toml:7:15: farm `web`: interval_ms 50 is out of range (100-3600000)",
+            "farms/web.toml:8:14: farm `web`: timeout_ms (1000) must be less than interval_ms (50)",
+        ]
+    );
+}
+
+#[test]
+fn a_vrrp_interval_must_fit_the_wire_format() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("advert_interval_ms = 100", "advert_interval_ms = 5"),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:5:22: cluster: advert_interval_ms 5 must be 10-40950 in steps of 10 with VRRPv3"
+    );
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("advert_interval_ms = 100", "advert_interval_ms = 105"),
+    )]);
+    assert!(e.starts_with("cluster.toml:5:22: "), "{e}");
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with(
+            "advert_interval_ms = 100",
+            "version = 2\nadvert_interval_ms = 1500",
+        ),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:6:22: cluster: advert_interval_ms 1500 must be whole seconds, 1000-255000, with VRRPv2"
+    );
+}
+
+#[test]
+fn a_bad_port_range_is_refused() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("port = 80\n", "port = \"90-80\"\n"),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:3:8: port range `90-80` ends before it starts"
+    );
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("port = 80\n", "port = \"0-80\"\n"),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:3:8: `0-80` is not a port (1-65535) or a range \"lo-hi\""
+    );
+    let e = one_error(&[("farms/web.toml", &web_with("port = 80\n", "port = 70000\n"))]);
+    assert_eq!(
+        e,
+        "farms/web.toml:3:8: port 70000 is out of range: expected a port (1-65535) or a range \"lo-hi\""
+    );
+}
+
+#[test]
+fn a_farm_must_be_in_the_file_of_its_name() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("name = \"web\"", "name = \"www\""),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:1:8: farm `www` must be in a file named www.toml, not web.toml"
+    );
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("name = \"web\"", "name = \"web.1\""),
+    )]);
+    assert!(
+        e.starts_with(
+            "farms/web.toml:1:8: farm name `web.1` must be 1-32 of A-Z, a-z, 0-9, '_' and '-'"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_same_farm_in_two_files_is_refused() {
+    // other.toml holds a second `web` (on another port): both the misnaming
+    // and the duplicate are reported, the latter naming the first file.
+    let d = dir(&[("farms/other.toml", &web_with("port = 80\n", "port = 81\n"))]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/other.toml:1:8: farm `web` must be in a file named web.toml, not other.toml",
+            "farms/web.toml:1:8: farm `web` is defined twice: here and in farms/other.toml",
+        ]
+    );
+}
+
+#[test]
+fn overlapping_listeners_are_refused() {
+    let d = dir(&[(
+        "farms/web2.toml",
+        &web_with("name = \"web\"", "name = \"web2\"").replacen(
+            "port = 80\n",
+            "port = \"70-90\"\n",
+            1,
+        ),
+    )]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web2.toml:3:8: farms `web` and `web2` both listen on 10.0.0.100:80/tcp (`web` is in farms/web.toml)"
+        ]
+    );
+    // A tcp+udp range collides with a tcp farm on a port inside it.
+    let d = dir(&[(
+        "farms/dns.toml",
+        &web_with("name = \"web\"", "name = \"dns\"").replacen(
+            "port = 80\n",
+            "port = \"53-80\"\nprotocol = \"both\"\n",
+            1,
+        ),
+    )]);
+    let e = errors(d.path());
+    assert_eq!(
+        e,
+        [
+            "farms/web.toml:3:8: farms `dns` and `web` both listen on 10.0.0.100:80/tcp (`dns` is in farms/dns.toml)"
+        ]
+    );
+}
+
+#[test]
+fn the_same_port_with_another_protocol_or_vip_does_not_collide() {
+    let udp = web_with("name = \"web\"", "name = \"web-udp\"")
+        .replacen("port = 80\n", "port = 80\nprotocol = \"udp\"\n", 1)
+        .replacen("[health_check]\n", "[health_check]\nkind = \"none\"\n", 1);
+    let other_vip = web_with("name = \"web\"", "name = \"web-b\"").replacen(
+        "vip = \"10.0.0.100\"",
+        "vip = \"10.0.0.101\"",
+        1,
+    );
+    let cluster = format!(
+        "{}\n[[floating_ips]]\naddress = \"10.0.0.101/24\"\ninterface = \"eth0\"\n",
+        common::CLUSTER
+    );
+    let d = dir(&[
+        ("farms/web-udp.toml", &udp),
+        ("farms/web-b.toml", &other_vip),
+        ("cluster.toml", &cluster),
+    ]);
+    let c = Config::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.farms.len(), 3);
+}
+
+#[test]
+fn snat_to_a_non_floating_address_is_refused_with_the_reason() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with(
+            "snat_address = \"10.1.0.100\"",
+            "snat_address = \"10.1.0.1\"",
+        ),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:4:16: farm `web`: snat_address 10.1.0.1 is not a floating IP of the cluster \
+         (10.0.0.100, 10.1.0.100): the SNAT source must move with the VIP, or the backends answer \
+         the dead node after failover"
+    );
+}
+
+#[test]
+fn a_vip_that_is_not_floating_is_refused() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("vip = \"10.0.0.100\"", "vip = \"10.0.0.5\""),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:2:7: farm `web`: vip 10.0.0.5 is not a floating IP of the cluster \
+         (10.0.0.100, 10.1.0.100): it would not move at failover"
+    );
+}
+
+#[test]
+fn a_standalone_node_does_not_need_floating_addresses() {
+    let d = dir(&[("node.toml", "name = \"solo\"\n")]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    let farm = web_with("vip = \"10.0.0.100\"", "vip = \"10.0.0.5\"");
+    std::fs::write(d.path().join("farms/web.toml"), farm).expect("write");
+    Config::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn nat_needs_snat_and_dsr_refuses_it() {
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("snat_address = \"10.1.0.100\"\n", ""),
+    )]);
+    assert!(
+        e.starts_with("farms/web.toml:1:1: farm `web`: NAT forwarding needs snat_address"),
+        "{e}"
+    );
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("port = 80\n", "port = 80\nforwarding = \"dsr\"\n").replace("port = 8080\n", ""),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:5:16: farm `web`: direct server return does not translate addresses; remove snat_address"
+    );
+}
+
+#[test]
+fn dsr_cannot_change_the_port() {
+    let farm = web_with("snat_address = \"10.1.0.100\"\n", "forwarding = \"dsr\"\n");
+    let d = dir(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web.toml:12:8: farm `web`: with direct server return a backend cannot use another port than the farm's",
+            "farms/web.toml:16:8: farm `web`: with direct server return a backend cannot use another port than the farm's",
+        ]
+    );
+}
+
+#[test]
+fn a_udp_farm_cannot_use_a_tcp_check() {
+    let farm = web_with("port = 80\n", "port = 80\nprotocol = \"udp\"\n");
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:4:12: farm `web`: health check kind `tcp` probes over TCP, but the farm is udp-only; \
+         set [health_check] kind = \"command\" (a script that speaks the protocol) or \"none\" \
+         (tcp is the default)"
+    );
+    // With an explicit check, the error points at its kind.
+    let farm = farm.replacen("[health_check]\n", "[health_check]\nkind = \"http\"\n", 1);
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert!(
+        e.starts_with("farms/web.toml:8:8: farm `web`: health check kind `http` probes over TCP"),
+        "{e}"
+    );
+}
+
+#[test]
+fn http_settings_belong_to_http_checks() {
+    let farm = web_with(
+        "interval_ms = 2000\n",
+        "interval_ms = 2000\npath = \"/health\"\n",
+    );
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:8:8: farm `web`: path applies to http and https checks only"
+    );
+    let farm = web_with(
+        "interval_ms = 2000\n",
+        "kind = \"http\"\npath = \"health\"\nexpect_status = 99\ninterval_ms = 2000\n",
+    );
+    let d = dir(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web.toml:8:8: farm `web`: path `health` must start with '/'",
+            "farms/web.toml:9:17: farm `web`: expect_status 99 is out of range (100-599)",
+        ]
+    );
+}
+
+#[test]
+fn a_command_check_needs_an_absolute_command() {
+    let farm = web_with(
+        "interval_ms = 2000\n",
+        "kind = \"command\"\ninterval_ms = 2000\n",
+    );
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:7:8: farm `web`: a command check needs `command`"
+    );
+    let farm = web_with(
+        "interval_ms = 2000\n",
+        "kind = \"command\"\ncommand = \"check.sh\"\ninterval_ms = 2000\n",
+    );
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        e,
+        "farms/web.toml:8:11: farm `web`: command `check.sh` must be an absolute path"
+    );
+}
+
+#[test]
+fn a_backend_of_the_other_family_or_weight_zero_is_refused() {
+    let farm = web_with(
+        "address = \"10.1.0.12\"\nport = 8080\n",
+        "address = \"fd00::12\"\nweight = 0\n",
+    );
+    let d = dir(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web.toml:15:11: farm `web`: backend fd00::12 and vip 10.0.0.100 are of different families",
+            "farms/web.toml:16:10: farm `web`: backend [fd00::12]:80 weight 0 is out of range (1-10000)",
+        ]
+    );
+}
+
+// ---- cluster ----
+
+#[test]
+fn failback_to_an_unknown_node_lists_the_nodes() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("failback = \"none\"", "failback = \"lb3\""),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:2:12: cluster: failback names node `lb3`, which is not one of the nodes (lb1, lb2); use \"none\" or a node name"
+    );
+}
+
+#[test]
+fn a_cluster_has_exactly_two_distinct_nodes() {
+    let three = format!(
+        "{}\n[[nodes]]\nname = \"lb3\"\naddress = \"192.168.100.3\"\n",
+        common::CLUSTER
+    );
+    let e = one_error(&[("cluster.toml", &three)]);
+    assert_eq!(
+        e,
+        "cluster.toml:7:1: cluster: a Tandem cluster has exactly 2 nodes, this one lists 3"
+    );
+    let twice = cluster_with("address = \"192.168.100.2\"", "address = \"192.168.100.1\"");
+    let e = one_error(&[("cluster.toml", &twice)]);
+    assert_eq!(
+        e,
+        "cluster.toml:13:11: cluster: address 192.168.100.1 is given to nodes 1 and 2"
+    );
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("address = \"192.168.100.2\"", "address = \"127.0.0.2\""),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:13:11: cluster: node `lb2` address 127.0.0.2 is not a usable unicast address"
+    );
+}
+
+#[test]
+fn interface_names_follow_the_kernels_rules() {
+    let c = cluster_with("interface = \"eth2\"", "interface = \"eth2:1\"");
+    let c = c.replacen(
+        "failback = \"none\"\n",
+        "failback = \"none\"\ntracked_interfaces = [\"eth0\", \"a-very-long-name0\", \"eth0\"]\n",
+        1,
+    );
+    let d = dir(&[("cluster.toml", &c)]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "cluster.toml:3:31: `a-very-long-name0` is not a valid interface name (1-15 characters, no '/', ':' or spaces)",
+            "cluster.toml:3:52: cluster: tracked interface `eth0` appears twice",
+            "cluster.toml:22:13: `eth2:1` is not a valid interface name (1-15 characters, no '/', ':' or spaces)",
+        ]
+    );
+}
+
+#[test]
+fn a_floating_ip_needs_a_valid_prefix() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("address = \"10.1.0.100/24\"", "address = \"10.1.0.100/33\""),
+    )]);
+    assert_eq!(e, "cluster.toml:20:11: prefix length `33` must be 0-32");
+}
+
+// ---- node, and node against cluster ----
+
+#[test]
+fn a_clustered_node_must_be_one_of_the_nodes() {
+    let e = one_error(&[("node.toml", &NODE.replace("lb1", "lb9"))]);
+    assert_eq!(
+        e,
+        "cluster.toml:7:1: this node, `lb9` (node.toml), is not one of the cluster's nodes (lb1, lb2)"
+    );
+    let e = one_error(&[("node.toml", &NODE.replace("192.168.100.1", "192.168.100.7"))]);
+    assert_eq!(
+        e,
+        "node.toml:3:19: cluster_address 192.168.100.7 differs from the address cluster.toml gives node `lb1`: 192.168.100.1"
+    );
+}
+
+#[test]
+fn a_clustered_node_needs_its_cluster_link() {
+    let d = dir(&[("node.toml", "name = \"lb1\"\n")]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "node.toml:1:1: clustered (cluster.toml exists) but cluster_interface is not set: which interface carries the cluster link?",
+            "node.toml:1:1: clustered (cluster.toml exists) but cluster_address is not set; cluster.toml gives this node 192.168.100.1",
+        ]
+    );
+}
+
+#[test]
+fn node_names_and_api_keys_are_checked() {
+    let node = "name = \"LB1\"\n\n[[api_keys]]\nname = \"mon\"\nsha256 = \"ABC\"\n\n[[api_keys]]\nname = \"mon\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let d = dir(&[("node.toml", node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    assert_eq!(
+        errors(d.path()),
+        [
+            "node.toml:1:8: node name `LB1` must be a hostname label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+            "node.toml:5:10: API key `mon`: sha256 must be 64 lowercase hex digits",
+            "node.toml:8:8: API key `mon` appears twice",
+        ]
+    );
+}
