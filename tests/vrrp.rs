@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tandem_e2e::vrrp_lab::{ClusterOptions, Speaker, VrrpLab, set_maintenance};
+use tandem_e2e::vrrp_lab::{ClusterOptions, Speaker, VrrpLab, set_maintenance, watch_states};
 use tandem_proto::v1::VrrpState;
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -44,9 +44,13 @@ fn backup_takes_over_when_master_is_killed() {
     });
     // Master_Down_Interval at 100 ms is ~361 ms; allow scheduling slack.
     assert!(took < Duration::from_secs(2), "took over in {took:?}");
-    lab.wait_until(SETTLE, "the VIP to answer from the new master", |l| {
-        l.vip_answer().as_deref() == Some(backup)
-    });
+    // Within 1 s of the takeover: only the gratuitous ARP moves the
+    // client's ARP entry that fast (it would stay on the dead MAC for ~30 s).
+    lab.wait_until(
+        Duration::from_secs(1),
+        "the VIP to answer from the new master",
+        |l| l.vip_answer().as_deref() == Some(backup),
+    );
     let s = lab.status(backup).expect("status");
     assert!(
         s.reason.contains("no advertisement"),
@@ -233,4 +237,102 @@ fn vrrpd_and_keepalived_interoperate_in_both_arrangements() {
         });
         eprintln!("{one:?} + {two:?}: first master {master}, after recovery {holder}");
     }
+}
+
+#[test]
+fn unicast_peers_elect_and_fail_over_without_multicast() {
+    let opts = ClusterOptions {
+        unicast: true,
+        ..ClusterOptions::default()
+    };
+    let (mut lab, master) = elected(&opts);
+    let backup = other(&master);
+    // Adverts go to the peer, not the group: the backup hears them.
+    let heard = lab
+        .status(backup)
+        .expect("status")
+        .counters
+        .expect("counters")
+        .adverts_received;
+    assert!(heard > 0, "the backup heard the master's unicast adverts");
+    lab.crash(&master);
+    lab.wait_until(SETTLE, "the backup to answer on the VIP", |l| {
+        l.vip_answer().as_deref() == Some(backup)
+    });
+}
+
+#[test]
+fn watch_state_streams_the_current_state_then_each_change_with_its_reason() {
+    let (mut lab, master) = elected(&ClusterOptions::default());
+    let backup = other(&master);
+    let dir = lab
+        .nodes
+        .iter()
+        .find(|n| n.name == backup)
+        .expect("node")
+        .runtime_dir
+        .clone();
+    let watcher = watch_states(&dir, 2, Duration::from_secs(10));
+    lab.crash(&master);
+    let changes = watcher.join().expect("watcher");
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(
+        changes[0].new_state(),
+        VrrpState::Backup,
+        "first the current state"
+    );
+    assert_eq!(changes[1].old_state(), VrrpState::Backup);
+    assert_eq!(changes[1].new_state(), VrrpState::Master);
+    assert!(
+        changes[1]
+            .reason
+            .contains("no advertisement from master 10.0.0."),
+        "{}",
+        changes[1].reason
+    );
+}
+
+#[test]
+fn vrrp_over_ipv6_elects_and_moves_the_ipv6_vip() {
+    let opts = ClusterOptions {
+        ipv6: true,
+        ..ClusterOptions::default()
+    };
+    let mut lab = VrrpLab::new(&opts);
+    lab.start("lb1");
+    lab.start("lb2");
+    lab.wait_until(SETTLE, "one IPv6 master", |l| {
+        l.masters().len() == 1
+            && l.nodes.iter().all(|n| {
+                matches!(
+                    l.state(&n.name),
+                    Some(VrrpState::Master | VrrpState::Backup)
+                )
+            })
+    });
+    let master = lab.masters().remove(0);
+    let backup = other(&master);
+    // The backup heard the master over IPv6 (link-local source, ff02::12).
+    let s = lab.status(backup).expect("status");
+    assert!(
+        s.master_address.starts_with("fe80::"),
+        "master seen by its link-local address: {}",
+        s.master_address
+    );
+    assert!(lab.holds_vip6(&master) && !lab.holds_vip6(backup));
+    lab.wait_until(SETTLE, "the client to reach the IPv6 VIP", |l| {
+        l.ping6_vip()
+    });
+    lab.crash(&master);
+    lab.wait_until(SETTLE, "the backup to take the IPv6 VIP", |l| {
+        l.holds_vip6(backup)
+    });
+    // Within 2 s: only the unsolicited neighbour advertisement moves the
+    // client's cache entry that fast (unaided, it goes stale and re-probes
+    // over several seconds).
+    lab.wait_until(
+        Duration::from_secs(2),
+        "the client to reach the IPv6 VIP on the backup",
+        |l| l.ping6_vip(),
+    );
 }

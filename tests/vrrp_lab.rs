@@ -15,6 +15,7 @@ use tandem_lab::{Bridge, Lab, LabChild, Netns};
 use tandem_proto::v1;
 
 pub const VIP: &str = "10.0.0.100";
+pub const VIP6: &str = "fd00::100";
 pub const WHOAMI_PORT: u16 = 7000;
 
 /// What to put in cluster.toml for a lab.
@@ -24,6 +25,10 @@ pub struct ClusterOptions {
     pub failback: String,
     pub tracked: bool,
     pub version: u8,
+    /// Adverts to the peer's address instead of 224.0.0.18.
+    pub unicast: bool,
+    /// Run VRRP over IPv6 (cluster addresses fd00::1/2, VIP fd00::100/64).
+    pub ipv6: bool,
 }
 
 impl Default for ClusterOptions {
@@ -33,6 +38,8 @@ impl Default for ClusterOptions {
             failback: "none".into(),
             tracked: false,
             version: 3,
+            unicast: false,
+            ipv6: false,
         }
     }
 }
@@ -72,15 +79,20 @@ impl VrrpLab {
         let lan = lab.bridge("lan").expect("bridge lan");
         let back = lab.bridge("back").expect("bridge back");
         let client = lab.netns("cl").expect("client netns");
-        lab.attach(&client, "eth0", &lan, &["10.0.0.50/24"])
+        lab.attach(&client, "eth0", &lan, &["10.0.0.50/24", "fd00::50/64"])
             .expect("client eth0");
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
             let ns = lab.netns(&name).expect("node netns");
-            lab.attach(&ns, "eth0", &lan, &[&format!("10.0.0.{i}/24")])
-                .expect("eth0");
+            lab.attach(
+                &ns,
+                "eth0",
+                &lan,
+                &[&format!("10.0.0.{i}/24"), &format!("fd00::{i}/64")],
+            )
+            .expect("eth0");
             lab.attach(&ns, "eth1", &back, &[&format!("10.1.0.{i}/24")])
                 .expect("eth1");
             let config_dir = tmp.path().join(&name).join("etc");
@@ -88,7 +100,8 @@ impl VrrpLab {
             write(
                 &config_dir.join("node.toml"),
                 &format!(
-                    "name = \"{name}\"\ncluster_interface = \"eth0\"\ncluster_address = \"10.0.0.{i}\"\n"
+                    "name = \"{name}\"\ncluster_interface = \"eth0\"\ncluster_address = \"{}\"\n",
+                    node_addr(opts, i)
                 ),
             );
             let tracked = if opts.tracked { "[\"eth1\"]" } else { "[]" };
@@ -96,11 +109,21 @@ impl VrrpLab {
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 51\nfailback = \"{}\"\ntracked_interfaces = {tracked}\n\n\
-                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\n\n\
-                     [[nodes]]\nname = \"lb1\"\naddress = \"10.0.0.1\"\n\n\
-                     [[nodes]]\nname = \"lb2\"\naddress = \"10.0.0.2\"\n\n\
-                     [[floating_ips]]\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n",
-                    opts.failback, opts.version, opts.advert_interval_ms
+                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\nunicast = {}\n\n\
+                     [[nodes]]\nname = \"lb1\"\naddress = \"{}\"\n\n\
+                     [[nodes]]\nname = \"lb2\"\naddress = \"{}\"\n\n\
+                     [[floating_ips]]\naddress = \"{}\"\ninterface = \"eth0\"\n",
+                    opts.failback,
+                    opts.version,
+                    opts.advert_interval_ms,
+                    opts.unicast,
+                    node_addr(opts, 1),
+                    node_addr(opts, 2),
+                    if opts.ipv6 {
+                        format!("{VIP6}/64")
+                    } else {
+                        format!("{VIP}/24")
+                    },
                 ),
             );
             whoami(&ns, &name);
@@ -188,6 +211,22 @@ impl VrrpLab {
             .exec("ip", &["-o", "addr", "show", "dev", "eth0"])
             .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {VIP}/")))
             .unwrap_or(false)
+    }
+
+    /// Whether a node holds the IPv6 VIP on eth0.
+    pub fn holds_vip6(&self, name: &str) -> bool {
+        let node = self.nodes.iter().find(|n| n.name == name).expect("node");
+        node.ns
+            .exec("ip", &["-o", "-6", "addr", "show", "dev", "eth0"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {VIP6}/")))
+            .unwrap_or(false)
+    }
+
+    /// The client pings the IPv6 VIP once (1 s timeout): true if it answered.
+    pub fn ping6_vip(&self) -> bool {
+        self.client
+            .exec("ping", &["-6", "-c", "1", "-W", "1", VIP6])
+            .is_ok()
     }
 
     /// Nodes holding the VIP.
@@ -375,6 +414,14 @@ impl VrrpLab {
     }
 }
 
+fn node_addr(opts: &ClusterOptions, i: u8) -> String {
+    if opts.ipv6 {
+        format!("fd00::{i}")
+    } else {
+        format!("10.0.0.{i}")
+    }
+}
+
 /// A running probe of the VIP.
 pub struct Probe {
     pub start: Instant,
@@ -487,6 +534,47 @@ pub fn vrrpd_status(runtime_dir: &Path) -> Option<v1::VrrpStatus> {
         .ok()?;
         Some(reply.into_inner())
     })
+}
+
+/// Opens vrrpd's WatchState stream; returns the first `n` changes received
+/// within `timeout`, collected on a background thread while the caller acts.
+pub fn watch_states(
+    runtime_dir: &Path,
+    n: usize,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Vec<v1::VrrpStateChange>> {
+    let dir = runtime_dir.to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let ch = tandem_runtime::connect(&dir, "vrrpd")
+                .await
+                .expect("connect vrrpd");
+            let mut stream = v1::vrrpd_client::VrrpdClient::new(ch)
+                .watch_state(v1::WatchStateRequest {})
+                .await
+                .expect("WatchState")
+                .into_inner();
+            let _ = ready_tx.send(());
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(timeout, async {
+                while got.len() < n {
+                    match stream.message().await {
+                        Ok(Some(change)) => got.push(change),
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+            got
+        })
+    });
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    handle
 }
 
 pub fn set_maintenance(runtime_dir: &Path, on: bool) -> v1::VrrpStatus {
