@@ -54,7 +54,7 @@ fn main() {
         "max ms",
         "RFC Master_Down_Interval ms",
     ]);
-    for interval in [1000u32, 50] {
+    for interval in intervals {
         let opts = ClusterOptions {
             advert_interval_ms: interval,
             ..ClusterOptions::default()
