@@ -39,10 +39,13 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
+    // Usage: tandem-bench-failover [RUNS] [INTERVAL_MS ...] (default 5; 1000 50)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let mut intervals: Vec<u32> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
+    if intervals.is_empty() {
+        intervals = vec![1000, 50];
+    }
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED);
     table.set_header([
