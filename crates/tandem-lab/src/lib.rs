@@ -1,395 +1,234 @@
 //! The namespace lab for Tandem's tests: network namespaces, veth pairs and
-//! bridges with unique names, processes and threads inside them, and teardown
-//! on drop — also after a panic.
+//! bridges with unique names, threads and processes inside them, and
+//! teardown on drop — also after a panic.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), tandem_lab::LabError> {
+//! use tandem_lab::Lab;
+//! let lab = Lab::new()?;
+//! let lan = lab.bridge("lan")?;
+//! let a = lab.netns("a")?;
+//! let b = lab.netns("b")?;
+//! lab.attach(&a, "eth0", &lan, &["10.0.0.1/24"])?;
+//! lab.attach(&b, "eth0", &lan, &["10.0.0.2/24"])?;
+//! a.exec("ping", &["-c1", "-W1", "10.0.0.2"])?;
+//! # Ok(()) }
+//! ```
 //!
 //! The lab never creates or changes anything in the host's network
-//! namespace: veths are created directly inside lab namespaces
-//! (`ip -n A link add X type veth peer name Y netns B`) and bridges live in a
-//! lab-owned "switch" namespace. Deleting the lab's namespaces therefore
-//! removes every veth and bridge it made.
+//! namespace, so a test can neither disturb the machine nor collide with
+//! another test: veths are created directly inside lab namespaces
+//! (`ip -n A link add X type veth peer name Y netns B`), and bridges live in
+//! a lab-owned "switch" namespace rather than in the host. Deleting the
+//! lab's namespaces therefore removes every veth and bridge it made.
 //!
-//! Names: a lab's id is `tl` + base36(pid) + base36(sequence), so labs in
-//! parallel threads (cargo test) and processes (nextest) never collide, and
-//! a later lab can tell from the pid whether a leftover's owner is dead.
+//! Naming (see `names.rs`): namespaces are `<lab id>-<short>`, the lab id
+//! carrying the owner's pid so that a later lab sweeps leftovers of a
+//! process that died without dropping its lab. Interface names inside a
+//! namespace are the caller's (at most 15 bytes: IFNAMSIZ); they need no
+//! prefix because every namespace is the lab's own.
 
-use std::fs::File;
-use std::io;
-use std::net::{SocketAddr, TcpStream};
+mod child;
+mod cmd;
+mod error;
+mod names;
+mod netns;
+
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+pub use child::LabChild;
+pub use error::LabError;
+pub use netns::Netns;
 
-/// Every lab namespace starts with this, then the owner's pid in base 36.
-const PREFIX: &str = "tl";
-static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+use child::SharedChild;
+use cmd::{describe, ip};
+use names::{check_ifname, check_short};
 
-#[derive(Debug, thiserror::Error)]
-pub enum LabError {
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("running `{command}`: {source}")]
-    Spawn { command: String, source: io::Error },
-    #[error("entering namespace {ns}: {source}")]
-    Setns { ns: String, source: nix::Error },
-    #[error("the thread running in namespace {ns} panicked: {message}")]
-    Panicked { ns: String, message: String },
-    #[error("{what} not ready after {timeout:?}: {last}")]
-    Timeout {
-        what: String,
-        timeout: Duration,
-        last: String,
-    },
-    #[error("binary `{name}` not found at {path}; build it first: cargo build --workspace")]
-    MissingBinary { name: String, path: PathBuf },
-    #[error("name `{0}` is too long for an interface (15 bytes at most)")]
-    NameTooLong(String),
-}
+/// Short name of the switch namespace. The leading underscore keeps it
+/// apart from the names tests choose.
+const SWITCH: &str = "_sw";
 
-fn base36(mut n: u64) -> String {
-    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap_or_default()
-}
+/// How long [`Lab::attach`] and [`Lab::link`] wait for a new veth to be
+/// usable; generous, for a loaded 2-core machine running tests in parallel.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a command to completion; a non-zero exit is an error carrying stderr.
-fn run(program: &str, args: &[&str]) -> Result<Output, LabError> {
-    let command = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| LabError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(out)
-}
-
-fn ip(args: &[&str]) -> Result<Output, LabError> {
-    run("ip", args)
-}
-
-/// A network namespace of a lab. A cheap handle: the [`Lab`] owns the
-/// namespace and deletes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Netns {
-    name: String,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A bridge inside the lab's switch namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Bridge {
+    switch: Netns,
     name: String,
 }
 
 impl Bridge {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Netns {
+    /// The bridge's interface name inside the switch namespace.
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Runs `program args` inside the namespace to completion.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, LabError> {
-        let mut full = vec!["netns", "exec", &self.name, program];
-        full.extend_from_slice(args);
-        ip(&full)
-    }
-
-    pub fn add_address(&self, ifname: &str, cidr: &str) -> Result<(), LabError> {
-        let mut args = vec!["-n", &self.name, "addr", "add", cidr, "dev", ifname];
-        // IPv6 addresses are usable at once, without duplicate address detection.
-        if cidr.contains(':') {
-            args.push("nodad");
-        }
-        ip(&args).map(drop)
-    }
-
-    pub fn set_link(&self, ifname: &str, up: bool) -> Result<(), LabError> {
-        ip(&[
-            "-n",
-            &self.name,
-            "link",
-            "set",
-            ifname,
-            if up { "up" } else { "down" },
-        ])
-        .map(drop)
-    }
-
-    /// Runs `f` on a fresh thread that has entered the namespace, and waits
-    /// for it. Sockets `f` opens belong to the namespace (a netlink or IP
-    /// socket belongs to the namespace of the thread that opened it) and keep
-    /// working after `f` returns. A panic in `f` becomes [`LabError::Panicked`].
-    pub fn run<F, T>(&self, f: F) -> Result<T, LabError>
-    where
-        F: FnOnce() -> T + Send,
-        T: Send,
-    {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(move || -> Result<T, LabError> {
-                let file = File::open(&path).map_err(|e| LabError::Setns {
-                    ns: path.clone(),
-                    source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
-                })?;
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| LabError::Setns {
-                    ns: path.clone(),
-                    source,
-                })?;
-                Ok(f())
-            });
-            match handle.join() {
-                Ok(r) => r,
-                Err(panic) => Err(LabError::Panicked {
-                    ns: self.name.clone(),
-                    message: panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                        .unwrap_or_default(),
-                }),
-            }
-        })
-    }
-
-    /// Polls a TCP connect from inside the namespace until it succeeds.
-    pub fn wait_tcp(&self, addr: SocketAddr, timeout: Duration) -> Result<(), LabError> {
-        self.run(move || {
-            let deadline = Instant::now() + timeout;
-            loop {
-                match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                    Ok(_) => return Ok(()),
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(LabError::Timeout {
-                            what: format!("TCP {addr}"),
-                            timeout,
-                            last: e.to_string(),
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        })?
+    /// The switch namespace holding the bridge.
+    pub fn switch(&self) -> &Netns {
+        &self.switch
     }
 }
 
-/// A process a lab started inside one of its namespaces.
-#[derive(Debug)]
-pub struct LabChild {
-    child: Option<Child>,
-    pid: Pid,
-    registry: Arc<Mutex<Vec<Pid>>>,
+/// The switch end of an [`Lab::attach`]ed veth: a port of the bridge.
+/// Setting it down is pulling the cable, without touching the node's side.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Port {
+    switch: Netns,
+    name: String,
 }
 
-impl LabChild {
-    pub fn pid(&self) -> Pid {
-        self.pid
+impl Port {
+    /// The port's interface name inside the switch namespace.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    /// Sends `signal` to this process (by PID).
-    pub fn kill(&mut self, signal: Signal) -> Result<(), LabError> {
-        kill(self.pid, signal).map_err(|e| LabError::Command {
-            command: format!("kill -{signal} {}", self.pid),
-            status: e.to_string(),
-            stderr: String::new(),
-        })
+    pub fn set_link(&self, up: bool) -> Result<(), LabError> {
+        self.switch.set_link(&self.name, up)
     }
-
-    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait(),
-            None => Ok(None),
-        }
-    }
-
-    /// Waits for the process to exit, up to `timeout`; None if still running.
-    pub fn wait_timeout(
-        &mut self,
-        timeout: Duration,
-    ) -> io::Result<Option<std::process::ExitStatus>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait()? {
-                self.forget();
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The process's captured output, after it exits (it must have been
-    /// spawned with piped stdout/stderr to capture anything).
-    pub fn wait_with_output(mut self) -> io::Result<Output> {
-        self.forget();
-        match self.child.take() {
-            Some(c) => c.wait_with_output(),
-            None => Err(io::Error::other("already reaped")),
-        }
-    }
-
-    fn forget(&self) {
-        if let Ok(mut pids) = self.registry.lock() {
-            pids.retain(|p| *p != self.pid);
-        }
-    }
-}
-
-impl Drop for LabChild {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop(self.pid, &mut || matches!(child.try_wait(), Ok(Some(_))));
-            let _ = child.wait();
-        }
-        self.forget();
-    }
-}
-
-/// Alive and not a zombie: an exited child still answers `kill(pid, 0)`
-/// until its parent reaps it.
-fn alive(pid: Pid) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses: "pid (comm) S ...".
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// SIGTERM, up to 2 s to exit, then SIGKILL.
-fn stop(pid: Pid, exited: &mut dyn FnMut() -> bool) {
-    if exited() {
-        return;
-    }
-    let _ = kill(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        if exited() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// A lab: owns its namespaces (and so their veths and bridges) and the
-/// processes it spawned. Dropping it kills the processes and deletes the
-/// namespaces.
+/// processes it spawned. Dropping it stops the processes (SIGTERM, 2 s
+/// grace, SIGKILL, by PID, reaped) and then deletes the namespaces. Drop
+/// never panics; failures are reported on stderr.
+///
+/// `Lab` is `Sync`: share it by reference between a test's threads.
 #[derive(Debug)]
 pub struct Lab {
     id: String,
-    namespaces: Mutex<Vec<String>>,
+    /// In creation order; deleted in reverse.
+    namespaces: Mutex<Vec<Netns>>,
     switch: Mutex<Option<Netns>>,
-    veths: AtomicU32,
-    children: Arc<Mutex<Vec<Pid>>>,
+    /// (namespace, interface) -> the bridge port at the other end.
+    ports: Mutex<Vec<(Netns, String, Port)>>,
+    next_port: AtomicU32,
+    children: Mutex<Vec<SharedChild>>,
 }
 
 impl Lab {
+    /// A new, empty lab with a unique id. First deletes namespaces left by
+    /// labs of processes that are gone.
     pub fn new() -> Result<Lab, LabError> {
-        sweep_dead_labs();
-        let pid = u64::from(std::process::id());
-        let seq = u64::from(SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        let id = names::new_lab_id();
+        names::sweep_dead_labs();
         Ok(Lab {
-            id: format!("{PREFIX}{}x{}", base36(pid), base36(seq)),
+            id,
             namespaces: Mutex::new(Vec::new()),
             switch: Mutex::new(None),
-            veths: AtomicU32::new(0),
-            children: Arc::new(Mutex::new(Vec::new())),
+            ports: Mutex::new(Vec::new()),
+            next_port: AtomicU32::new(0),
+            children: Mutex::new(Vec::new()),
         })
     }
 
+    /// The lab's id, the prefix of all its namespace names.
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    /// A new namespace `<id>-<short>` with loopback up.
+    /// The namespaces created so far, the switch included.
+    pub fn namespaces(&self) -> Vec<Netns> {
+        lock(&self.namespaces).clone()
+    }
+
+    /// A new namespace `<id>-<short>` with loopback up. Sysctls are the
+    /// new namespace's defaults (IPv4 settings such as `ip_forward` are
+    /// inherited from the host, as the kernel does), except that IPv6
+    /// duplicate address detection is off so addresses work at once.
     pub fn netns(&self, short: &str) -> Result<Netns, LabError> {
-        let name = format!("{}-{short}", self.id);
-        ip(&["netns", "add", &name])?;
+        check_short(short)?;
+        self.add_netns(short)
+    }
+
+    fn add_netns(&self, short: &str) -> Result<Netns, LabError> {
+        let ns = Netns::new(&format!("{}-{short}", self.id));
+        ip(&["netns", "add", ns.name()])?;
         // Registered before anything else can fail, so drop deletes it.
-        if let Ok(mut list) = self.namespaces.lock() {
-            list.push(name.clone());
-        }
-        let ns = Netns { name };
+        lock(&self.namespaces).push(ns.clone());
         ns.set_link("lo", true)?;
+        for key in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
+            match ns.sysctl(key, "0") {
+                // A kernel without IPv6 has no such file: nothing to turn off.
+                Err(LabError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
         Ok(ns)
     }
 
-    fn switch(&self) -> Result<Netns, LabError> {
-        let mut guard = self.switch.lock().map_err(|_| LabError::Panicked {
-            ns: self.id.clone(),
-            message: "switch lock poisoned".into(),
-        })?;
+    /// The lab's switch namespace, where its bridges live (created on first
+    /// use). Tests may act on the switch, e.g. drop packets with nftables
+    /// on a bridge.
+    pub fn switch(&self) -> Result<Netns, LabError> {
+        let mut guard = lock(&self.switch);
         if let Some(sw) = guard.as_ref() {
             return Ok(sw.clone());
         }
-        let sw = self.netns("sw")?;
+        let sw = self.add_netns(SWITCH)?;
+        // A pure layer-2 device: no IPv6 link-local addresses, router or
+        // listener reports from the bridges and ports themselves. Bridging
+        // of IPv6 frames is unaffected.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6",
+            "net.ipv6.conf.default.disable_ipv6",
+        ] {
+            match sw.sysctl(key, "1") {
+                Err(LabError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
         *guard = Some(sw.clone());
         Ok(sw)
     }
 
-    /// A bridge in the lab's switch namespace, up, with multicast snooping
-    /// off so VRRP's multicast reaches every port.
+    /// A bridge named `short` in the switch namespace, up, with multicast
+    /// snooping off: VRRP adverts (224.0.0.18, ff02::12) must reach every
+    /// port whether or not anyone sent an IGMP/MLD report. STP stays off, so
+    /// ports forward as soon as they are up.
     pub fn bridge(&self, short: &str) -> Result<Bridge, LabError> {
-        if short.len() > 15 {
-            return Err(LabError::NameTooLong(short.to_owned()));
-        }
-        let sw = self.switch()?;
-        ip(&[
-            "-n",
-            sw.name(),
+        check_ifname("bridge", short)?;
+        let switch = self.switch()?;
+        // Always `name X` / `dev X`: bare, `ip` would read a name such as
+        // `br` as an abbreviated keyword (`broadcast`).
+        switch.ip(&[
             "link",
             "add",
+            "name",
             short,
             "type",
             "bridge",
             "mcast_snooping",
             "0",
         ])?;
-        sw.set_link(short, true)?;
+        switch.set_link(short, true)?;
         Ok(Bridge {
+            switch,
             name: short.to_owned(),
         })
     }
 
-    fn next_port_name(&self) -> String {
-        format!("p{}", self.veths.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// A veth from `ifname` in `ns` (with `cidrs`, up) to a port of `bridge`.
+    /// Connects `ns` to `bridge` with a veth: `ifname` inside `ns`, with
+    /// `cidrs` assigned and up; the other end a port of the bridge in the
+    /// switch namespace (named `p<n>`, unique in the lab; see [`Lab::port`]).
+    /// Returns once both ends are operationally up.
     pub fn attach(
         &self,
         ns: &Netns,
@@ -397,42 +236,57 @@ impl Lab {
         bridge: &Bridge,
         cidrs: &[&str],
     ) -> Result<(), LabError> {
-        if ifname.len() > 15 {
-            return Err(LabError::NameTooLong(ifname.to_owned()));
-        }
-        let sw = self.switch()?;
-        let port = self.next_port_name();
-        ip(&[
-            "-n",
-            ns.name(),
+        check_ifname("interface", ifname)?;
+        let switch = self.switch()?;
+        let port = Port {
+            switch: switch.clone(),
+            name: format!("p{}", self.next_port.fetch_add(1, Ordering::Relaxed)),
+        };
+        ns.ip(&[
             "link",
             "add",
+            "name",
             ifname,
             "type",
             "veth",
             "peer",
             "name",
-            &port,
+            &port.name,
             "netns",
-            sw.name(),
+            switch.name(),
         ])?;
-        ip(&[
-            "-n",
-            sw.name(),
+        lock(&self.ports).push((ns.clone(), ifname.to_owned(), port.clone()));
+        switch.ip(&[
             "link",
             "set",
-            &port,
+            "dev",
+            &port.name,
             "master",
             bridge.name(),
+            "up",
         ])?;
-        sw.set_link(&port, true)?;
         for cidr in cidrs {
             ns.add_address(ifname, cidr)?;
         }
-        ns.set_link(ifname, true)
+        ns.set_link(ifname, true)?;
+        ns.wait_link_up(ifname, LINK_UP_TIMEOUT)?;
+        switch.wait_link_up(&port.name, LINK_UP_TIMEOUT)
     }
 
-    /// A direct veth pair between two namespaces.
+    /// The bridge port at the other end of `ifname` in `ns`.
+    pub fn port(&self, ns: &Netns, ifname: &str) -> Result<Port, LabError> {
+        lock(&self.ports)
+            .iter()
+            .find(|(n, i, _)| n == ns && i == ifname)
+            .map(|(_, _, p)| p.clone())
+            .ok_or_else(|| LabError::NotAttached {
+                ns: ns.name().to_owned(),
+                ifname: ifname.to_owned(),
+            })
+    }
+
+    /// A direct veth pair: `a_if` in `a` with `a_cidrs`, `b_if` in `b` with
+    /// `b_cidrs`, both up; returns once they are operationally up.
     pub fn link(
         &self,
         a: &Netns,
@@ -442,16 +296,12 @@ impl Lab {
         b_if: &str,
         b_cidrs: &[&str],
     ) -> Result<(), LabError> {
-        for n in [a_if, b_if] {
-            if n.len() > 15 {
-                return Err(LabError::NameTooLong(n.to_owned()));
-            }
-        }
-        ip(&[
-            "-n",
-            a.name(),
+        check_ifname("interface", a_if)?;
+        check_ifname("interface", b_if)?;
+        a.ip(&[
             "link",
             "add",
+            "name",
             a_if,
             "type",
             "veth",
@@ -468,106 +318,73 @@ impl Lab {
             b.add_address(b_if, cidr)?;
         }
         a.set_link(a_if, true)?;
-        b.set_link(b_if, true)
+        b.set_link(b_if, true)?;
+        a.wait_link_up(a_if, LINK_UP_TIMEOUT)?;
+        b.wait_link_up(b_if, LINK_UP_TIMEOUT)
     }
 
-    /// Starts `cmd` inside `ns` through `ip netns exec` (which also mounts
-    /// the namespace's own /sys), keeping the command's arguments,
-    /// environment, working directory and stdio. The lab kills it on drop.
+    /// Starts `cmd` inside `ns`; the lab stops it when dropped.
+    ///
+    /// The namespace is entered between fork and exec (a `pre_exec` hook on
+    /// `cmd` itself doing what `ip netns exec` does: `setns` into the
+    /// network namespace, then a private mount namespace with the
+    /// namespace's own /sys). So everything set on `cmd` is kept —
+    /// arguments, environment, working directory, stdio, uid — and the PID
+    /// is the program's own, not a wrapper's. `cmd` keeps the hook (and an
+    /// open handle on the namespace) until it is dropped.
+    ///
+    /// Only the process itself is tracked: processes it forks are its own
+    /// business (the lab kills by PID, never by name or group).
     pub fn spawn(&self, ns: &Netns, cmd: &mut Command) -> Result<LabChild, LabError> {
-        let mut wrapped = Command::new("ip");
-        wrapped
-            .args(["netns", "exec", ns.name()])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => wrapped.env(k, v),
-                None => wrapped.env_remove(k),
-            };
-        }
-        if let Some(dir) = cmd.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        // Command does not expose its stdio settings: default to inherit
-        // stdin null and let callers pipe through `spawn_piped` if needed.
-        wrapped.stdin(Stdio::null());
-        let command = format!("{:?}", cmd);
-        let child = wrapped
-            .spawn()
-            .map_err(|source| LabError::Spawn { command, source })?;
-        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-        if let Ok(mut list) = self.children.lock() {
-            list.push(pid);
-        }
-        Ok(LabChild {
-            child: Some(child),
-            pid,
-            registry: self.children.clone(),
-        })
+        let what = format!("{} (in netns {})", describe(cmd), ns.name());
+        ns.enter_on_exec(cmd)?;
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: what.clone(),
+            source,
+        })?;
+        let (handle, shared) = LabChild::new(child, what);
+        let mut children = lock(&self.children);
+        // Forget the processes already stopped and reaped by their handles.
+        children.retain(|c| {
+            c.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        });
+        children.push(shared);
+        Ok(handle)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let pids: Vec<Pid> = self.children.lock().map(|l| l.clone()).unwrap_or_default();
-        for pid in pids {
-            // Not our child handle any more (its LabChild is alive elsewhere):
-            // stop it by PID; the LabChild reaps it later.
-            stop(pid, &mut || !alive(pid));
-        }
-        let names: Vec<String> = self
-            .namespaces
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
-        for name in names.iter().rev() {
-            if let Err(e) = ip(&["netns", "del", name]) {
-                eprintln!("tandem-lab: deleting namespace {name}: {e}");
+        // Processes first: a daemon killed after its namespace is gone would
+        // log confusing errors about vanished interfaces.
+        let children = std::mem::take(&mut *lock(&self.children));
+        child::stop_all(&children, child::GRACE);
+        let namespaces = std::mem::take(&mut *lock(&self.namespaces));
+        for ns in namespaces.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns.name()]) {
+                eprintln!("tandem-lab: lab {}: deleting namespace: {e}", self.id);
             }
         }
+        names::forget_lab_id(&self.id);
     }
 }
 
-/// Deletes namespaces of earlier labs whose process no longer exists (a test
-/// killed with SIGKILL never ran its drops).
-fn sweep_dead_labs() {
-    let Ok(out) = ip(&["netns", "list"]) else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(pid) = owner_pid(name) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = ip(&["netns", "del", name]);
-        }
-    }
-}
-
-/// The pid encoded in a lab namespace name `tl<pid36>x<seq36>-<short>`.
-fn owner_pid(name: &str) -> Option<u64> {
-    let rest = name.strip_prefix(PREFIX)?;
-    let (pid36, _) = rest.split_once('x')?;
-    let (_, short) = rest.split_once('-')?;
-    if short.is_empty() {
-        return None;
-    }
-    u64::from_str_radix(pid36, 36).ok()
-}
-
-/// Polls until a Unix stream connection to `path` succeeds.
+/// Polls until a Unix stream connection to `path` succeeds (a daemon's
+/// gRPC socket is ready), or `timeout` passes.
 pub fn wait_for_unix_socket(path: &Path, timeout: Duration) -> Result<(), LabError> {
     let deadline = Instant::now() + timeout;
     loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Ok(()),
+        match UnixStream::connect(path) {
+            Ok(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+                return Ok(());
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(LabError::Timeout {
-                    what: format!("socket {}", path.display()),
+                    what: format!("Unix socket {}", path.display()),
                     timeout,
                     last: e.to_string(),
                 });
@@ -577,8 +394,10 @@ pub fn wait_for_unix_socket(path: &Path, timeout: Duration) -> Result<(), LabErr
     }
 }
 
-/// Where a workspace binary is: beside the test executable's `deps/` folder
-/// (target/debug), or `CARGO_BIN_EXE_<name>` when cargo provides it.
+/// Where the workspace binary `name` is: `CARGO_BIN_EXE_<name>` when set
+/// (nextest sets it at run time), else beside the running test executable's
+/// `deps/` directory, i.e. `target/<profile>/<name>`. The path may not
+/// exist; see [`require_workspace_bin`].
 pub fn workspace_bin(name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
         return PathBuf::from(p);
