@@ -464,6 +464,20 @@ impl ProbeLog {
         Some(first_new - last_old)
     }
 
+    /// Seen from the moment of a crash at `crash` (time since the probe
+    /// started): how long before it `from` last answered, and how long after
+    /// it `to` first answered (service restored).
+    pub fn around(&self, crash: Duration, from: &str, to: &str) -> Option<(Duration, Duration)> {
+        let last_old = self
+            .answers
+            .iter()
+            .rev()
+            .find(|(t, n)| n == from && *t <= crash)?
+            .0;
+        let first_new = self.answers.iter().find(|(t, n)| n == to && *t > crash)?.0;
+        Some((crash - last_old, first_new - crash))
+    }
+
     pub fn answered(&self) -> usize {
         self.answers.len()
     }

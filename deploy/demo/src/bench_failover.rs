@@ -24,14 +24,30 @@ fn one_run(opts: &ClusterOptions, speaker: Speaker) -> Option<Duration> {
         l.vip_answer().as_deref() == Some(m.as_str())
     });
     let probe = lab.start_probe(Duration::from_millis(2));
-    std::thread::sleep(Duration::from_millis(500));
+    // Crash at a random phase of the advert schedule: a fixed delay after
+    // the election would crash every run at nearly the same time since the
+    // last advert and bias the figure (by up to one interval) differently
+    // for each speaker.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = Duration::from_millis(u64::from(nanos) % u64::from(opts.advert_interval_ms));
+    std::thread::sleep(Duration::from_millis(500) + jitter);
+    let crash = probe.elapsed();
     lab.crash(&master);
     let b = backup.clone();
     lab.wait_until(settle, "the backup to answer", |l| {
         l.vip_answer().as_deref() == Some(b.as_str())
     });
     std::thread::sleep(Duration::from_millis(200));
-    probe.finish().failover(&master, &backup)
+    let log = probe.finish();
+    if let Some((before, after)) = log.around(crash, &master, &backup) {
+        eprintln!(
+            "  last old answer {before:?} before the crash, first new answer {after:?} after it"
+        );
+    }
+    log.failover(&master, &backup)
 }
 
 fn ms(d: Duration) -> String {
