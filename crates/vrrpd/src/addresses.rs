@@ -197,19 +197,80 @@ impl Addresses {
     }
 }
 
-/// Sends one gratuitous ARP (an ARP request for our own address, RFC 5227
-/// §3 "ARP Announcement") or one unsolicited neighbour advertisement
-/// (RFC 4861 §7.2.6, Override set) for `ip` out of `link`.
-pub fn announce(ip: &FloatingIp, link: &Link) -> Result<(), AddressError> {
-    let result = match ip.address {
-        IpAddr::V4(a) => gratuitous_arp(link, a),
-        IpAddr::V6(a) => unsolicited_na(&ip.interface, link, a),
-    };
-    result.map_err(|source| AddressError::Announce {
-        ip: ip.address,
-        interface: ip.interface.clone(),
-        source,
-    })
+/// Sends gratuitous ARP (an ARP request for our own address, RFC 5227 §3
+/// "ARP Announcement") and unsolicited neighbour advertisements (RFC 4861
+/// §7.2.6, Override set). The sockets are opened once per VRRP instance:
+/// closing an AF_PACKET socket waits for an RCU grace period (measured 9-16
+/// ms here), which per announcement would delay the next floating IP's.
+pub struct Announcer {
+    arp: Socket,
+    /// None where IPv6 is disabled.
+    icmp6: Option<Socket>,
+}
+
+impl Announcer {
+    pub fn new() -> io::Result<Self> {
+        let arp = Socket::new(
+            Domain::PACKET,
+            Type::DGRAM,
+            Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))),
+        )?;
+        let icmp6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+            .and_then(|s| {
+                // RFC 4861 §7.1.2: hop limit 255 or receivers drop it.
+                s.set_multicast_hops_v6(255)?;
+                Ok(s)
+            })
+            .ok();
+        Ok(Announcer { arp, icmp6 })
+    }
+
+    /// One announcement of `ip` out of `link`.
+    pub fn announce(&self, ip: &FloatingIp, link: &Link) -> Result<(), AddressError> {
+        let result = match ip.address {
+            IpAddr::V4(a) => self.gratuitous_arp(link, a),
+            IpAddr::V6(a) => self.unsolicited_na(link, a),
+        };
+        result.map_err(|source| AddressError::Announce {
+            ip: ip.address,
+            interface: ip.interface.clone(),
+            source,
+        })
+    }
+
+    fn gratuitous_arp(&self, link: &Link, ip: Ipv4Addr) -> io::Result<()> {
+        let mut storage = SockAddrStorage::zeroed();
+        // SAFETY: sockaddr_ll fits in sockaddr_storage; we fill every field
+        // the kernel reads for an AF_PACKET SOCK_DGRAM send.
+        let addr = unsafe {
+            let ll = storage.view_as::<libc::sockaddr_ll>();
+            ll.sll_family = libc::AF_PACKET as u16;
+            ll.sll_protocol = ETH_P_ARP.to_be();
+            ll.sll_ifindex = i32::try_from(link.index).unwrap_or(0);
+            ll.sll_halen = 6;
+            ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            SockAddr::new(
+                storage,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        self.arp.send_to(&arp_announcement(link.mac, ip), &addr)?;
+        Ok(())
+    }
+
+    fn unsolicited_na(&self, link: &Link, ip: Ipv6Addr) -> io::Result<()> {
+        let sock = self
+            .icmp6
+            .as_ref()
+            .ok_or_else(|| io::Error::other("IPv6 is not available"))?;
+        // The scope id picks the interface for the link-local multicast group.
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        sock.send_to(
+            &neighbour_advertisement(link.mac, ip),
+            &SockAddr::from(std::net::SocketAddrV6::new(all_nodes, 0, 0, link.index)),
+        )?;
+        Ok(())
+    }
 }
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -229,28 +290,6 @@ pub fn arp_announcement(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 28] {
     p
 }
 
-fn gratuitous_arp(link: &Link, ip: Ipv4Addr) -> io::Result<()> {
-    let proto = Protocol::from(i32::from(ETH_P_ARP.to_be()));
-    let sock = Socket::new(Domain::PACKET, Type::DGRAM, Some(proto))?;
-    let mut storage = SockAddrStorage::zeroed();
-    // SAFETY: sockaddr_ll fits in sockaddr_storage; we fill every field the
-    // kernel reads for an AF_PACKET SOCK_DGRAM send.
-    let addr = unsafe {
-        let ll = storage.view_as::<libc::sockaddr_ll>();
-        ll.sll_family = libc::AF_PACKET as u16;
-        ll.sll_protocol = ETH_P_ARP.to_be();
-        ll.sll_ifindex = i32::try_from(link.index).unwrap_or(0);
-        ll.sll_halen = 6;
-        ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        SockAddr::new(
-            storage,
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    sock.send_to(&arp_announcement(link.mac, ip), &addr)?;
-    Ok(())
-}
-
 /// An unsolicited neighbour advertisement for `ip` (ICMPv6 type 136,
 /// Override flag, target link-layer address option).
 pub fn neighbour_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> [u8; 32] {
@@ -263,18 +302,4 @@ pub fn neighbour_advertisement(mac: [u8; 6], ip: Ipv6Addr) -> [u8; 32] {
     p[25] = 1; // length in units of 8 bytes
     p[26..32].copy_from_slice(&mac);
     p
-}
-
-fn unsolicited_na(ifname: &str, link: &Link, ip: Ipv6Addr) -> io::Result<()> {
-    let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
-    sock.bind_device(Some(ifname.as_bytes()))?;
-    // RFC 4861 §7.1.2: hop limit 255 or receivers drop it.
-    sock.set_multicast_hops_v6(255)?;
-    sock.set_multicast_if_v6(link.index)?;
-    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-    sock.send_to(
-        &neighbour_advertisement(link.mac, ip),
-        &SockAddr::from(std::net::SocketAddrV6::new(all_nodes, 0, 0, link.index)),
-    )?;
-    Ok(())
 }

@@ -10,7 +10,7 @@ use tandem_proto::v1;
 use tandem_runtime::{ConfigCell, Shutdown, unix_ms};
 use tokio::sync::{broadcast, watch};
 
-use crate::addresses::{self, Addresses, FloatingIp};
+use crate::addresses::{Addresses, Announcer, FloatingIp};
 use crate::fsm::{Action, Advert, RouterConfig, State, VirtualRouter};
 use crate::links::{self, LinkStates};
 use crate::network::VrrpSocket;
@@ -162,6 +162,7 @@ struct Instance<'a> {
     fsm: VirtualRouter,
     sock: VrrpSocket,
     addrs: Addresses,
+    announcer: Arc<Announcer>,
     shared: &'a Shared,
 }
 
@@ -203,6 +204,9 @@ async fn run(
         setup: setup.clone(),
         sock,
         addrs,
+        announcer: Arc::new(
+            Announcer::new().map_err(|e| anyhow::anyhow!("opening the ARP/NA sockets: {e}"))?,
+        ),
         shared,
     };
     shared.snapshot.send_modify(|s| {
@@ -458,17 +462,18 @@ impl Instance<'_> {
             }
         }
         for (ip, link) in &announced {
-            if let Err(e) = addresses::announce(ip, link) {
+            if let Err(e) = self.announcer.announce(ip, link) {
                 tracing::warn!(vip = %ip, "{e}");
             }
         }
         let (repeat, interval) = (setup.garp_repeat, setup.garp_interval);
         if repeat > 1 && !announced.is_empty() {
+            let announcer = self.announcer.clone();
             tokio::spawn(async move {
                 for _ in 1..repeat {
                     tokio::time::sleep(interval).await;
                     for (ip, link) in &announced {
-                        let _ = addresses::announce(ip, link);
+                        let _ = announcer.announce(ip, link);
                     }
                 }
             });
