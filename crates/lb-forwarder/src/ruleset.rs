@@ -1,0 +1,409 @@
+//! The kernel datapath as a pure function: farms, health and loads in, one
+//! nftables script out. The script replaces Tandem's table `inet tandem` in
+//! a single transaction (`nft -f`), so a change is never half-applied and no
+//! other table is touched.
+//!
+//! Shape of the table:
+//! - `prerouting` (nat): a packet to a farm's VIP:port/proto jumps to the
+//!   farm's chain, whose scheduler picks a backend chain through a verdict
+//!   map; the backend chain marks the connection (conntrack mark = the
+//!   backend's id) and DNATs it. Only a connection's first packet goes
+//!   through nat chains; conntrack does the rest.
+//! - `postrouting` (nat): NAT farms SNAT toward the backends to their
+//!   floating `snat_address`, so backends answer whichever node holds it.
+//! - `forward` (filter): `ct mark` looks up the backend's counting chain, so
+//!   every packet of a connection, both directions, is counted per backend
+//!   and per farm in O(1).
+//!
+//! Counters are named objects; the caller passes their current values so a
+//! replacement carries them over.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use tandem_config::{Backend, BackendState, Farm, Forwarding, Protocol, Scheduler};
+
+pub const FAMILY: &str = "inet";
+pub const TABLE: &str = "tandem";
+/// Hash buckets of source-hash farms: backends own contiguous ranges, so
+/// when one leaves only its own sources move.
+pub const SH_BUCKETS: u32 = 1024;
+/// Resolution of least-connections weights.
+const LC_SCALE: u64 = 1000;
+
+/// One backend of one farm.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub farm: String,
+    pub address: IpAddr,
+    /// The backend's configured port, None when it keeps the client's port.
+    pub port: Option<u16>,
+}
+
+impl BackendKey {
+    pub fn of(farm: &Farm, b: &Backend) -> Self {
+        BackendKey {
+            farm: farm.name.clone(),
+            address: b.address,
+            port: b.port,
+        }
+    }
+
+    /// A stable, non-zero 32-bit id: the conntrack mark of its connections.
+    /// Derived from the key alone (FNV-1a), so both nodes of a cluster — and
+    /// the replicated conntrack entries — agree on it without coordination.
+    pub fn mark(&self) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        let text = format!("{}/{}/{}", self.farm, self.address, self.port.unwrap_or(0));
+        for b in text.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h.max(1)
+    }
+
+    /// Name of its counter and chains: readable, and safe inside quotes.
+    pub fn name(&self) -> String {
+        let addr: String = self
+            .address
+            .to_string()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        match self.port {
+            Some(p) => format!("{}_{addr}_{p}", self.farm),
+            None => format!("{}_{addr}", self.farm),
+        }
+    }
+}
+
+/// Packet and byte counts of one counter object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counter object names.
+pub fn farm_counter(farm: &str) -> String {
+    format!("farm_{farm}")
+}
+
+pub fn backend_counter(key: &BackendKey) -> String {
+    format!("be_{}", key.name())
+}
+
+/// New connections sent to a backend (counted in its DNAT chain).
+pub fn backend_conn_counter(key: &BackendKey) -> String {
+    format!("conn_{}", key.name())
+}
+
+/// Everything the datapath depends on besides the farms.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    /// Cluster-wide seed of `sh`'s jhash (nftables draws a random one per
+    /// rule load otherwise, and two nodes would disagree).
+    pub hash_seed: u32,
+    /// Backends the health checks declared failing.
+    pub failing: HashSet<BackendKey>,
+    /// Operator overrides of a backend's state (SetBackendState), over the
+    /// configured one.
+    pub overrides: HashMap<BackendKey, BackendState>,
+    /// Established connections per backend, for `lc`.
+    pub loads: HashMap<BackendKey, u64>,
+    /// Counter values to carry over into the new table.
+    pub counters: HashMap<String, Count>,
+}
+
+impl Inputs {
+    /// The state a backend is in after operator overrides.
+    pub fn state_of(&self, key: &BackendKey, configured: BackendState) -> BackendState {
+        self.overrides.get(key).copied().unwrap_or(configured)
+    }
+
+    /// In rotation: up (not down, draining or in maintenance) and not
+    /// failing its health check. A backend not yet checked is in rotation.
+    pub fn in_rotation(&self, key: &BackendKey, configured: BackendState) -> bool {
+        self.state_of(key, configured) == BackendState::Up && !self.failing.contains(key)
+    }
+}
+
+/// What a farm's scheduler currently does, for status and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FarmPlan {
+    pub farm: String,
+    /// (backend, share) in rotation; the shares' meaning depends on the
+    /// scheduler (rr: 1 each; wrr/lc: weights; sh: hash buckets).
+    pub rotation: Vec<(BackendKey, u64)>,
+    /// Why the farm is not served, if it is not.
+    pub skipped: Option<String>,
+}
+
+fn l4(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Both => "{ tcp, udp }",
+    }
+}
+
+fn ports(farm: &Farm) -> String {
+    farm.port.to_string()
+}
+
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "ip" } else { "ip6" }
+}
+
+fn target(address: IpAddr, port: Option<u16>) -> String {
+    match (address, port) {
+        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+/// How one farm spreads new connections over its backends in rotation.
+pub fn plan(farm: &Farm, inputs: &Inputs) -> FarmPlan {
+    let mut plan = FarmPlan {
+        farm: farm.name.clone(),
+        rotation: Vec::new(),
+        skipped: None,
+    };
+    if farm.forwarding == Forwarding::Dsr {
+        plan.skipped = Some("direct server return is not supported by this build".into());
+        return plan;
+    }
+    let mut backends: Vec<&Backend> = farm.backends.iter().collect();
+    backends.sort_by_key(|b| (b.address, b.port));
+    let up: Vec<(&Backend, BackendKey)> = backends
+        .iter()
+        .map(|b| (*b, BackendKey::of(farm, b)))
+        .filter(|(b, k)| inputs.in_rotation(k, b.state))
+        .collect();
+    plan.rotation = match farm.scheduler {
+        Scheduler::Rr => up.into_iter().map(|(_, k)| (k, 1)).collect(),
+        Scheduler::Wrr => up
+            .into_iter()
+            .map(|(b, k)| (k, u64::from(b.weight)))
+            .collect(),
+        Scheduler::Lc => {
+            // Weight ∝ configured weight / (established connections + 1):
+            // new connections go mostly to the least loaded backends, in
+            // proportion, until the next load reading (see docs).
+            up.into_iter()
+                .map(|(b, k)| {
+                    let load = inputs.loads.get(&k).copied().unwrap_or(0);
+                    let w = (u64::from(b.weight) * LC_SCALE / (load + 1)).max(1);
+                    (k, w)
+                })
+                .collect()
+        }
+        Scheduler::Sh => sh_buckets(farm, inputs),
+    };
+    plan
+}
+
+/// Source hash: the owner of each of the [`SH_BUCKETS`] buckets.
+/// Configured backends own contiguous ranges of buckets; the buckets of a
+/// backend out of rotation are dealt out among those in rotation, so every
+/// other source keeps its backend. Empty when no backend is in rotation.
+pub fn sh_owners(farm: &Farm, inputs: &Inputs) -> Vec<BackendKey> {
+    let mut all: Vec<&Backend> = farm.backends.iter().collect();
+    all.sort_by_key(|b| (b.address, b.port));
+    let keys: Vec<(BackendKey, bool)> = all
+        .iter()
+        .map(|b| {
+            let k = BackendKey::of(farm, b);
+            let up = inputs.in_rotation(&k, b.state);
+            (k, up)
+        })
+        .collect();
+    let up: Vec<&BackendKey> = keys.iter().filter(|(_, u)| *u).map(|(k, _)| k).collect();
+    if up.is_empty() {
+        return Vec::new();
+    }
+    let n = keys.len() as u64;
+    (0..SH_BUCKETS)
+        .map(|b| {
+            let home = (u64::from(b) * n / u64::from(SH_BUCKETS)) as usize;
+            if keys[home].1 {
+                keys[home].0.clone()
+            } else {
+                up[b as usize % up.len()].clone()
+            }
+        })
+        .collect()
+}
+
+fn sh_buckets(farm: &Farm, inputs: &Inputs) -> Vec<(BackendKey, u64)> {
+    let mut shares: BTreeMap<BackendKey, u64> = BTreeMap::new();
+    for k in sh_owners(farm, inputs) {
+        *shares.entry(k).or_insert(0) += 1;
+    }
+    shares.into_iter().collect()
+}
+
+/// The bucket → backend ranges of an sh farm, merged where contiguous.
+fn sh_ranges(farm: &Farm, inputs: &Inputs) -> Vec<(u32, u32, BackendKey)> {
+    let mut ranges: Vec<(u32, u32, BackendKey)> = Vec::new();
+    for (b, k) in (0..SH_BUCKETS).zip(sh_owners(farm, inputs)) {
+        match ranges.last_mut() {
+            Some((_, last, owner)) if *owner == k && *last + 1 == b => *last = b,
+            _ => ranges.push((b, b, k)),
+        }
+    }
+    ranges
+}
+
+/// Renders the whole table. Deterministic: the same inputs give the same
+/// script on both nodes.
+pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
+    let mut out = String::new();
+    let mut plans = Vec::new();
+    let mut pre = String::new();
+    let mut post = String::new();
+    let mut fwd: BTreeMap<u32, String> = BTreeMap::new();
+    let mut chains = String::new();
+    let mut counters: Vec<String> = Vec::new();
+
+    for farm in farms {
+        let plan = plan(farm, inputs);
+        if let Some(why) = &plan.skipped {
+            let _ = writeln!(pre, "    # farm {}: not served: {why}", farm.name);
+            plans.push(plan);
+            continue;
+        }
+        let fam = family(farm.vip);
+        let proto = l4(farm.protocol);
+        let fc = farm_counter(&farm.name);
+        counters.push(fc.clone());
+        let _ = writeln!(
+            pre,
+            "    {fam} daddr {} meta l4proto {proto} th dport {} jump farm_{}",
+            farm.vip,
+            ports(farm),
+            farm.name
+        );
+        if let Some(snat) = farm.snat_address {
+            let _ = writeln!(
+                post,
+                "    ct status dnat meta l4proto {proto} ct original {fam} daddr {} ct original proto-dst {} snat {fam} to {snat}",
+                farm.vip,
+                ports(farm)
+            );
+        }
+        // One DNAT chain and one counting chain per configured backend, in
+        // rotation or not: draining backends keep counting their traffic.
+        let mut backends: Vec<&Backend> = farm.backends.iter().collect();
+        backends.sort_by_key(|b| (b.address, b.port));
+        for b in &backends {
+            let key = BackendKey::of(farm, b);
+            let name = key.name();
+            let (bc, cc) = (backend_counter(&key), backend_conn_counter(&key));
+            counters.push(bc.clone());
+            counters.push(cc.clone());
+            let _ = write!(
+                chains,
+                "  chain be_{name} {{\n    ct mark set {:#x} counter name {cc} meta l4proto {proto} dnat {fam} to {}\n  }}\n",
+                key.mark(),
+                target(b.address, b.port)
+            );
+            let _ = write!(
+                chains,
+                "  chain count_{name} {{\n    counter name {bc}\n    counter name {fc}\n  }}\n"
+            );
+            fwd.insert(key.mark(), format!("count_{name}"));
+        }
+        // The scheduler.
+        let _ = writeln!(chains, "  chain farm_{} {{", farm.name);
+        let jump = |k: &BackendKey| format!("jump be_{}", k.name());
+        if plan.rotation.is_empty() {
+            let _ = writeln!(chains, "    # every backend is out of rotation\n    drop");
+        } else {
+            match farm.scheduler {
+                Scheduler::Sh => {
+                    let elems: Vec<String> = sh_ranges(farm, inputs)
+                        .iter()
+                        .map(|(a, z, k)| {
+                            if a == z {
+                                format!("{a} : {}", jump(k))
+                            } else {
+                                format!("{a}-{z} : {}", jump(k))
+                            }
+                        })
+                        .collect();
+                    let _ = writeln!(
+                        chains,
+                        "    jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} vmap {{ {} }}",
+                        inputs.hash_seed,
+                        elems.join(", ")
+                    );
+                }
+                _ => {
+                    let total: u64 = plan.rotation.iter().map(|(_, w)| *w).sum();
+                    let mut at = 0u64;
+                    let elems: Vec<String> = plan
+                        .rotation
+                        .iter()
+                        .map(|(k, w)| {
+                            let (a, z) = (at, at + w - 1);
+                            at += w;
+                            if a == z {
+                                format!("{a} : {}", jump(k))
+                            } else {
+                                format!("{a}-{z} : {}", jump(k))
+                            }
+                        })
+                        .collect();
+                    let _ = writeln!(
+                        chains,
+                        "    numgen inc mod {total} vmap {{ {} }}",
+                        elems.join(", ")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(chains, "  }}");
+        plans.push(plan);
+    }
+
+    // Create-then-delete makes the delete succeed on a first load; the whole
+    // script is one transaction.
+    let _ = writeln!(
+        out,
+        "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
+    );
+    for c in &counters {
+        let v = inputs.counters.get(c).copied().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  counter {c} {{\n    packets {} bytes {}\n  }}",
+            v.packets, v.bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}"
+    );
+    let _ = writeln!(
+        out,
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}"
+    );
+    let _ = writeln!(
+        out,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+    );
+    if !fwd.is_empty() {
+        let elems: Vec<String> = fwd
+            .iter()
+            .map(|(m, c)| format!("{m:#x} : jump {c}"))
+            .collect();
+        let _ = writeln!(out, "    ct mark vmap {{ {} }}", elems.join(", "));
+    }
+    let _ = writeln!(out, "  }}");
+    out.push_str(&chains);
+    out.push_str("}\n");
+    (out, plans)
+}

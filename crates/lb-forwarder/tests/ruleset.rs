@@ -1,0 +1,291 @@
+//! The datapath as a pure function, and the script it renders applied to a
+//! real kernel inside a lab namespace.
+
+use std::collections::HashMap;
+
+use lb_forwarder::nft::{count_marks, parse_counters};
+use lb_forwarder::ruleset::{
+    BackendKey, Count, Inputs, SH_BUCKETS, backend_counter, plan, render, sh_owners,
+};
+use tandem_config::{BackendState, Farm};
+
+fn farm(text: &str) -> Farm {
+    toml::from_str(text).expect("farm")
+}
+
+const WEB: &str = r#"
+name = "web"
+vip = "10.0.0.100"
+port = 80
+scheduler = "wrr"
+snat_address = "10.1.0.100"
+[[backends]]
+address = "10.1.0.11"
+port = 8080
+weight = 3
+[[backends]]
+address = "10.1.0.12"
+port = 8080
+weight = 2
+[[backends]]
+address = "10.1.0.13"
+port = 8080
+weight = 1
+state = "drain"
+"#;
+
+fn key(farm: &str, addr: &str, port: Option<u16>) -> BackendKey {
+    BackendKey {
+        farm: farm.into(),
+        address: addr.parse().expect("addr"),
+        port,
+    }
+}
+
+#[test]
+fn wrr_spreads_by_weight_over_backends_in_rotation() {
+    let web = farm(WEB);
+    let (script, plans) = render(std::slice::from_ref(&web), &Inputs::default());
+    let shares: Vec<u64> = plans[0].rotation.iter().map(|(_, w)| *w).collect();
+    assert_eq!(
+        shares,
+        [3, 2],
+        "the draining backend takes no new connections"
+    );
+    assert!(script.contains("numgen inc mod 5 vmap { 0-2 : jump be_web_10_1_0_11_8080, 3-4 : jump be_web_10_1_0_12_8080 }"), "{script}");
+    assert!(
+        script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 jump farm_web"),
+        "{script}"
+    );
+    assert!(
+        script.contains("ct status dnat meta l4proto tcp ct original ip daddr 10.0.0.100 ct original proto-dst 80 snat ip to 10.1.0.100"),
+        "SNAT to the floating address: {script}"
+    );
+    // The draining backend keeps its DNAT and counting chains.
+    assert!(script.contains("chain be_web_10_1_0_13_8080"));
+}
+
+#[test]
+fn a_failing_or_overridden_backend_leaves_the_rotation_and_an_empty_farm_drops() {
+    let web = farm(WEB);
+    let mut inputs = Inputs::default();
+    inputs.failing.insert(key("web", "10.1.0.11", Some(8080)));
+    let p = plan(&web, &inputs);
+    assert_eq!(p.rotation, vec![(key("web", "10.1.0.12", Some(8080)), 2)]);
+    inputs.overrides.insert(
+        key("web", "10.1.0.12", Some(8080)),
+        BackendState::Maintenance,
+    );
+    let (script, plans) = render(std::slice::from_ref(&web), &inputs);
+    assert!(plans[0].rotation.is_empty());
+    assert!(
+        script.contains("# every backend is out of rotation\n    drop"),
+        "{script}"
+    );
+}
+
+#[test]
+fn source_hash_moves_only_the_sources_of_a_backend_that_leaves() {
+    let sh = farm(
+        &WEB.replace("scheduler = \"wrr\"", "scheduler = \"sh\"")
+            .replace("state = \"drain\"", ""),
+    );
+    let before = sh_owners(&sh, &Inputs::default());
+    assert_eq!(before.len(), SH_BUCKETS as usize);
+    let mut inputs = Inputs::default();
+    let gone = key("web", "10.1.0.12", Some(8080));
+    inputs.failing.insert(gone.clone());
+    let after = sh_owners(&sh, &inputs);
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(*a, gone);
+        if *b != gone {
+            assert_eq!(a, b, "a bucket of a backend still in rotation moved");
+        } else {
+            moved += 1;
+        }
+    }
+    assert!(
+        (300..=400).contains(&moved),
+        "about a third of the buckets move: {moved}"
+    );
+    let (script, _) = render(
+        std::slice::from_ref(&sh),
+        &Inputs {
+            hash_seed: 0x5eed1234,
+            ..Inputs::default()
+        },
+    );
+    assert!(
+        script.contains(
+            "jhash ip saddr mod 1024 seed 0x5eed1234 vmap { 0-341 : jump be_web_10_1_0_11_8080"
+        ),
+        "{script}"
+    );
+}
+
+#[test]
+fn least_connections_weights_favour_the_idle_backends() {
+    let lc = farm(
+        &WEB.replace("scheduler = \"wrr\"", "scheduler = \"lc\"")
+            .replace("state = \"drain\"", "")
+            .replace("weight = 3", "weight = 1")
+            .replace("weight = 2", "weight = 1"),
+    );
+    let mut inputs = Inputs::default();
+    inputs.loads.insert(key("web", "10.1.0.11", Some(8080)), 19);
+    let p = plan(&lc, &inputs);
+    let w: HashMap<String, u64> = p
+        .rotation
+        .iter()
+        .map(|(k, w)| (k.address.to_string(), *w))
+        .collect();
+    assert_eq!(w["10.1.0.11"], 50, "busy: 1000 / (19 + 1)");
+    assert_eq!(w["10.1.0.12"], 1000);
+    assert_eq!(w["10.1.0.13"], 1000);
+}
+
+#[test]
+fn direct_server_return_is_reported_as_not_served() {
+    let dsr = farm(
+        &WEB.replace("snat_address = \"10.1.0.100\"", "forwarding = \"dsr\"")
+            .replace("port = 8080\n", ""),
+    );
+    let (script, plans) = render(std::slice::from_ref(&dsr), &Inputs::default());
+    assert!(
+        plans[0]
+            .skipped
+            .as_deref()
+            .is_some_and(|s| s.contains("direct server return"))
+    );
+    assert!(
+        !script.contains("farm_web {"),
+        "no chain for a farm not served"
+    );
+}
+
+#[test]
+fn ipv6_and_port_ranges_render() {
+    let v6 = farm(
+        r#"
+name = "v6"
+vip = "fd00::100"
+port = "30000-30100"
+protocol = "both"
+snat_address = "fd01::100"
+[health_check]
+kind = "none"
+[[backends]]
+address = "fd01::11"
+"#,
+    );
+    let (script, _) = render(std::slice::from_ref(&v6), &Inputs::default());
+    assert!(
+        script.contains(
+            "ip6 daddr fd00::100 meta l4proto { tcp, udp } th dport 30000-30100 jump farm_v6"
+        ),
+        "{script}"
+    );
+    assert!(
+        script.contains("dnat ip6 to fd01::11\n"),
+        "keeps the client's port: {script}"
+    );
+    assert!(script.contains("snat ip6 to fd01::100"), "{script}");
+}
+
+#[test]
+fn marks_are_stable_and_counters_carry_over() {
+    let k = key("web", "10.1.0.11", Some(8080));
+    assert_eq!(k.mark(), key("web", "10.1.0.11", Some(8080)).mark());
+    assert_ne!(k.mark(), key("web", "10.1.0.12", Some(8080)).mark());
+    assert_ne!(k.mark(), 0);
+    let web = farm(WEB);
+    let mut inputs = Inputs::default();
+    inputs.counters.insert(
+        backend_counter(&k),
+        Count {
+            packets: 7,
+            bytes: 700,
+        },
+    );
+    let (script, _) = render(std::slice::from_ref(&web), &inputs);
+    assert!(
+        script.contains("counter be_web_10_1_0_11_8080 {\n    packets 7 bytes 700\n  }"),
+        "{script}"
+    );
+    assert_eq!(
+        render(std::slice::from_ref(&web), &inputs).0,
+        script,
+        "deterministic"
+    );
+}
+
+#[test]
+fn kernel_outputs_parse() {
+    let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "inet", "name": "farm_web", "table": "tandem", "handle": 11, "packets": 12, "bytes": 3400}}]}"#;
+    assert_eq!(
+        parse_counters(json).expect("parse")["farm_web"],
+        Count {
+            packets: 12,
+            bytes: 3400
+        }
+    );
+    let listing = "tcp      6 431999 ESTABLISHED src=10.0.0.50 dst=10.0.0.100 sport=40000 dport=80 src=10.1.0.11 dst=10.1.0.100 sport=8080 dport=40000 [ASSURED] mark=7 use=1\n\
+                   tcp      6 119 TIME_WAIT src=10.0.0.50 dst=10.0.0.100 sport=40001 dport=80 src=10.1.0.11 dst=10.1.0.100 sport=8080 dport=40001 [ASSURED] mark=7 use=1\n\
+                   udp      17 29 src=10.0.0.50 dst=10.0.0.100 sport=5353 dport=53 src=10.1.0.21 dst=10.1.0.100 sport=53 dport=5353 mark=9 use=1\n";
+    let m = count_marks(listing);
+    assert_eq!(m.get(&7), Some(&1), "TIME_WAIT does not count");
+    assert_eq!(m.get(&9), Some(&1));
+}
+
+/// The rendered script is accepted by the real nft, twice in a row (atomic
+/// replace), inside a lab namespace; a broken script changes nothing.
+#[test]
+fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
+    let lab = tandem_lab::Lab::new().expect("lab");
+    let ns = lab.netns("fw").expect("netns");
+    let sh = farm(&WEB.replace("scheduler = \"wrr\"", "scheduler = \"sh\""));
+    let v6 = farm(
+        "name = \"v6\"\nvip = \"fd00::100\"\nport = 443\nsnat_address = \"fd01::100\"\n[[backends]]\naddress = \"fd01::11\"\n",
+    );
+    let (script, _) = render(
+        &[sh, v6],
+        &Inputs {
+            hash_seed: 7,
+            ..Inputs::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let result = ns
+        .run(|| {
+            rt.block_on(async {
+                lb_forwarder::nft::apply(&script).await?;
+                lb_forwarder::nft::apply(&script).await?;
+                let counters = lb_forwarder::nft::read_counters().await?;
+                let broken = lb_forwarder::nft::apply(
+                    "table inet tandem {\n  chain x {\n    nonsense\n  }\n}\n",
+                )
+                .await;
+                let after = lb_forwarder::nft::read_counters().await?;
+                Ok::<_, lb_forwarder::nft::NftError>((counters, broken, after))
+            })
+        })
+        .expect("ns thread");
+    let (counters, broken, after) = result.expect("nft");
+    assert!(
+        counters.contains_key("farm_web") && counters.contains_key("farm_v6"),
+        "{counters:?}"
+    );
+    assert!(
+        matches!(broken, Err(lb_forwarder::nft::NftError::Refused(_))),
+        "{broken:?}"
+    );
+    assert_eq!(
+        counters.len(),
+        after.len(),
+        "the refused script changed nothing"
+    );
+}
