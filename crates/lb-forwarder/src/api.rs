@@ -1,13 +1,98 @@
-//! The gRPC face of lb-forwarder.
+//! The gRPC face of lb-forwarder: farms with backend states and counters
+//! read back from the kernel, operator overrides, reload.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tandem_proto::v1::{self, lb_forwarder_server::LbForwarder};
-use tandem_runtime::ConfigCell;
+use lb_forwarder::datapath::{Datapath, DatapathState};
+use lb_forwarder::nft;
+use lb_forwarder::ruleset::{self, BackendKey, Count};
+use tandem_config::{BackendState, Farm};
+use tandem_proto::v1::{self, BackendAdminState, BackendHealth, lb_forwarder_server::LbForwarder};
+use tandem_runtime::{ConfigCell, unix_ms};
 use tonic::{Request, Response, Status};
 
 pub struct LbForwarderApi {
     pub config: Arc<ConfigCell>,
+    pub datapath: Arc<Datapath>,
+}
+
+fn admin(s: BackendState) -> BackendAdminState {
+    match s {
+        BackendState::Up => BackendAdminState::Up,
+        BackendState::Down => BackendAdminState::Down,
+        BackendState::Drain => BackendAdminState::Drain,
+        BackendState::Maintenance => BackendAdminState::Maintenance,
+    }
+}
+
+fn counters(c: Option<&Count>) -> Option<v1::Counters> {
+    let c = c.copied().unwrap_or_default();
+    Some(v1::Counters {
+        packets: c.packets,
+        bytes: c.bytes,
+    })
+}
+
+/// Kernel facts read once per request: counters and connections per mark.
+struct Kernel {
+    counters: HashMap<String, Count>,
+    connections: HashMap<u32, u64>,
+}
+
+async fn kernel() -> Kernel {
+    Kernel {
+        counters: nft::read_counters().await.unwrap_or_default(),
+        connections: nft::connections_by_mark().await.unwrap_or_default(),
+    }
+}
+
+fn farm_state(farm: &Farm, dp: &DatapathState, k: &Kernel) -> v1::FarmState {
+    let plan = dp.plans.iter().find(|p| p.farm == farm.name);
+    let backends: Vec<v1::BackendState> = farm
+        .backends
+        .iter()
+        .map(|b| {
+            let key = BackendKey::of(farm, b);
+            let state = dp.overrides.get(&key).copied().unwrap_or(b.state);
+            let mut s = v1::BackendState {
+                address: b.address.to_string(),
+                port: u32::from(farm.check_port(b)),
+                weight: u32::from(b.weight),
+                counters: counters(k.counters.get(&ruleset::backend_counter(&key))),
+                active_connections: u32::try_from(
+                    k.connections.get(&key.mark()).copied().unwrap_or(0),
+                )
+                .unwrap_or(u32::MAX),
+                ..Default::default()
+            };
+            s.set_admin_state(admin(state));
+            s.set_health(if dp.failing.contains(&key) {
+                BackendHealth::Failing
+            } else {
+                BackendHealth::Unknown
+            });
+            s
+        })
+        .collect();
+    let mut f = v1::FarmState {
+        name: farm.name.clone(),
+        vip: farm.vip.to_string(),
+        port_first: u32::from(farm.port.first),
+        port_last: u32::from(farm.port.last),
+        protocol: farm.protocol.as_str().replace("tcp+udp", "both"),
+        scheduler: format!("{:?}", farm.scheduler).to_lowercase(),
+        forwarding: format!("{:?}", farm.forwarding).to_lowercase(),
+        snat_address: farm.snat_address.map(|a| a.to_string()).unwrap_or_default(),
+        counters: counters(k.counters.get(&ruleset::farm_counter(&farm.name))),
+        all_backends_down: plan.is_none_or(|p| p.rotation.is_empty()),
+        backends,
+    };
+    if f.backends.is_empty() {
+        f.all_backends_down = true;
+    }
+    f
 }
 
 #[tonic::async_trait]
@@ -18,15 +103,16 @@ impl LbForwarder for LbForwarderApi {
     ) -> Result<Response<v1::LbForwarderStatus>, Status> {
         let loaded = self.config.current();
         let farms = &loaded.config.farms;
+        let dp = self.datapath.state.borrow().clone();
+        let in_rotation: usize = dp.plans.iter().map(|p| p.rotation.len()).sum();
         Ok(Response::new(v1::LbForwarderStatus {
             daemon: Some(self.config.daemon_info()),
-            farms: count(farms.len()),
-            backends: count(farms.iter().map(|f| f.backends.len()).sum()),
-            // No health checks and no datapath in this build: nothing is
-            // known healthy and no table is loaded.
-            backends_healthy: 0,
-            datapath_loaded: false,
-            datapath_loaded_unix_ms: 0,
+            farms: u32::try_from(farms.len()).unwrap_or(u32::MAX),
+            backends: u32::try_from(farms.iter().map(|f| f.backends.len()).sum::<usize>())
+                .unwrap_or(u32::MAX),
+            backends_healthy: u32::try_from(in_rotation).unwrap_or(u32::MAX),
+            datapath_loaded: dp.loaded,
+            datapath_loaded_unix_ms: dp.loaded_at.map(unix_ms).unwrap_or(0),
         }))
     }
 
@@ -36,8 +122,89 @@ impl LbForwarder for LbForwarderApi {
     ) -> Result<Response<v1::ReloadReply>, Status> {
         Ok(Response::new(self.config.reload().into()))
     }
-}
 
-fn count(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
+    async fn list_farms(
+        &self,
+        _: Request<v1::ListFarmsRequest>,
+    ) -> Result<Response<v1::ListFarmsReply>, Status> {
+        let loaded = self.config.current();
+        let dp = self.datapath.state.borrow().clone();
+        let k = kernel().await;
+        let farms = loaded
+            .config
+            .farms
+            .iter()
+            .map(|f| farm_state(f, &dp, &k))
+            .collect();
+        Ok(Response::new(v1::ListFarmsReply { farms }))
+    }
+
+    async fn get_farm(
+        &self,
+        req: Request<v1::GetFarmRequest>,
+    ) -> Result<Response<v1::FarmState>, Status> {
+        let name = req.into_inner().name;
+        let loaded = self.config.current();
+        let farm = loaded
+            .config
+            .farms
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| Status::not_found(format!("no farm `{name}`")))?;
+        let dp = self.datapath.state.borrow().clone();
+        Ok(Response::new(farm_state(farm, &dp, &kernel().await)))
+    }
+
+    async fn set_backend_state(
+        &self,
+        req: Request<v1::SetBackendStateRequest>,
+    ) -> Result<Response<v1::FarmState>, Status> {
+        let req = req.into_inner();
+        let loaded = self.config.current();
+        let farm = loaded
+            .config
+            .farms
+            .iter()
+            .find(|f| f.name == req.farm)
+            .ok_or_else(|| Status::not_found(format!("no farm `{}`", req.farm)))?;
+        let address: std::net::IpAddr = req.address.parse().map_err(|_| {
+            Status::invalid_argument(format!("`{}` is not an IP address", req.address))
+        })?;
+        let backend = farm
+            .backends
+            .iter()
+            .find(|b| {
+                b.address == address && (req.port == 0 || u32::from(farm.check_port(b)) == req.port)
+            })
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "farm `{}` has no backend {}:{}",
+                    farm.name, req.address, req.port
+                ))
+            })?;
+        let state = match req.state() {
+            BackendAdminState::Up => BackendState::Up,
+            BackendAdminState::Down => BackendState::Down,
+            BackendAdminState::Drain => BackendState::Drain,
+            BackendAdminState::Maintenance => BackendState::Maintenance,
+            BackendAdminState::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "say which state: up, down, drain or maintenance",
+                ));
+            }
+        };
+        let key = BackendKey::of(farm, backend);
+        tracing::info!(farm = %farm.name, backend = %address, "backend state set to {state:?} by the operator");
+        let wanted = (state != backend.state).then_some(state);
+        self.datapath.set_override(key.clone(), wanted);
+        // Answer once the datapath has taken it in.
+        let mut rx = self.datapath.state.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            rx.wait_for(|s| s.overrides.get(&key).copied() == wanted),
+        )
+        .await;
+        let dp = self.datapath.state.borrow().clone();
+        Ok(Response::new(farm_state(farm, &dp, &kernel().await)))
+    }
 }

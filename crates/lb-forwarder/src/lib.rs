@@ -2,5 +2,6 @@
 //! Pure cores (the ruleset generation, the health state machine) with thin
 //! I/O shells around them.
 
+pub mod datapath;
 pub mod nft;
 pub mod ruleset;

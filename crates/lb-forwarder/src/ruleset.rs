@@ -31,6 +31,9 @@ pub const TABLE: &str = "tandem";
 pub const SH_BUCKETS: u32 = 1024;
 /// Resolution of least-connections weights.
 const LC_SCALE: u64 = 1000;
+/// At most this many slots in a numgen schedule; larger weight sums are
+/// scaled down proportionally (each backend keeps at least one slot).
+pub const MAX_SLOTS: u64 = 4096;
 
 /// One backend of one farm.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -257,6 +260,40 @@ fn sh_ranges(farm: &Farm, inputs: &Inputs) -> Vec<(u32, u32, BackendKey)> {
     ranges
 }
 
+/// The order in which a numgen scheduler hands out new connections: smooth
+/// weighted round robin (as nginx does), so weights interleave instead of
+/// forming blocks — `numgen inc` over weight ranges would send a burst of
+/// consecutive connections to one backend.
+pub fn schedule(rotation: &[(BackendKey, u64)]) -> Vec<BackendKey> {
+    let total: u64 = rotation.iter().map(|(_, w)| *w).sum();
+    let weights: Vec<i64> = rotation
+        .iter()
+        .map(|(_, w)| {
+            let scaled = if total > MAX_SLOTS {
+                (*w * MAX_SLOTS / total).max(1)
+            } else {
+                *w
+            };
+            i64::try_from(scaled).unwrap_or(i64::MAX)
+        })
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut order = Vec::with_capacity(usize::try_from(sum).unwrap_or(0));
+    for _ in 0..sum {
+        let mut best = 0;
+        for i in 0..weights.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= sum;
+        order.push(rotation[best].0.clone());
+    }
+    order
+}
+
 /// Renders the whole table. Deterministic: the same inputs give the same
 /// script on both nodes.
 pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
@@ -342,24 +379,24 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
                     );
                 }
                 _ => {
-                    let total: u64 = plan.rotation.iter().map(|(_, w)| *w).sum();
-                    let mut at = 0u64;
-                    let elems: Vec<String> = plan
-                        .rotation
-                        .iter()
-                        .map(|(k, w)| {
-                            let (a, z) = (at, at + w - 1);
-                            at += w;
-                            if a == z {
-                                format!("{a} : {}", jump(k))
+                    let order = schedule(&plan.rotation);
+                    let mut elems: Vec<String> = Vec::new();
+                    let mut start = 0usize;
+                    for (i, k) in order.iter().enumerate() {
+                        let last = i + 1 == order.len() || order[i + 1] != *k;
+                        if last {
+                            if start == i {
+                                elems.push(format!("{i} : {}", jump(k)));
                             } else {
-                                format!("{a}-{z} : {}", jump(k))
+                                elems.push(format!("{start}-{i} : {}", jump(k)));
                             }
-                        })
-                        .collect();
+                            start = i + 1;
+                        }
+                    }
                     let _ = writeln!(
                         chains,
-                        "    numgen inc mod {total} vmap {{ {} }}",
+                        "    numgen inc mod {} vmap {{ {} }}",
+                        order.len(),
                         elems.join(", ")
                     );
                 }

@@ -52,7 +52,13 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         [3, 2],
         "the draining backend takes no new connections"
     );
-    assert!(script.contains("numgen inc mod 5 vmap { 0-2 : jump be_web_10_1_0_11_8080, 3-4 : jump be_web_10_1_0_12_8080 }"), "{script}");
+    // Interleaved (smooth weighted round robin), not in blocks.
+    assert!(
+        script.contains(
+            "numgen inc mod 5 vmap { 0 : jump be_web_10_1_0_11_8080, 1 : jump be_web_10_1_0_12_8080, 2 : jump be_web_10_1_0_11_8080, 3 : jump be_web_10_1_0_12_8080, 4 : jump be_web_10_1_0_11_8080 }"
+        ),
+        "{script}"
+    );
     assert!(
         script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 jump farm_web"),
         "{script}"
@@ -143,6 +149,22 @@ fn least_connections_weights_favour_the_idle_backends() {
     assert_eq!(w["10.1.0.11"], 50, "busy: 1000 / (19 + 1)");
     assert_eq!(w["10.1.0.12"], 1000);
     assert_eq!(w["10.1.0.13"], 1000);
+}
+
+#[test]
+fn schedules_interleave_and_stay_bounded() {
+    let k = |i: u8| key("web", &format!("10.1.0.{i}"), Some(8080));
+    let order = lb_forwarder::ruleset::schedule(&[(k(1), 50), (k(2), 1000), (k(3), 1000)]);
+    assert_eq!(order.len(), 2050);
+    // Any 20 consecutive slots follow the weights, not one backend's block.
+    let window = &order[..20];
+    assert!(
+        window.iter().filter(|x| **x == k(1)).count() <= 1,
+        "{window:?}"
+    );
+    let big = lb_forwarder::ruleset::schedule(&[(k(1), 10_000), (k(2), 10_000), (k(3), 1)]);
+    assert!(big.len() as u64 <= lb_forwarder::ruleset::MAX_SLOTS + 3);
+    assert!(big.contains(&k(3)), "a small weight keeps a slot");
 }
 
 #[test]

@@ -1,0 +1,163 @@
+//! Keeps the kernel datapath equal to what configuration, health, operator
+//! overrides and (for `lc`) connection loads ask for. Re-renders on every
+//! change and applies only when the rules differ; counters are carried over.
+//! On shutdown the table stays: the kernel keeps serving without us
+//! (DESIGN.md, "the fast path stays short").
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tandem_config::{BackendState, Scheduler};
+use tandem_runtime::{ConfigCell, Shutdown};
+use tokio::sync::{Notify, watch};
+
+use crate::nft;
+use crate::ruleset::{self, BackendKey, FarmPlan, Inputs};
+
+/// How often `lc` farms re-read connection counts from conntrack.
+pub const LC_REFRESH: Duration = Duration::from_secs(1);
+
+/// What the datapath currently is, for Status and the farm RPCs.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathState {
+    /// The table in the kernel matches the configuration in force.
+    pub loaded: bool,
+    pub loaded_at: Option<SystemTime>,
+    /// How long the last apply took (render + nft).
+    pub last_apply: Duration,
+    pub applies: u64,
+    pub last_error: Option<String>,
+    pub plans: Vec<FarmPlan>,
+    pub failing: HashSet<BackendKey>,
+    pub overrides: HashMap<BackendKey, BackendState>,
+}
+
+pub struct Datapath {
+    pub state: watch::Sender<DatapathState>,
+    overrides: Mutex<HashMap<BackendKey, BackendState>>,
+    kick: Notify,
+}
+
+impl Datapath {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Datapath {
+            state: watch::channel(DatapathState::default()).0,
+            overrides: Mutex::new(HashMap::new()),
+            kick: Notify::new(),
+        })
+    }
+
+    /// An operator override of a backend's state; applied at once. `None`
+    /// returns the backend to its configured state.
+    pub fn set_override(&self, key: BackendKey, state: Option<BackendState>) {
+        if let Ok(mut o) = self.overrides.lock() {
+            match state {
+                Some(s) => o.insert(key, s),
+                None => o.remove(&key),
+            };
+        }
+        self.kick.notify_one();
+    }
+
+    fn overrides(&self) -> HashMap<BackendKey, BackendState> {
+        self.overrides.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+}
+
+/// Runs until shutdown. `failing` is the health checks' verdict.
+pub async fn run(
+    config: Arc<ConfigCell>,
+    dp: Arc<Datapath>,
+    mut failing: watch::Receiver<HashSet<BackendKey>>,
+    mut shutdown: Shutdown,
+) {
+    let mut configs = config.subscribe();
+    let mut last_rules: Option<String> = None;
+    let mut loads: HashMap<BackendKey, u64> = HashMap::new();
+    let mut lc_tick = tokio::time::interval(LC_REFRESH);
+    lc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let loaded = configs.borrow_and_update().clone();
+        let farms = &loaded.config.farms;
+        let has_lc = farms.iter().any(|f| f.scheduler == Scheduler::Lc);
+        let mut inputs = Inputs {
+            hash_seed: loaded.config.cluster.as_ref().map_or(0, |c| c.hash_seed),
+            failing: failing.borrow_and_update().clone(),
+            overrides: dp.overrides(),
+            loads: loads.clone(),
+            counters: HashMap::new(),
+        };
+        // The rules without counter values decide whether anything changed.
+        let (rules, plans) = ruleset::render(farms, &inputs);
+        if last_rules.as_deref() != Some(rules.as_str()) {
+            let started = Instant::now();
+            let result = async {
+                inputs.counters = nft::read_counters().await?;
+                let (script, _) = ruleset::render(farms, &inputs);
+                nft::apply(&script).await
+            }
+            .await;
+            let took = started.elapsed();
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        farms = farms.len(),
+                        took_ms = took.as_millis() as u64,
+                        "datapath applied"
+                    );
+                    last_rules = Some(rules);
+                    dp.state.send_modify(|s| {
+                        s.loaded = true;
+                        s.loaded_at = Some(SystemTime::now());
+                        s.last_apply = took;
+                        s.applies += 1;
+                        s.last_error = None;
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("datapath not applied, the previous one stays in force: {e}");
+                    dp.state.send_modify(|s| {
+                        s.loaded = false;
+                        s.last_error = Some(e.to_string());
+                    });
+                }
+            }
+        }
+        dp.state.send_modify(|s| {
+            s.plans = plans;
+            s.failing = inputs.failing.clone();
+            s.overrides = inputs.overrides.clone();
+        });
+
+        tokio::select! {
+            r = configs.changed() => if r.is_err() { return },
+            r = failing.changed() => if r.is_err() { return },
+            () = dp.kick.notified() => {}
+            _ = lc_tick.tick(), if has_lc => {
+                loads = read_loads(&loaded.config.farms).await;
+            }
+            () = shutdown.wait() => return,
+        }
+    }
+}
+
+/// Established connections per backend of the `lc` farms.
+async fn read_loads(farms: &[tandem_config::Farm]) -> HashMap<BackendKey, u64> {
+    let by_mark = match nft::connections_by_mark().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("least-connections: cannot read connection counts: {e}");
+            return HashMap::new();
+        }
+    };
+    farms
+        .iter()
+        .filter(|f| f.scheduler == Scheduler::Lc)
+        .flat_map(|f| f.backends.iter().map(move |b| BackendKey::of(f, b)))
+        .map(|k| {
+            let n = by_mark.get(&k.mark()).copied().unwrap_or(0);
+            (k, n)
+        })
+        .collect()
+}

@@ -1,0 +1,369 @@
+//! lb-forwarder with real traffic in a namespace lab: a client, a balancer
+//! node holding the VIP (10.0.0.100) and the floating SNAT source
+//! (10.1.0.100), three backends answering with their name.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tandem_lab::{Lab, LabChild, Netns};
+use tandem_proto::v1::{self, lb_forwarder_client::LbForwarderClient};
+
+const VIP: &str = "10.0.0.100";
+
+struct FwdLab {
+    lab: Lab,
+    client: Netns,
+    lb: Netns,
+    config: PathBuf,
+    runtime: PathBuf,
+    fwd: Option<LabChild>,
+    _tmp: tempfile::TempDir,
+}
+
+/// Each backend answers a connection with its name and a newline, then
+/// echoes every line until the client closes.
+fn backend(ns: &Netns, name: &str) {
+    let listener = ns
+        .run(|| TcpListener::bind("0.0.0.0:8080"))
+        .expect("ns")
+        .expect("bind");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut w = match conn.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+                if writeln!(w, "{name}").is_err() {
+                    return;
+                }
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { return };
+                    if writeln!(w, "{line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+impl FwdLab {
+    fn new(farm: &str) -> FwdLab {
+        let lab = Lab::new().expect("lab");
+        let lan = lab.bridge("lan").expect("lan");
+        let back = lab.bridge("back").expect("back");
+        let client = lab.netns("cl").expect("client");
+        let sources: Vec<String> = (50..58).map(|i| format!("10.0.0.{i}/24")).collect();
+        let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
+        lab.attach(&client, "eth0", &lan, &sources)
+            .expect("client eth0");
+        let lb = lab.netns("lb").expect("lb");
+        lab.attach(&lb, "eth0", &lan, &["10.0.0.1/24", "10.0.0.100/24"])
+            .expect("lb eth0");
+        lab.attach(&lb, "eth1", &back, &["10.1.0.1/24", "10.1.0.100/24"])
+            .expect("lb eth1");
+        lb.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+        for i in 1..=3 {
+            let ns = lab.netns(&format!("b{i}")).expect("backend");
+            lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
+                .expect("backend eth0");
+            backend(&ns, &format!("b{i}"));
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = tmp.path().join("etc");
+        let runtime = tmp.path().join("run");
+        std::fs::create_dir_all(config.join("farms")).expect("mkdir");
+        std::fs::write(config.join("node.toml"), "name = \"lb1\"\n").expect("node.toml");
+        std::fs::write(config.join("farms/web.toml"), farm).expect("farm");
+        let mut l = FwdLab {
+            lab,
+            client,
+            lb,
+            config,
+            runtime,
+            fwd: None,
+            _tmp: tmp,
+        };
+        l.start();
+        l
+    }
+
+    fn start(&mut self) {
+        let mut cmd = Command::new(tandem_e2e::bin("lb-forwarder"));
+        cmd.arg("--config-dir")
+            .arg(&self.config)
+            .arg("--runtime-dir")
+            .arg(&self.runtime)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM");
+        self.fwd = Some(
+            self.lab
+                .spawn(&self.lb, &mut cmd)
+                .expect("spawn lb-forwarder"),
+        );
+        tandem_lab::wait_for_unix_socket(
+            &self.runtime.join("lb-forwarder.sock"),
+            Duration::from_secs(10),
+        )
+        .expect("serving");
+        self.wait_for(Duration::from_secs(10), "the datapath to load", |s| {
+            s.datapath_loaded
+        });
+    }
+
+    fn rpc<T>(&self, f: impl AsyncFnOnce(LbForwarderClient<tonic::transport::Channel>) -> T) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let ch = tandem_runtime::connect(&self.runtime, "lb-forwarder")
+                .await
+                .expect("connect");
+            f(LbForwarderClient::new(ch)).await
+        })
+    }
+
+    fn status(&self) -> v1::LbForwarderStatus {
+        self.rpc(async |mut c| {
+            c.status(v1::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner()
+        })
+    }
+
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&v1::LbForwarderStatus) -> bool,
+    ) {
+        let start = Instant::now();
+        while !cond(&self.status()) {
+            assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn farm(&self) -> v1::FarmState {
+        self.rpc(async |mut c| {
+            c.get_farm(v1::GetFarmRequest { name: "web".into() })
+                .await
+                .expect("GetFarm")
+                .into_inner()
+        })
+    }
+
+    fn set_state(&self, addr: &str, state: v1::BackendAdminState) {
+        self.rpc(async |mut c| {
+            c.set_backend_state(v1::SetBackendStateRequest {
+                farm: "web".into(),
+                address: addr.into(),
+                port: 8080,
+                state: state.into(),
+            })
+            .await
+            .expect("SetBackendState")
+        });
+    }
+
+    /// A connection to the VIP from `source` (10.0.0.50 by default); the
+    /// backend's name and the open stream.
+    fn connect_from(&self, source: &str) -> (String, TcpStream) {
+        let src: SocketAddr = format!("{source}:0").parse().expect("src");
+        let dst: SocketAddr = format!("{VIP}:80").parse().expect("dst");
+        let stream = self
+            .client
+            .run(move || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.bind(&src.into())?;
+                s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
+                Ok::<TcpStream, std::io::Error>(s.into())
+            })
+            .expect("client thread")
+            .expect("connect to the VIP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut name = String::new();
+        BufReader::new(stream.try_clone().expect("clone"))
+            .read_line(&mut name)
+            .expect("backend name");
+        (name.trim().to_owned(), stream)
+    }
+
+    fn spread(&self, n: usize) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            *seen.entry(self.connect_from("10.0.0.50").0).or_insert(0) += 1;
+        }
+        seen
+    }
+}
+
+fn echo(stream: &mut TcpStream, text: &str) -> String {
+    writeln!(stream, "{text}").expect("write");
+    let mut line = String::new();
+    let mut r = BufReader::new(stream.try_clone().expect("clone"));
+    r.read_line(&mut line).expect("echo");
+    line.trim().to_owned()
+}
+
+const FARM: &str = r#"
+name = "web"
+vip = "10.0.0.100"
+port = 80
+scheduler = "SCHED"
+snat_address = "10.1.0.100"
+[health_check]
+kind = "none"
+[[backends]]
+address = "10.1.0.11"
+port = 8080
+weight = 3
+[[backends]]
+address = "10.1.0.12"
+port = 8080
+weight = 2
+[[backends]]
+address = "10.1.0.13"
+port = 8080
+weight = 1
+"#;
+
+fn counts(m: &HashMap<String, usize>) -> [usize; 3] {
+    ["b1", "b2", "b3"].map(|b| m.get(b).copied().unwrap_or(0))
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let lab = FwdLab::new(&FARM.replace("SCHED", "rr"));
+    assert_eq!(counts(&lab.spread(30)), [10, 10, 10]);
+}
+
+#[test]
+fn weighted_round_robin_spreads_by_weight_and_counters_follow() {
+    let lab = FwdLab::new(&FARM.replace("SCHED", "wrr"));
+    assert_eq!(counts(&lab.spread(30)), [15, 10, 5]);
+    let farm = lab.farm();
+    let conns: Vec<u64> = farm
+        .backends
+        .iter()
+        .map(|b| b.counters.expect("counters").packets)
+        .collect();
+    assert!(
+        conns.iter().all(|p| *p > 0),
+        "every backend's packets counted: {conns:?}"
+    );
+    let total = farm.counters.expect("farm counters").packets;
+    assert_eq!(
+        total,
+        conns.iter().sum::<u64>(),
+        "the farm counts what its backends count"
+    );
+}
+
+#[test]
+fn source_hash_keeps_each_source_on_its_backend() {
+    let lab = FwdLab::new(&FARM.replace("SCHED", "sh"));
+    let mut owners = HashMap::new();
+    for i in 50..58 {
+        let src = format!("10.0.0.{i}");
+        let first = lab.connect_from(&src).0;
+        for _ in 0..4 {
+            assert_eq!(lab.connect_from(&src).0, first, "{src} moved");
+        }
+        owners.insert(src, first);
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "8 sources spread over backends: {owners:?}"
+    );
+}
+
+#[test]
+fn least_connections_prefers_the_idle_backends() {
+    let lab = FwdLab::new(
+        &FARM
+            .replace("SCHED", "lc")
+            .replace("weight = 3", "weight = 1")
+            .replace("weight = 2", "weight = 1"),
+    );
+    lab.set_state("10.1.0.12", v1::BackendAdminState::Maintenance);
+    lab.set_state("10.1.0.13", v1::BackendAdminState::Maintenance);
+    let held: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let (name, s) = lab.connect_from("10.0.0.50");
+            assert_eq!(name, "b1");
+            s
+        })
+        .collect();
+    lab.set_state("10.1.0.12", v1::BackendAdminState::Up);
+    lab.set_state("10.1.0.13", v1::BackendAdminState::Up);
+    // Loads are read from conntrack once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let [b1, b2, b3] = counts(&lab.spread(20));
+    assert!(
+        b1 <= 2 && b2 >= 7 && b3 >= 7,
+        "busy b1 got {b1}, idle b2 {b2}, b3 {b3}"
+    );
+    drop(held);
+}
+
+#[test]
+fn restarting_lb_forwarder_does_not_break_established_connections() {
+    let mut lab = FwdLab::new(&FARM.replace("SCHED", "rr"));
+    let (_, mut conn) = lab.connect_from("10.0.0.50");
+    assert_eq!(echo(&mut conn, "before"), "before");
+    let mut fwd = lab.fwd.take().expect("running");
+    fwd.kill(Signal::SIGKILL).expect("kill -9");
+    let _ = fwd.wait_timeout(Duration::from_secs(5));
+    assert_eq!(
+        echo(&mut conn, "while down"),
+        "while down",
+        "the kernel keeps serving"
+    );
+    assert!(
+        !lab.connect_from("10.0.0.50").0.is_empty(),
+        "new connections too"
+    );
+    lab.start();
+    assert_eq!(echo(&mut conn, "after restart"), "after restart");
+}
+
+#[test]
+fn an_invalid_farm_file_keeps_the_running_datapath() {
+    let mut lab = FwdLab::new(&FARM.replace("SCHED", "rr"));
+    std::fs::write(
+        lab.config.join("farms/web.toml"),
+        FARM.replace("SCHED", "fastest"),
+    )
+    .expect("break it");
+    lab.fwd
+        .as_mut()
+        .expect("running")
+        .kill(Signal::SIGHUP)
+        .expect("SIGHUP");
+    std::thread::sleep(Duration::from_millis(300));
+    let status = lab.status();
+    let err = status.daemon.expect("daemon").last_reload_error;
+    assert!(
+        err.contains("farms/web.toml:5:13"),
+        "the refusal names file, line and column: {err}"
+    );
+    assert_eq!(
+        counts(&lab.spread(3)),
+        [1, 1, 1],
+        "the previous datapath still serves"
+    );
+}
