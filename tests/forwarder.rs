@@ -367,3 +367,95 @@ fn an_invalid_farm_file_keeps_the_running_datapath() {
         "the previous datapath still serves"
     );
 }
+
+fn tandemctl(lab: &FwdLab, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut cmd = Command::new(tandem_e2e::bin("tandemctl"));
+    cmd.arg("--runtime-dir")
+        .arg(&lab.runtime)
+        .arg("--config-dir")
+        .arg(&lab.config)
+        .args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("tandemctl");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("tandemctl output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tandemctl_lists_sets_saves_restores_and_clears_farms() {
+    let lab = FwdLab::new(&FARM.replace("SCHED", "rr"));
+    lab.spread(6);
+    let (code, out, err) = tandemctl(&lab, &["farm", "stats", "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let farms: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(farms[0]["name"], "web");
+    assert_eq!(farms[0]["listen"], "10.0.0.100:80/tcp");
+    assert!(farms[0]["packets"].as_u64().is_some_and(|p| p > 0), "{out}");
+
+    let (code, _, err) = tandemctl(
+        &lab,
+        &["backend", "set", "web", "10.1.0.12:8080", "maintenance"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = tandemctl(&lab, &["farm", "list"], None);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("10.1.0.12:8080") && l.contains("maintenance")),
+        "{out}"
+    );
+    assert_eq!(
+        counts(&lab.spread(4))[1],
+        0,
+        "no new connection to a backend in maintenance"
+    );
+    let (code, _, err) = tandemctl(&lab, &["backend", "set", "web", "10.9.9.9", "up"], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no backend 10.9.9.9"), "{err}");
+
+    let (code, saved, err) = tandemctl(&lab, &["farm", "save"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        saved.contains("[[farms]]") && saved.contains("name = \"web\""),
+        "{saved}"
+    );
+    // Restore a changed document: b1 only.
+    let only_b1 = saved
+        .replace("10.1.0.12", "10.1.0.11")
+        .replace("10.1.0.13", "10.1.0.11");
+    let (code, _, err) = tandemctl(&lab, &["farm", "restore"], Some(&only_b1));
+    assert_eq!(code, 1, "duplicate backends are refused");
+    assert!(
+        err.contains("appears twice") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    let two = saved.replace("scheduler = \"rr\"", "scheduler = \"wrr\"");
+    let (code, _, err) = tandemctl(&lab, &["farm", "restore"], Some(&two));
+    assert_eq!(code, 0, "{err}");
+    lab.wait_for(Duration::from_secs(5), "the restored farm", |s| {
+        s.daemon.as_ref().is_some_and(|d| d.config_generation >= 2)
+    });
+
+    let (code, _, err) = tandemctl(&lab, &["farm", "clear"], None);
+    assert_eq!(code, 1, "clear wants --yes");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, _, err) = tandemctl(&lab, &["farm", "clear", "--yes"], None);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = tandemctl(&lab, &["farm", "list", "--json"], None);
+    assert_eq!(out.trim(), "[]");
+}

@@ -1,6 +1,7 @@
 //! tandemctl — the operator's CLI for a Tandem cluster.
 
 mod config_check;
+mod farms;
 mod status;
 
 use std::path::PathBuf;
@@ -15,6 +16,10 @@ struct Cli {
     /// Where the daemons' gRPC sockets live.
     #[arg(long, global = true, value_name = "DIR", env = "TANDEM_RUNTIME_DIR", default_value = tandem_runtime::DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
+
+    /// The configuration directory (for config, save, restore, clear).
+    #[arg(long, global = true, value_name = "DIR", env = "TANDEM_CONFIG_DIR", default_value = tandem_config::DEFAULT_CONFIG_DIR)]
+    config_dir: PathBuf,
 
     #[command(subcommand)]
     command: Command,
@@ -38,6 +43,55 @@ enum Command {
     Reload {
         /// Only this daemon (default: every running daemon).
         daemon: Option<String>,
+    },
+    /// Farms (virtual services), like ipvsadm.
+    Farm {
+        #[command(subcommand)]
+        command: FarmCommand,
+    },
+    /// A backend of a farm.
+    Backend {
+        #[command(subcommand)]
+        command: BackendCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FarmCommand {
+    /// Farms and backends with state, health and active connections (ipvsadm -L -n).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Packet, byte and connection counters read from the kernel (ipvsadm -L --stats).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every farm as one TOML document (or JSON), for `farm restore`.
+    Save {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace every farm with those of a saved document (FILE or stdin);
+    /// the whole configuration is validated first, nothing changes if invalid.
+    Restore { file: Option<PathBuf> },
+    /// Remove every farm (ipvsadm -C).
+    Clear {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackendCommand {
+    /// Set a backend's state: up, down, drain (no new connections) or maintenance.
+    Set {
+        farm: String,
+        /// ADDRESS or ADDRESS:PORT ([v6]:PORT).
+        backend: String,
+        state: String,
     },
 }
 
@@ -74,6 +128,29 @@ fn main() -> ExitCode {
                     Command::Reload { daemon } => {
                         status::reload(&cli.runtime_dir, daemon.as_deref()).await
                     }
+                    Command::Farm { command } => match command {
+                        FarmCommand::List { json } => {
+                            farms::list(&cli.runtime_dir, json, false).await
+                        }
+                        FarmCommand::Stats { json } => {
+                            farms::list(&cli.runtime_dir, json, true).await
+                        }
+                        FarmCommand::Save { json } => farms::save(&cli.config_dir, json),
+                        FarmCommand::Restore { file } => {
+                            farms::restore(&cli.config_dir, &cli.runtime_dir, file.as_deref()).await
+                        }
+                        FarmCommand::Clear { yes } => {
+                            farms::clear(&cli.config_dir, &cli.runtime_dir, yes).await
+                        }
+                    },
+                    Command::Backend {
+                        command:
+                            BackendCommand::Set {
+                                farm,
+                                backend,
+                                state,
+                            },
+                    } => farms::set_backend(&cli.runtime_dir, &farm, &backend, &state).await,
                     Command::Config { .. } => unreachable!("handled above"),
                 };
                 result.unwrap_or_else(|e| {

@@ -1,0 +1,329 @@
+//! The ipvsadm-style verbs: `farm list|stats|save|restore|clear` and
+//! `backend set`. Reads come from lb-forwarder (the running datapath, with
+//! kernel counters); save/restore/clear work on the configuration files,
+//! validating the whole configuration before anything is written, then ask
+//! lb-forwarder to reload.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use comfy_table::{Table, presets};
+use serde::{Deserialize, Serialize};
+use tandem_config::{Config, FARMS_DIR, Farm};
+use tandem_proto::v1::{self, BackendAdminState, lb_forwarder_client::LbForwarderClient};
+use tonic::transport::Channel;
+
+async fn client(runtime_dir: &Path) -> anyhow::Result<LbForwarderClient<Channel>> {
+    let ch = tandem_runtime::connect(runtime_dir, "lb-forwarder").await?;
+    Ok(LbForwarderClient::new(ch))
+}
+
+fn lower(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+fn listen(f: &v1::FarmState) -> String {
+    let port = if f.port_first == f.port_last {
+        f.port_first.to_string()
+    } else {
+        format!("{}-{}", f.port_first, f.port_last)
+    };
+    let vip = if f.vip.contains(':') {
+        format!("[{}]", f.vip)
+    } else {
+        f.vip.clone()
+    };
+    format!("{}:{port}/{}", vip, f.protocol)
+}
+
+/// JSON form of a farm, stable for scripts.
+#[derive(Serialize)]
+struct FarmJson<'a> {
+    name: &'a str,
+    listen: String,
+    scheduler: &'a str,
+    forwarding: &'a str,
+    snat_address: &'a str,
+    all_backends_down: bool,
+    packets: u64,
+    bytes: u64,
+    backends: Vec<BackendJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendJson<'a> {
+    address: &'a str,
+    port: u32,
+    weight: u32,
+    state: String,
+    health: String,
+    active_connections: u32,
+    packets: u64,
+    bytes: u64,
+}
+
+fn to_json(f: &v1::FarmState) -> FarmJson<'_> {
+    let c = f.counters.unwrap_or_default();
+    FarmJson {
+        name: &f.name,
+        listen: listen(f),
+        scheduler: &f.scheduler,
+        forwarding: &f.forwarding,
+        snat_address: &f.snat_address,
+        all_backends_down: f.all_backends_down,
+        packets: c.packets,
+        bytes: c.bytes,
+        backends: f
+            .backends
+            .iter()
+            .map(|b| {
+                let c = b.counters.unwrap_or_default();
+                BackendJson {
+                    address: &b.address,
+                    port: b.port,
+                    weight: b.weight,
+                    state: lower(b.admin_state().as_str_name(), "BACKEND_ADMIN_STATE_"),
+                    health: lower(b.health().as_str_name(), "BACKEND_HEALTH_"),
+                    active_connections: b.active_connections,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// `farm list`: like `ipvsadm -L -n`.
+pub async fn list(runtime_dir: &Path, json: bool, stats: bool) -> anyhow::Result<ExitCode> {
+    let farms = client(runtime_dir)
+        .await?
+        .list_farms(v1::ListFarmsRequest {})
+        .await
+        .context("asking lb-forwarder for its farms")?
+        .into_inner()
+        .farms;
+    if json {
+        let out: Vec<FarmJson<'_>> = farms.iter().map(to_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    if stats {
+        t.set_header(["FARM / BACKEND", "CONNS", "PACKETS", "BYTES"]);
+    } else {
+        t.set_header([
+            "FARM / BACKEND",
+            "SCHED / WEIGHT",
+            "STATE",
+            "HEALTH",
+            "ACTIVE",
+        ]);
+    }
+    for f in &farms {
+        let c = f.counters.unwrap_or_default();
+        let down = if f.all_backends_down {
+            "NO BACKEND"
+        } else {
+            ""
+        };
+        if stats {
+            let conns: u32 = f.backends.iter().map(|b| b.active_connections).sum();
+            t.add_row([
+                format!("{} {}", f.name, listen(f)),
+                conns.to_string(),
+                c.packets.to_string(),
+                c.bytes.to_string(),
+            ]);
+        } else {
+            t.add_row([
+                format!("{} {}", f.name, listen(f)),
+                f.scheduler.clone(),
+                down.to_owned(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for b in &f.backends {
+            let c = b.counters.unwrap_or_default();
+            let addr = if b.address.contains(':') {
+                format!("[{}]", b.address)
+            } else {
+                b.address.clone()
+            };
+            let target = format!("  -> {addr}:{}", b.port);
+            if stats {
+                t.add_row([
+                    target,
+                    b.active_connections.to_string(),
+                    c.packets.to_string(),
+                    c.bytes.to_string(),
+                ]);
+            } else {
+                t.add_row([
+                    target,
+                    b.weight.to_string(),
+                    lower(b.admin_state().as_str_name(), "BACKEND_ADMIN_STATE_"),
+                    lower(b.health().as_str_name(), "BACKEND_HEALTH_"),
+                    b.active_connections.to_string(),
+                ]);
+            }
+        }
+    }
+    println!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `backend set FARM ADDRESS[:PORT] STATE`.
+pub async fn set_backend(
+    runtime_dir: &Path,
+    farm: &str,
+    backend: &str,
+    state: &str,
+) -> anyhow::Result<ExitCode> {
+    let (address, port) = match backend.rsplit_once(':') {
+        Some((a, p)) if !a.contains(':') || a.starts_with('[') => (
+            a.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            p.parse::<u32>()
+                .with_context(|| format!("`{p}` is not a port"))?,
+        ),
+        _ => (backend.to_owned(), 0),
+    };
+    let state = match state {
+        "up" => BackendAdminState::Up,
+        "down" => BackendAdminState::Down,
+        "drain" => BackendAdminState::Drain,
+        "maintenance" => BackendAdminState::Maintenance,
+        other => bail!("unknown state `{other}`: up, down, drain or maintenance"),
+    };
+    let reply = client(runtime_dir)
+        .await?
+        .set_backend_state(v1::SetBackendStateRequest {
+            farm: farm.to_owned(),
+            address,
+            port,
+            state: state.into(),
+        })
+        .await;
+    match reply {
+        Ok(_) => {
+            println!(
+                "farm {farm}: backend {backend} is now {}",
+                lower(state.as_str_name(), "BACKEND_ADMIN_STATE_")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => bail!("{}", s.message()),
+    }
+}
+
+/// The document `farm save` writes and `farm restore` reads.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    #[serde(default)]
+    farms: Vec<Farm>,
+}
+
+/// `farm save`: every farm of the configuration, as one TOML document.
+pub fn save(config_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let saved = Saved {
+        farms: config.farms,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&saved)?);
+    } else {
+        print!("{}", toml::to_string(&saved)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replaces the farms of `config_dir` with `farms` — all or nothing: the
+/// whole configuration with the new farms is validated in a copy first.
+fn replace_farms(config_dir: &Path, farms: &[Farm]) -> anyhow::Result<()> {
+    let staging = tempfile::Builder::new()
+        .prefix(".tandem-restore")
+        .tempdir_in(config_dir)
+        .context("creating a staging directory")?;
+    for name in ["node.toml", "cluster.toml"] {
+        let src = config_dir.join(name);
+        if src.exists() {
+            std::fs::copy(&src, staging.path().join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    let staged_farms = staging.path().join(FARMS_DIR);
+    std::fs::create_dir_all(&staged_farms)?;
+    for f in farms {
+        std::fs::write(
+            staged_farms.join(format!("{}.toml", f.name)),
+            toml::to_string(f)?,
+        )?;
+    }
+    if let Err(errors) = Config::load(staging.path()) {
+        let prefix = format!("{}/", staging.path().display());
+        let text = errors.to_string().replace(&prefix, "");
+        bail!("the restored configuration is invalid; nothing was changed:\n{text}");
+    }
+    // Valid as a whole: swap the farms directory in with two renames.
+    let live: PathBuf = config_dir.join(FARMS_DIR);
+    let old = staging.path().join("farms.old");
+    if live.exists() {
+        std::fs::rename(&live, &old).context("moving the old farms aside")?;
+    }
+    std::fs::rename(&staged_farms, &live).context("moving the new farms in")?;
+    Ok(())
+}
+
+async fn reload_forwarder(runtime_dir: &Path) -> anyhow::Result<()> {
+    let reply = client(runtime_dir)
+        .await?
+        .reload(v1::ReloadRequest {})
+        .await?
+        .into_inner();
+    if !reply.applied {
+        bail!(
+            "lb-forwarder refused the reload:\n{}",
+            reply.errors.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// `farm restore [FILE]`: replace every farm with those of a saved document.
+pub async fn restore(
+    config_dir: &Path,
+    runtime_dir: &Path,
+    file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let text = match file {
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        None => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+    };
+    let saved: Saved = toml::from_str(&text).context("parsing the saved farms")?;
+    replace_farms(config_dir, &saved.farms)?;
+    println!(
+        "restored {} farm(s) into {}",
+        saved.farms.len(),
+        config_dir.join(FARMS_DIR).display()
+    );
+    reload_forwarder(runtime_dir).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `farm clear --yes`: remove every farm (like `ipvsadm -C`).
+pub async fn clear(config_dir: &Path, runtime_dir: &Path, yes: bool) -> anyhow::Result<ExitCode> {
+    if !yes {
+        bail!(
+            "this removes every farm of {}; run again with --yes",
+            config_dir.display()
+        );
+    }
+    replace_farms(config_dir, &[])?;
+    println!("every farm removed");
+    reload_forwarder(runtime_dir).await?;
+    Ok(ExitCode::SUCCESS)
+}
