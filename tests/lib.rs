@@ -248,4 +248,5 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
     );
     assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
 }
+pub mod forwarder_lab;
 pub mod vrrp_lab;

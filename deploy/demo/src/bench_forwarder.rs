@@ -1,0 +1,244 @@
+//! Throughput through the VIP for three datapaths in the same lab and run:
+//! (a) Tandem (lb-forwarder's nftables table), (b) a hand-written minimal
+//! nftables DNAT rule — the ceiling — and (c) HAProxy in TCP mode; same
+//! client, same three backends. Then the time to apply a change to a farm
+//! of 1,000 backends. Prints tables.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use comfy_table::{Table, presets};
+use lb_forwarder::ruleset::{self, Inputs};
+use tandem_e2e::forwarder_lab::{FwdLab, VIP};
+
+const RUN: Duration = Duration::from_secs(2);
+const THREADS: usize = 2;
+
+const FARM: &str = r#"
+name = "web"
+vip = "10.0.0.100"
+port = 80
+scheduler = "rr"
+snat_address = "10.1.0.100"
+[health_check]
+kind = "none"
+[[backends]]
+address = "10.1.0.11"
+port = 8080
+[[backends]]
+address = "10.1.0.12"
+port = 8080
+[[backends]]
+address = "10.1.0.13"
+port = 8080
+"#;
+
+const CEILING: &str = "table ip bench {
+  chain pre {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 10.0.0.100 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 10.1.0.11 . 8080, 1 : 10.1.0.12 . 8080, 2 : 10.1.0.13 . 8080 }
+  }
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    ip daddr 10.1.0.0/24 tcp dport 8080 ct status dnat snat to 10.1.0.100
+  }
+}
+";
+
+const HAPROXY: &str = "global
+  maxconn 200000
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend vip
+  bind 10.0.0.100:80
+  default_backend web
+backend web
+  balance roundrobin
+  source 10.1.0.100
+  server b1 10.1.0.11:8080
+  server b2 10.1.0.12:8080
+  server b3 10.1.0.13:8080
+";
+
+fn connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // Close with RST: no TIME_WAIT, so ports and conntrack entries recycle.
+    s.set_linger(Some(Duration::ZERO))?;
+    s.bind(&src.into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(1))?;
+    Ok(s.into())
+}
+
+/// New connections per second: connect, read the backend's name, reset.
+fn new_connections(lab: &FwdLab) -> f64 {
+    let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let src: SocketAddr = format!("10.0.0.{}:0", 50 + t).parse().expect("addr");
+            lab.client
+                .spawn_thread(move || {
+                    let deadline = Instant::now() + RUN;
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        if let Ok(s) = connect(src, dst) {
+                            let mut line = String::new();
+                            if BufReader::new(s).read_line(&mut line).is_ok() && !line.is_empty() {
+                                n += 1;
+                            }
+                        }
+                    }
+                    n
+                })
+                .expect("client thread")
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0)).sum();
+    total as f64 / RUN.as_secs_f64()
+}
+
+/// Requests per second on established connections: a line out, its echo back.
+fn requests(lab: &FwdLab) -> f64 {
+    let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let src: SocketAddr = format!("10.0.0.{}:0", 54 + t).parse().expect("addr");
+            lab.client
+                .spawn_thread(move || {
+                    let Ok(mut s) = connect(src, dst) else { return 0 };
+                    let _ = s.set_nodelay(true);
+                    let Ok(r) = s.try_clone() else { return 0 };
+                    let mut r = BufReader::new(r);
+                    let mut line = String::new();
+                    let _ = r.read_line(&mut line);
+                    let deadline = Instant::now() + RUN;
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        line.clear();
+                        if s.write_all(b"ping\n").is_err() || r.read_line(&mut line).is_err() {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+                .expect("client thread")
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0)).sum();
+    total as f64 / RUN.as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let mut lab = FwdLab::new(FARM);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let haproxy_cfg = tmp.path().join("haproxy.cfg");
+    std::fs::write(&haproxy_cfg, HAPROXY).expect("haproxy.cfg");
+    let ceiling = tmp.path().join("ceiling.nft");
+    std::fs::write(&ceiling, CEILING).expect("ceiling.nft");
+    let ceiling = ceiling.to_string_lossy().into_owned();
+
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> =
+        vec![("Tandem (lb-forwarder nftables)", vec![], vec![]), ("minimal nftables DNAT (ceiling)", vec![], vec![]), ("HAProxy 2.6 TCP mode", vec![], vec![])];
+    for round in 0..rounds {
+        // (a) Tandem: lb-forwarder owns the datapath.
+        if lab.fwd.is_none() {
+            lab.start();
+        }
+        results[0].1.push(new_connections(&lab));
+        results[0].2.push(requests(&lab));
+        // (b) the ceiling: lb-forwarder stopped, its table removed, one rule.
+        if let Some(mut f) = lab.fwd.take() {
+            let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
+            let _ = f.wait_timeout(Duration::from_secs(5));
+        }
+        lab.lb.exec("nft", &["delete", "table", "inet", "tandem"]).expect("remove tandem table");
+        lab.lb.exec("nft", &["-f", &ceiling]).expect("ceiling rule");
+        results[1].1.push(new_connections(&lab));
+        results[1].2.push(requests(&lab));
+        lab.lb.exec("nft", &["delete", "table", "ip", "bench"]).expect("remove ceiling");
+        // (c) HAProxy on the VIP, same backends, same SNAT source.
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
+        let mut haproxy = lab.lab.spawn(&lab.lb, &mut cmd).expect("haproxy");
+        lab.client.wait_tcp(format!("{VIP}:80").parse().expect("addr"), Duration::from_secs(5)).expect("haproxy up");
+        results[2].1.push(new_connections(&lab));
+        results[2].2.push(requests(&lab));
+        let _ = haproxy.kill(nix::sys::signal::Signal::SIGTERM);
+        let _ = haproxy.wait_timeout(Duration::from_secs(5));
+        eprintln!("round {} done", round + 1);
+    }
+
+    let ceiling_conn = median(results[1].1.clone());
+    let ceiling_req = median(results[1].2.clone());
+    let mut t = Table::new();
+    t.load_style(presets::UTF8_FULL_CONDENSED);
+    t.set_header(["datapath (same lab, same run)", "new connections/s", "vs ceiling", "requests/s", "vs ceiling"]);
+    for (name, conns, reqs) in &results {
+        let (c, r) = (median(conns.clone()), median(reqs.clone()));
+        t.add_row([
+            (*name).to_owned(),
+            format!("{c:.0}"),
+            format!("{:.2}", c / ceiling_conn),
+            format!("{r:.0}"),
+            format!("{:.2}", r / ceiling_req),
+        ]);
+    }
+    println!(
+        "Throughput through the VIP, median of {rounds} rounds of {} s, {THREADS} client threads, 3 backends (thread per connection):",
+        RUN.as_secs()
+    );
+    println!("{t}");
+
+    // Applying a change to a farm of 1,000 backends: render + nft, in the
+    // balancer's namespace, with a backend leaving each time.
+    let mut big = String::from(
+        "name = \"big\"\nvip = \"10.0.0.100\"\nport = 8443\nscheduler = \"wrr\"\nsnat_address = \"10.1.0.100\"\n[health_check]\nkind = \"none\"\n",
+    );
+    for i in 0..1000u32 {
+        big.push_str(&format!("[[backends]]\naddress = \"10.2.{}.{}\"\nport = 8080\n", i / 250, i % 250 + 1));
+    }
+    let farm: tandem_config::Farm = toml::from_str(&big).expect("big farm");
+    let times = lab
+        .lb
+        .run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            rt.block_on(async {
+                let mut times = Vec::new();
+                for i in 0..7usize {
+                    let mut inputs = Inputs::default();
+                    inputs.failing.insert(ruleset::BackendKey::of(&farm, &farm.backends[i]));
+                    let started = Instant::now();
+                    inputs.counters = lb_forwarder::nft::read_counters().await.unwrap_or_default();
+                    let (script, _) = ruleset::render(std::slice::from_ref(&farm), &inputs);
+                    lb_forwarder::nft::apply(&script).await.expect("apply the big farm");
+                    times.push(started.elapsed().as_secs_f64() * 1000.0);
+                }
+                times
+            })
+        })
+        .expect("lb thread");
+    let mut t = Table::new();
+    t.load_style(presets::UTF8_FULL_CONDENSED);
+    t.set_header(["apply a change to a farm of 1,000 backends", "median ms", "min ms", "max ms"]);
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    t.add_row([
+        "read counters + render + nft -f (whole table)".to_owned(),
+        format!("{:.1}", sorted[sorted.len() / 2]),
+        format!("{:.1}", sorted[0]),
+        format!("{:.1}", sorted[sorted.len() - 1]),
+    ]);
+    println!("{t}");
+}
