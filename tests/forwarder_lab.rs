@@ -37,16 +37,19 @@ fn backend(ns: &Netns, name: &str) {
         for conn in listener.incoming().flatten() {
             let name = name.clone();
             std::thread::spawn(move || {
+                // One write per line and no Nagle: a request/response
+                // benchmark must not wait for delayed ACKs.
+                let _ = conn.set_nodelay(true);
                 let mut w = match conn.try_clone() {
                     Ok(w) => w,
                     Err(_) => return,
                 };
-                if writeln!(w, "{name}").is_err() {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
                     return;
                 }
                 for line in BufReader::new(conn).lines() {
                     let Ok(line) = line else { return };
-                    if writeln!(w, "{line}").is_err() {
+                    if w.write_all(format!("{line}\n").as_bytes()).is_err() {
                         return;
                     }
                 }
@@ -119,7 +122,10 @@ impl FwdLab {
         });
     }
 
-    pub fn rpc<T>(&self, f: impl AsyncFnOnce(LbForwarderClient<tonic::transport::Channel>) -> T) -> T {
+    pub fn rpc<T>(
+        &self,
+        f: impl AsyncFnOnce(LbForwarderClient<tonic::transport::Channel>) -> T,
+    ) -> T {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -209,4 +215,3 @@ impl FwdLab {
         seen
     }
 }
-

@@ -48,7 +48,7 @@ const CEILING: &str = "table ip bench {
 ";
 
 const HAPROXY: &str = "global
-  maxconn 200000
+  maxconn 8000
   nbthread 2
 defaults
   mode tcp
@@ -76,11 +76,15 @@ fn connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 /// New connections per second: connect, read the backend's name, reset.
-fn new_connections(lab: &FwdLab) -> f64 {
+/// Each datapath uses its own client addresses (`first_source`..), so no
+/// run meets the conntrack entries an earlier one left behind.
+fn new_connections(lab: &FwdLab, first_source: usize) -> f64 {
     let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let src: SocketAddr = format!("10.0.0.{}:0", 50 + t).parse().expect("addr");
+            let src: SocketAddr = format!("10.0.0.{}:0", first_source + t)
+                .parse()
+                .expect("addr");
             lab.client
                 .spawn_thread(move || {
                     let deadline = Instant::now() + RUN;
@@ -98,7 +102,10 @@ fn new_connections(lab: &FwdLab) -> f64 {
                 .expect("client thread")
         })
         .collect();
-    let total: u64 = handles.into_iter().map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0)).sum();
+    let total: u64 = handles
+        .into_iter()
+        .map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0))
+        .sum();
     total as f64 / RUN.as_secs_f64()
 }
 
@@ -107,10 +114,12 @@ fn requests(lab: &FwdLab) -> f64 {
     let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let src: SocketAddr = format!("10.0.0.{}:0", 54 + t).parse().expect("addr");
+            let src: SocketAddr = format!("10.0.0.{}:0", 56 + t).parse().expect("addr");
             lab.client
                 .spawn_thread(move || {
-                    let Ok(mut s) = connect(src, dst) else { return 0 };
+                    let Ok(mut s) = connect(src, dst) else {
+                        return 0;
+                    };
                     let _ = s.set_nodelay(true);
                     let Ok(r) = s.try_clone() else { return 0 };
                     let mut r = BufReader::new(r);
@@ -120,7 +129,10 @@ fn requests(lab: &FwdLab) -> f64 {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         line.clear();
-                        if s.write_all(b"ping\n").is_err() || r.read_line(&mut line).is_err() {
+                        if s.write_all(b"ping\n").is_err()
+                            || r.read_line(&mut line).is_err()
+                            || line.is_empty()
+                        {
                             break;
                         }
                         n += 1;
@@ -130,7 +142,10 @@ fn requests(lab: &FwdLab) -> f64 {
                 .expect("client thread")
         })
         .collect();
-    let total: u64 = handles.into_iter().map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0)).sum();
+    let total: u64 = handles
+        .into_iter()
+        .map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0))
+        .sum();
     total as f64 / RUN.as_secs_f64()
 }
 
@@ -140,7 +155,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
     let mut lab = FwdLab::new(FARM);
     let tmp = tempfile::tempdir().expect("tempdir");
     let haproxy_cfg = tmp.path().join("haproxy.cfg");
@@ -149,31 +167,43 @@ fn main() {
     std::fs::write(&ceiling, CEILING).expect("ceiling.nft");
     let ceiling = ceiling.to_string_lossy().into_owned();
 
-    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> =
-        vec![("Tandem (lb-forwarder nftables)", vec![], vec![]), ("minimal nftables DNAT (ceiling)", vec![], vec![]), ("HAProxy 2.6 TCP mode", vec![], vec![])];
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("Tandem (lb-forwarder nftables)", vec![], vec![]),
+        ("minimal nftables DNAT (ceiling)", vec![], vec![]),
+        ("HAProxy 2.6 TCP mode", vec![], vec![]),
+    ];
     for round in 0..rounds {
         // (a) Tandem: lb-forwarder owns the datapath.
         if lab.fwd.is_none() {
             lab.start();
         }
-        results[0].1.push(new_connections(&lab));
+        results[0].1.push(new_connections(&lab, 50));
         results[0].2.push(requests(&lab));
         // (b) the ceiling: lb-forwarder stopped, its table removed, one rule.
         if let Some(mut f) = lab.fwd.take() {
             let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
             let _ = f.wait_timeout(Duration::from_secs(5));
         }
-        lab.lb.exec("nft", &["delete", "table", "inet", "tandem"]).expect("remove tandem table");
+        lab.lb
+            .exec("nft", &["delete", "table", "inet", "tandem"])
+            .expect("remove tandem table");
         lab.lb.exec("nft", &["-f", &ceiling]).expect("ceiling rule");
-        results[1].1.push(new_connections(&lab));
+        results[1].1.push(new_connections(&lab, 52));
         results[1].2.push(requests(&lab));
-        lab.lb.exec("nft", &["delete", "table", "ip", "bench"]).expect("remove ceiling");
+        lab.lb
+            .exec("nft", &["delete", "table", "ip", "bench"])
+            .expect("remove ceiling");
         // (c) HAProxy on the VIP, same backends, same SNAT source.
         let mut cmd = Command::new("haproxy");
         cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
         let mut haproxy = lab.lab.spawn(&lab.lb, &mut cmd).expect("haproxy");
-        lab.client.wait_tcp(format!("{VIP}:80").parse().expect("addr"), Duration::from_secs(5)).expect("haproxy up");
-        results[2].1.push(new_connections(&lab));
+        lab.client
+            .wait_tcp(
+                format!("{VIP}:80").parse().expect("addr"),
+                Duration::from_secs(5),
+            )
+            .expect("haproxy up");
+        results[2].1.push(new_connections(&lab, 54));
         results[2].2.push(requests(&lab));
         let _ = haproxy.kill(nix::sys::signal::Signal::SIGTERM);
         let _ = haproxy.wait_timeout(Duration::from_secs(5));
@@ -184,7 +214,13 @@ fn main() {
     let ceiling_req = median(results[1].2.clone());
     let mut t = Table::new();
     t.load_style(presets::UTF8_FULL_CONDENSED);
-    t.set_header(["datapath (same lab, same run)", "new connections/s", "vs ceiling", "requests/s", "vs ceiling"]);
+    t.set_header([
+        "datapath (same lab, same run)",
+        "new connections/s",
+        "vs ceiling",
+        "requests/s",
+        "vs ceiling",
+    ]);
     for (name, conns, reqs) in &results {
         let (c, r) = (median(conns.clone()), median(reqs.clone()));
         t.add_row([
@@ -207,22 +243,33 @@ fn main() {
         "name = \"big\"\nvip = \"10.0.0.100\"\nport = 8443\nscheduler = \"wrr\"\nsnat_address = \"10.1.0.100\"\n[health_check]\nkind = \"none\"\n",
     );
     for i in 0..1000u32 {
-        big.push_str(&format!("[[backends]]\naddress = \"10.2.{}.{}\"\nport = 8080\n", i / 250, i % 250 + 1));
+        big.push_str(&format!(
+            "[[backends]]\naddress = \"10.2.{}.{}\"\nport = 8080\n",
+            i / 250,
+            i % 250 + 1
+        ));
     }
     let farm: tandem_config::Farm = toml::from_str(&big).expect("big farm");
     let times = lab
         .lb
         .run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
             rt.block_on(async {
                 let mut times = Vec::new();
                 for i in 0..7usize {
                     let mut inputs = Inputs::default();
-                    inputs.failing.insert(ruleset::BackendKey::of(&farm, &farm.backends[i]));
+                    inputs
+                        .failing
+                        .insert(ruleset::BackendKey::of(&farm, &farm.backends[i]));
                     let started = Instant::now();
                     inputs.counters = lb_forwarder::nft::read_counters().await.unwrap_or_default();
                     let (script, _) = ruleset::render(std::slice::from_ref(&farm), &inputs);
-                    lb_forwarder::nft::apply(&script).await.expect("apply the big farm");
+                    lb_forwarder::nft::apply(&script)
+                        .await
+                        .expect("apply the big farm");
                     times.push(started.elapsed().as_secs_f64() * 1000.0);
                 }
                 times
@@ -231,7 +278,12 @@ fn main() {
         .expect("lb thread");
     let mut t = Table::new();
     t.load_style(presets::UTF8_FULL_CONDENSED);
-    t.set_header(["apply a change to a farm of 1,000 backends", "median ms", "min ms", "max ms"]);
+    t.set_header([
+        "apply a change to a farm of 1,000 backends",
+        "median ms",
+        "min ms",
+        "max ms",
+    ]);
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     t.add_row([
