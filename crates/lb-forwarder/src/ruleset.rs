@@ -5,15 +5,17 @@
 //!
 //! Shape of the table:
 //! - `prerouting` (nat): a packet to a farm's VIP:port/proto jumps to the
-//!   farm's chain, whose scheduler picks a backend chain through a verdict
-//!   map; the backend chain marks the connection (conntrack mark = the
-//!   backend's id) and DNATs it. Only a connection's first packet goes
-//!   through nat chains; conntrack does the rest.
+//!   farm's chain, whose scheduler sets the connection's conntrack mark to
+//!   the chosen backend's id (`numgen`/`jhash` through a map); maps keyed by
+//!   that mark then count the connection and DNAT it. Only a connection's
+//!   first packet goes through nat chains; conntrack does the rest. There
+//!   are no per-backend chains, so a farm of 1,000 backends stays a handful
+//!   of rules.
 //! - `postrouting` (nat): NAT farms SNAT toward the backends to their
 //!   floating `snat_address`, so backends answer whichever node holds it.
-//! - `forward` (filter): `ct mark` looks up the backend's counting chain, so
-//!   every packet of a connection, both directions, is counted per backend
-//!   and per farm in O(1).
+//! - `forward` (filter): two object-reference maps keyed by `ct mark` count
+//!   every packet of a connection, both directions, per backend and per
+//!   farm, in O(1).
 //!
 //! Counters are named objects; the caller passes their current values so a
 //! replacement carries them over.
@@ -159,14 +161,6 @@ fn family(a: IpAddr) -> &'static str {
     if a.is_ipv4() { "ip" } else { "ip6" }
 }
 
-fn target(address: IpAddr, port: Option<u16>) -> String {
-    match (address, port) {
-        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
-        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
-        (a, None) => a.to_string(),
-    }
-}
-
 /// How one farm spreads new connections over its backends in rotation.
 pub fn plan(farm: &Farm, inputs: &Inputs) -> FarmPlan {
     let mut plan = FarmPlan {
@@ -294,6 +288,19 @@ pub fn schedule(rotation: &[(BackendKey, u64)]) -> Vec<BackendKey> {
     order
 }
 
+/// Consecutive equal slots of a schedule as (first, last, backend) ranges.
+fn merge_slots(order: &[BackendKey]) -> Vec<(u32, u32, BackendKey)> {
+    let mut ranges: Vec<(u32, u32, BackendKey)> = Vec::new();
+    for (i, k) in order.iter().enumerate() {
+        let i = u32::try_from(i).unwrap_or(u32::MAX);
+        match ranges.last_mut() {
+            Some((_, last, owner)) if owner == k && *last + 1 == i => *last = i,
+            _ => ranges.push((i, i, k.clone())),
+        }
+    }
+    ranges
+}
+
 /// Renders the whole table. Deterministic: the same inputs give the same
 /// script on both nodes.
 pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
@@ -301,7 +308,8 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
     let mut plans = Vec::new();
     let mut pre = String::new();
     let mut post = String::new();
-    let mut fwd: BTreeMap<u32, String> = BTreeMap::new();
+    let mut fwd_backend: Vec<String> = Vec::new();
+    let mut fwd_farm: Vec<String> = Vec::new();
     let mut chains = String::new();
     let mut counters: Vec<String> = Vec::new();
 
@@ -331,75 +339,94 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
                 ports(farm)
             );
         }
-        // One DNAT chain and one counting chain per configured backend, in
-        // rotation or not: draining backends keep counting their traffic.
+        // Every configured backend counts its traffic, in rotation or not:
+        // draining backends keep counting their established connections.
         let mut backends: Vec<&Backend> = farm.backends.iter().collect();
         backends.sort_by_key(|b| (b.address, b.port));
         for b in &backends {
             let key = BackendKey::of(farm, b);
-            let name = key.name();
-            let (bc, cc) = (backend_counter(&key), backend_conn_counter(&key));
+            let bc = backend_counter(&key);
             counters.push(bc.clone());
-            counters.push(cc.clone());
-            let _ = write!(
-                chains,
-                "  chain be_{name} {{\n    ct mark set {:#x} counter name {cc} meta l4proto {proto} dnat {fam} to {}\n  }}\n",
-                key.mark(),
-                target(b.address, b.port)
-            );
-            let _ = write!(
-                chains,
-                "  chain count_{name} {{\n    counter name {bc}\n    counter name {fc}\n  }}\n"
-            );
-            fwd.insert(key.mark(), format!("count_{name}"));
+            counters.push(backend_conn_counter(&key));
+            fwd_backend.push(format!("{:#x} : {bc}", key.mark()));
+            fwd_farm.push(format!("{:#x} : {fc}", key.mark()));
         }
-        // The scheduler.
+        // The scheduler picks a backend by setting the connection's mark;
+        // maps keyed by that mark count the connection and DNAT it. No
+        // per-backend chains: a farm of 1,000 backends stays a few rules.
         let _ = writeln!(chains, "  chain farm_{} {{", farm.name);
-        let jump = |k: &BackendKey| format!("jump be_{}", k.name());
         if plan.rotation.is_empty() {
             let _ = writeln!(chains, "    # every backend is out of rotation\n    drop");
         } else {
+            let slots: Vec<(u32, u32, BackendKey)> = match farm.scheduler {
+                Scheduler::Sh => sh_ranges(farm, inputs),
+                _ => merge_slots(&schedule(&plan.rotation)),
+            };
+            let elems: Vec<String> = slots
+                .iter()
+                .map(|(a, z, k)| {
+                    if a == z {
+                        format!("{a} : {:#x}", k.mark())
+                    } else {
+                        format!("{a}-{z} : {:#x}", k.mark())
+                    }
+                })
+                .collect();
             match farm.scheduler {
                 Scheduler::Sh => {
-                    let elems: Vec<String> = sh_ranges(farm, inputs)
-                        .iter()
-                        .map(|(a, z, k)| {
-                            if a == z {
-                                format!("{a} : {}", jump(k))
-                            } else {
-                                format!("{a}-{z} : {}", jump(k))
-                            }
-                        })
-                        .collect();
                     let _ = writeln!(
                         chains,
-                        "    jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} vmap {{ {} }}",
+                        "    ct mark set jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
                         inputs.hash_seed,
                         elems.join(", ")
                     );
                 }
                 _ => {
-                    let order = schedule(&plan.rotation);
-                    let mut elems: Vec<String> = Vec::new();
-                    let mut start = 0usize;
-                    for (i, k) in order.iter().enumerate() {
-                        let last = i + 1 == order.len() || order[i + 1] != *k;
-                        if last {
-                            if start == i {
-                                elems.push(format!("{i} : {}", jump(k)));
-                            } else {
-                                elems.push(format!("{start}-{i} : {}", jump(k)));
-                            }
-                            start = i + 1;
-                        }
-                    }
+                    let n = slots.last().map_or(0, |(_, z, _)| z + 1);
                     let _ = writeln!(
                         chains,
-                        "    numgen inc mod {} vmap {{ {} }}",
-                        order.len(),
+                        "    ct mark set numgen inc mod {n} map {{ {} }}",
                         elems.join(", ")
                     );
                 }
+            }
+            let chosen: Vec<&BackendKey> = plan.rotation.iter().map(|(k, _)| k).collect();
+            let conns: Vec<String> = chosen
+                .iter()
+                .map(|k| format!("{:#x} : {}", k.mark(), backend_conn_counter(k)))
+                .collect();
+            let _ = writeln!(
+                chains,
+                "    counter name ct mark map {{ {} }}",
+                conns.join(", ")
+            );
+            // A port in a DNAT target needs a transport match in the rule;
+            // backends without a port keep the client's.
+            let (ported, unported): (Vec<&BackendKey>, Vec<&BackendKey>) =
+                chosen.iter().partition(|k| k.port.is_some());
+            if !ported.is_empty() {
+                let ids: Vec<String> = ported.iter().map(|k| format!("{:#x}", k.mark())).collect();
+                let targets: Vec<String> = ported
+                    .iter()
+                    .map(|k| format!("{:#x} : {} . {}", k.mark(), k.address, k.port.unwrap_or(0)))
+                    .collect();
+                let _ = writeln!(
+                    chains,
+                    "    ct mark {{ {} }} meta l4proto {proto} dnat {fam} to ct mark map {{ {} }}",
+                    ids.join(", "),
+                    targets.join(", ")
+                );
+            }
+            if !unported.is_empty() {
+                let targets: Vec<String> = unported
+                    .iter()
+                    .map(|k| format!("{:#x} : {}", k.mark(), k.address))
+                    .collect();
+                let _ = writeln!(
+                    chains,
+                    "    dnat {fam} to ct mark map {{ {} }}",
+                    targets.join(", ")
+                );
             }
         }
         let _ = writeln!(chains, "  }}");
@@ -432,12 +459,17 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
         out,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
     );
-    if !fwd.is_empty() {
-        let elems: Vec<String> = fwd
-            .iter()
-            .map(|(m, c)| format!("{m:#x} : jump {c}"))
-            .collect();
-        let _ = writeln!(out, "    ct mark vmap {{ {} }}", elems.join(", "));
+    if !fwd_backend.is_empty() {
+        let _ = writeln!(
+            out,
+            "    counter name ct mark map {{ {} }}",
+            fwd_backend.join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "    counter name ct mark map {{ {} }}",
+            fwd_farm.join(", ")
+        );
     }
     let _ = writeln!(out, "  }}");
     out.push_str(&chains);

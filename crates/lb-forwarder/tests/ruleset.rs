@@ -46,6 +46,11 @@ fn key(farm: &str, addr: &str, port: Option<u16>) -> BackendKey {
 fn wrr_spreads_by_weight_over_backends_in_rotation() {
     let web = farm(WEB);
     let (script, plans) = render(std::slice::from_ref(&web), &Inputs::default());
+    let (b1, b2, b3) = (
+        key("web", "10.1.0.11", Some(8080)).mark(),
+        key("web", "10.1.0.12", Some(8080)).mark(),
+        key("web", "10.1.0.13", Some(8080)).mark(),
+    );
     let shares: Vec<u64> = plans[0].rotation.iter().map(|(_, w)| *w).collect();
     assert_eq!(
         shares,
@@ -53,12 +58,14 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         "the draining backend takes no new connections"
     );
     // Interleaved (smooth weighted round robin), not in blocks.
-    assert!(
-        script.contains(
-            "numgen inc mod 5 vmap { 0 : jump be_web_10_1_0_11_8080, 1 : jump be_web_10_1_0_12_8080, 2 : jump be_web_10_1_0_11_8080, 3 : jump be_web_10_1_0_12_8080, 4 : jump be_web_10_1_0_11_8080 }"
-        ),
-        "{script}"
+    let marks = format!(
+        "ct mark set numgen inc mod 5 map {{ 0 : {b1:#x}, 1 : {b2:#x}, 2 : {b1:#x}, 3 : {b2:#x}, 4 : {b1:#x} }}"
     );
+    assert!(script.contains(&marks), "{marks}\n{script}");
+    let dnat = format!(
+        "ct mark {{ {b1:#x}, {b2:#x} }} meta l4proto tcp dnat ip to ct mark map {{ {b1:#x} : 10.1.0.11 . 8080, {b2:#x} : 10.1.0.12 . 8080 }}"
+    );
+    assert!(script.contains(&dnat), "{dnat}\n{script}");
     assert!(
         script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 jump farm_web"),
         "{script}"
@@ -67,8 +74,11 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         script.contains("ct status dnat meta l4proto tcp ct original ip daddr 10.0.0.100 ct original proto-dst 80 snat ip to 10.1.0.100"),
         "SNAT to the floating address: {script}"
     );
-    // The draining backend keeps its DNAT and counting chains.
-    assert!(script.contains("chain be_web_10_1_0_13_8080"));
+    // The draining backend keeps counting its established connections.
+    assert!(
+        script.contains(&format!("{b3:#x} : be_web_10_1_0_13_8080")),
+        "{script}"
+    );
 }
 
 #[test]
@@ -122,12 +132,10 @@ fn source_hash_moves_only_the_sources_of_a_backend_that_leaves() {
             ..Inputs::default()
         },
     );
-    assert!(
-        script.contains(
-            "jhash ip saddr mod 1024 seed 0x5eed1234 vmap { 0-341 : jump be_web_10_1_0_11_8080"
-        ),
-        "{script}"
-    );
+    let first = key("web", "10.1.0.11", Some(8080)).mark();
+    let want =
+        format!("ct mark set jhash ip saddr mod 1024 seed 0x5eed1234 map {{ 0-341 : {first:#x}");
+    assert!(script.contains(&want), "{want}\n{script}");
 }
 
 #[test]
@@ -208,8 +216,9 @@ address = "fd01::11"
         ),
         "{script}"
     );
+    let m = key("v6", "fd01::11", None).mark();
     assert!(
-        script.contains("dnat ip6 to fd01::11\n"),
+        script.contains(&format!("dnat ip6 to ct mark map {{ {m:#x} : fd01::11 }}")),
         "keeps the client's port: {script}"
     );
     assert!(script.contains("snat ip6 to fd01::100"), "{script}");
