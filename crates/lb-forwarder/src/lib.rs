@@ -3,5 +3,6 @@
 //! I/O shells around them.
 
 pub mod datapath;
+pub mod health;
 pub mod nft;
 pub mod ruleset;
