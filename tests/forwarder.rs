@@ -261,3 +261,99 @@ fn tandemctl_lists_sets_saves_restores_and_clears_farms() {
     let (_, out, _) = tandemctl(&lab, &["farm", "list", "--json"], None);
     assert_eq!(out.trim(), "[]");
 }
+
+fn health_of(lab: &FwdLab, addr: &str) -> v1::BackendHealth {
+    lab.farm()
+        .backends
+        .iter()
+        .find(|b| b.address == addr)
+        .expect("backend")
+        .health()
+}
+
+#[test]
+fn a_failing_backend_leaves_the_rotation_within_fall_intervals_and_comes_back() {
+    let farm = FARM.replace("SCHED", "rr").replace(
+        "[health_check]\nkind = \"none\"",
+        "[health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2",
+    );
+    let lab = FwdLab::new(&farm);
+    let wait = |what: &str, limit: Duration, cond: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    wait("all backends healthy", Duration::from_secs(5), &|| {
+        lab.farm()
+            .backends
+            .iter()
+            .all(|b| b.health() == v1::BackendHealth::Healthy)
+    });
+    // Watch the health stream while b2 drops off the network.
+    let runtime = lab.runtime.clone();
+    let watcher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let ch = tandem_runtime::connect(&runtime, "lb-forwarder")
+                .await
+                .expect("connect");
+            let mut stream = v1::lb_forwarder_client::LbForwarderClient::new(ch)
+                .watch_health(v1::WatchHealthRequest {})
+                .await
+                .expect("WatchHealth")
+                .into_inner();
+            tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .ok()
+                .and_then(|m| m.ok().flatten())
+        })
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    lab.backends[1]
+        .set_link("eth0", false)
+        .expect("b2 unreachable");
+    // fall (2) x interval (200 ms), plus the probe's timeout and slack.
+    let took = wait("b2 to be failing", Duration::from_secs(3), &|| {
+        health_of(&lab, "10.1.0.12") == v1::BackendHealth::Failing
+    });
+    assert!(took < Duration::from_millis(1200), "b2 left after {took:?}");
+    let event = watcher
+        .join()
+        .expect("watcher")
+        .expect("a health change on the stream");
+    assert_eq!(
+        (
+            event.farm.as_str(),
+            event.address.as_str(),
+            event.new_health()
+        ),
+        ("web", "10.1.0.12", v1::BackendHealth::Failing)
+    );
+    assert!(event.reason.contains("timeout"), "{}", event.reason);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counts(&lab.spread(6))[1],
+        0,
+        "no new connection to the failing backend"
+    );
+
+    lab.backends[1].set_link("eth0", true).expect("b2 back");
+    wait("b2 to be healthy again", Duration::from_secs(3), &|| {
+        health_of(&lab, "10.1.0.12") == v1::BackendHealth::Healthy
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counts(&lab.spread(6)),
+        [2, 2, 2],
+        "b2 is back in the rotation"
+    );
+}

@@ -22,6 +22,8 @@ pub struct FwdLab {
     pub config: PathBuf,
     pub runtime: PathBuf,
     pub fwd: Option<LabChild>,
+    /// b1, b2, b3.
+    pub backends: Vec<Netns>,
     _tmp: tempfile::TempDir,
 }
 
@@ -74,11 +76,13 @@ impl FwdLab {
         lab.attach(&lb, "eth1", &back, &["10.1.0.1/24", "10.1.0.100/24"])
             .expect("lb eth1");
         lb.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+        let mut backends = Vec::new();
         for i in 1..=3 {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
             backend(&ns, &format!("b{i}"));
+            backends.push(ns);
         }
         let tmp = tempfile::tempdir().expect("tempdir");
         let config = tmp.path().join("etc");
@@ -93,6 +97,7 @@ impl FwdLab {
             config,
             runtime,
             fwd: None,
+            backends,
             _tmp: tmp,
         };
         l.start();

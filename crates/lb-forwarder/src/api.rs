@@ -5,17 +5,38 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use lb_forwarder::datapath::{Datapath, DatapathState};
+use lb_forwarder::health::{self, BackendHealth as Checked, HealthEvent};
 use lb_forwarder::nft;
 use lb_forwarder::ruleset::{self, BackendKey, Count};
 use tandem_config::{BackendState, Farm};
 use tandem_proto::v1::{self, BackendAdminState, BackendHealth, lb_forwarder_server::LbForwarder};
-use tandem_runtime::{ConfigCell, unix_ms};
+use tandem_runtime::{ConfigCell, Shutdown, unix_ms};
+use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
 pub struct LbForwarderApi {
     pub config: Arc<ConfigCell>,
     pub datapath: Arc<Datapath>,
+    /// The health checks' view of every probed backend.
+    pub health: watch::Receiver<HashMap<BackendKey, Checked>>,
+    /// A receiver kept to resubscribe each WatchHealth caller.
+    pub events: broadcast::Receiver<HealthEvent>,
+    pub shutdown: Shutdown,
+}
+
+/// What tonic's generated trait expects of a server-streaming RPC.
+type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn wire_health(h: health::Health) -> BackendHealth {
+    match h {
+        health::Health::Unknown => BackendHealth::Unknown,
+        health::Health::Healthy => BackendHealth::Healthy,
+        health::Health::Failing => BackendHealth::Failing,
+    }
 }
 
 fn admin(s: BackendState) -> BackendAdminState {
@@ -48,7 +69,12 @@ async fn kernel() -> Kernel {
     }
 }
 
-fn farm_state(farm: &Farm, dp: &DatapathState, k: &Kernel) -> v1::FarmState {
+fn farm_state(
+    farm: &Farm,
+    dp: &DatapathState,
+    k: &Kernel,
+    checks: &HashMap<BackendKey, Checked>,
+) -> v1::FarmState {
     let plan = dp.plans.iter().find(|p| p.farm == farm.name);
     let backends: Vec<v1::BackendState> = farm
         .backends
@@ -68,11 +94,14 @@ fn farm_state(farm: &Farm, dp: &DatapathState, k: &Kernel) -> v1::FarmState {
                 ..Default::default()
             };
             s.set_admin_state(admin(state));
-            s.set_health(if dp.failing.contains(&key) {
-                BackendHealth::Failing
-            } else {
-                BackendHealth::Unknown
-            });
+            match checks.get(&key) {
+                Some(c) => {
+                    s.set_health(wire_health(c.health));
+                    s.last_check = c.reason.clone();
+                }
+                // Not probed: down or in maintenance.
+                None => s.set_health(BackendHealth::Unknown),
+            }
             s
         })
         .collect();
@@ -130,11 +159,12 @@ impl LbForwarder for LbForwarderApi {
         let loaded = self.config.current();
         let dp = self.datapath.state.borrow().clone();
         let k = kernel().await;
+        let checks = self.health.borrow().clone();
         let farms = loaded
             .config
             .farms
             .iter()
-            .map(|f| farm_state(f, &dp, &k))
+            .map(|f| farm_state(f, &dp, &k, &checks))
             .collect();
         Ok(Response::new(v1::ListFarmsReply { farms }))
     }
@@ -152,7 +182,39 @@ impl LbForwarder for LbForwarderApi {
             .find(|f| f.name == name)
             .ok_or_else(|| Status::not_found(format!("no farm `{name}`")))?;
         let dp = self.datapath.state.borrow().clone();
-        Ok(Response::new(farm_state(farm, &dp, &kernel().await)))
+        let checks = self.health.borrow().clone();
+        Ok(Response::new(farm_state(
+            farm,
+            &dp,
+            &kernel().await,
+            &checks,
+        )))
+    }
+
+    async fn watch_health(
+        &self,
+        _: Request<v1::WatchHealthRequest>,
+    ) -> Result<Response<BoxStream<v1::HealthChange>>, Status> {
+        let mut shutdown = self.shutdown.clone();
+        let stream = BroadcastStream::new(self.events.resubscribe())
+            .filter_map(|e| async move {
+                match e {
+                    Ok(e) => Some(Ok(v1::HealthChange {
+                        farm: e.key.farm.clone(),
+                        address: e.key.address.to_string(),
+                        port: u32::from(e.target.port()),
+                        old_health: wire_health(e.old).into(),
+                        new_health: wire_health(e.new).into(),
+                        reason: e.reason,
+                        unix_ms: unix_ms(e.at),
+                    })),
+                    Err(e) => Some(Err(Status::data_loss(format!(
+                        "health changes lost: {e}; read ListFarms again"
+                    )))),
+                }
+            })
+            .take_until(async move { shutdown.wait().await });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn set_backend_state(
@@ -205,6 +267,12 @@ impl LbForwarder for LbForwarderApi {
         )
         .await;
         let dp = self.datapath.state.borrow().clone();
-        Ok(Response::new(farm_state(farm, &dp, &kernel().await)))
+        let checks = self.health.borrow().clone();
+        Ok(Response::new(farm_state(
+            farm,
+            &dp,
+            &kernel().await,
+            &checks,
+        )))
     }
 }

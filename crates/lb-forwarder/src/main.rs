@@ -3,11 +3,11 @@
 
 mod api;
 
-use std::collections::HashSet;
 use std::process::ExitCode;
 
 use clap::Parser;
 use lb_forwarder::datapath::{self, Datapath};
+use lb_forwarder::health::HealthMonitor;
 use tandem_proto::v1::lb_forwarder_server::LbForwarderServer;
 use tandem_runtime::{ConfigCell, DaemonArgs};
 use tonic::transport::Server;
@@ -26,8 +26,30 @@ fn main() -> ExitCode {
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let dp = Datapath::new();
-        // Health checks feed this set of failing backends.
-        let (_failing_tx, failing) = tokio::sync::watch::channel(HashSet::new());
+        let mut stop = ctx.shutdown();
+        let mut monitor =
+            HealthMonitor::start(
+                &config.current().config.farms,
+                async move { stop.wait().await },
+            );
+        let failing = monitor.failing();
+        let health = monitor.watch();
+        let events = monitor.subscribe();
+        // Health checks follow the configuration in force.
+        let mut configs = config.subscribe();
+        let mut stop = ctx.shutdown();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = configs.changed() => {
+                        if r.is_err() { break; }
+                        let farms = configs.borrow_and_update().config.farms.clone();
+                        monitor.reconfigure(&farms);
+                    }
+                    () = stop.wait() => break,
+                }
+            }
+        });
         let datapath = tokio::spawn(datapath::run(
             config.clone(),
             dp.clone(),
@@ -37,6 +59,9 @@ fn main() -> ExitCode {
         let api = api::LbForwarderApi {
             config,
             datapath: dp,
+            health,
+            events,
+            shutdown: ctx.shutdown(),
         };
         let served = ctx
             .serve(Server::builder().add_service(LbForwarderServer::new(api)))
