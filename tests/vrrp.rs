@@ -13,16 +13,7 @@ fn elected(opts: &ClusterOptions) -> (VrrpLab, String) {
     let mut lab = VrrpLab::new(opts);
     lab.start("lb1");
     lab.start("lb2");
-    lab.wait_until(SETTLE, "one master and one backup", |l| {
-        l.masters().len() == 1
-            && l.nodes.iter().all(|n| {
-                matches!(
-                    l.state(&n.name),
-                    Some(VrrpState::Master | VrrpState::Backup)
-                )
-            })
-    });
-    let master = lab.masters().remove(0);
+    let master = lab.wait_elected(SETTLE);
     let m = master.clone();
     lab.wait_until(SETTLE, "the VIP to answer from the master", |l| {
         l.vip_answer().as_deref() == Some(m.as_str())
@@ -301,16 +292,7 @@ fn vrrp_over_ipv6_elects_and_moves_the_ipv6_vip() {
     let mut lab = VrrpLab::new(&opts);
     lab.start("lb1");
     lab.start("lb2");
-    lab.wait_until(SETTLE, "one IPv6 master", |l| {
-        l.masters().len() == 1
-            && l.nodes.iter().all(|n| {
-                matches!(
-                    l.state(&n.name),
-                    Some(VrrpState::Master | VrrpState::Backup)
-                )
-            })
-    });
-    let master = lab.masters().remove(0);
+    let master = lab.wait_elected(SETTLE);
     let backup = other(&master);
     // The backup heard the master over IPv6 (link-local source, ff02::12).
     let s = lab.status(backup).expect("status");

@@ -374,6 +374,20 @@ impl VrrpLab {
         self.node(name).ns.set_link("eth0", true).expect("link up");
     }
 
+    /// Waits until one node is master and the other backup; returns the master.
+    pub fn wait_elected(&self, timeout: Duration) -> String {
+        self.wait_until(timeout, "one master and one backup", |l| {
+            l.masters().len() == 1
+                && l.nodes.iter().all(|n| {
+                    matches!(
+                        l.state(&n.name),
+                        Some(v1::VrrpState::Master | v1::VrrpState::Backup)
+                    )
+                })
+        });
+        self.masters().remove(0)
+    }
+
     pub fn masters(&self) -> Vec<String> {
         self.nodes
             .iter()

@@ -72,16 +72,7 @@ fn main() {
     println!("lab {}: starting vrrpd on both nodes", lab.lab.id());
     lab.start("lb1");
     lab.start("lb2");
-    lab.wait_until(SETTLE, "one master", |l| {
-        l.masters().len() == 1
-            && l.nodes.iter().all(|n| {
-                matches!(
-                    l.state(&n.name),
-                    Some(VrrpState::Master | VrrpState::Backup)
-                )
-            })
-    });
-    let master = lab.masters().remove(0);
+    let master = lab.wait_elected(SETTLE);
     let backup = if master == "lb1" { "lb2" } else { "lb1" }.to_owned();
     let m = master.clone();
     lab.wait_until(SETTLE, "the VIP to answer", |l| {
