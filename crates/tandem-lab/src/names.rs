@@ -80,19 +80,24 @@ pub(crate) fn parse_namespace(name: &str) -> Option<(u32, &str)> {
 /// SIGKILL (or a nextest timeout) never ran its drops. Only namespace names
 /// with our exact format are considered; processes are never touched.
 pub(crate) fn sweep_dead_labs() {
-    let listing = match ip(&["netns", "list"]) {
-        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+    // Read /run/netns directly: `ip netns list` opens every namespace to
+    // print its id, and fails outright when another test deletes one at that
+    // moment, which would skip the whole sweep.
+    let entries = match std::fs::read_dir("/run/netns") {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
-            eprintln!("tandem-lab: cannot list namespaces to sweep leftovers: {e}");
+            eprintln!("tandem-lab: cannot list /run/netns to sweep leftovers: {e}");
             return;
         }
     };
+    let names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     let own_pid = std::process::id();
-    for line in listing.lines() {
-        // `ip netns list` prints "name" or "name (id: N)".
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
+    for name in &names {
+        let name = name.as_str();
         let Some((pid, id)) = parse_namespace(name) else {
             continue;
         };

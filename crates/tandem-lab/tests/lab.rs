@@ -15,12 +15,18 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use tandem_lab::{Lab, LabError, Netns};
 
+/// The named namespaces, one per line. Read from /run/netns: `ip netns
+/// list` can fail midway while other tests delete namespaces, and a partial
+/// listing would let "nothing left behind" pass falsely.
 fn netns_list() -> String {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    match std::fs::read_dir("/run/netns") {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned() + "\n")
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => panic!("reading /run/netns: {e}"),
+    }
 }
 
 fn root_links() -> String {
