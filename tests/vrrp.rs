@@ -59,10 +59,11 @@ fn a_healed_split_brain_leaves_exactly_one_master_within_three_intervals() {
     });
     lab.cut_heartbeat("lb1", false);
     let healed = lab.wait_until(SETTLE, "one master again", |l| l.masters().len() == 1);
-    assert!(
-        healed <= Duration::from_millis(300) + Duration::from_millis(200),
-        "healed in {healed:?}"
-    );
+    // Three advertisement intervals (3 x 100 ms), as the RFC's tie-break
+    // allows: the lower-address master yields at the first advert it hears.
+    // The measure includes a status poll of both daemons (every 10 ms).
+    eprintln!("split brain healed in {healed:?}");
+    assert!(healed <= Duration::from_millis(300), "healed in {healed:?}");
     // Equal priority: the higher address keeps the role (RFC 5798 §6.4.3).
     assert_eq!(lab.masters(), vec!["lb2".to_owned()]);
 }
