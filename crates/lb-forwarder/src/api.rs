@@ -114,7 +114,20 @@ fn farm_state(
         scheduler: format!("{:?}", farm.scheduler).to_lowercase(),
         forwarding: format!("{:?}", farm.forwarding).to_lowercase(),
         snat_address: farm.snat_address.map(|a| a.to_string()).unwrap_or_default(),
-        counters: counters(k.counters.get(&ruleset::farm_counter(&farm.name))),
+        counters: {
+            let total = farm.backends.iter().fold(Count::default(), |t, b| {
+                let c = k
+                    .counters
+                    .get(&ruleset::backend_counter(&BackendKey::of(farm, b)))
+                    .copied()
+                    .unwrap_or_default();
+                Count {
+                    packets: t.packets + c.packets,
+                    bytes: t.bytes + c.bytes,
+                }
+            });
+            counters(Some(&total))
+        },
         all_backends_down: plan.is_none_or(|p| p.rotation.is_empty()),
         backends,
     };

@@ -73,7 +73,8 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let mut configs = config.subscribe();
-    let mut last_rules: Option<String> = None;
+    // What the kernel holds, as last applied; None forces a full replacement.
+    let mut applied: Option<ruleset::Rendered> = None;
     let mut loads: HashMap<BackendKey, u64> = HashMap::new();
     let mut lc_tick = tokio::time::interval(LC_REFRESH);
     lc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,40 +89,53 @@ pub async fn run(
             loads: loads.clone(),
             counters: HashMap::new(),
         };
-        // The rules without counter values decide whether anything changed.
-        let (rules, plans) = ruleset::render(farms, &inputs);
-        if last_rules.as_deref() != Some(rules.as_str()) {
-            let started = Instant::now();
-            let result = async {
-                inputs.counters = nft::read_counters().await?;
-                let (script, _) = ruleset::render(farms, &inputs);
-                nft::apply(&script).await
+        let parts = ruleset::render_parts(farms, &inputs);
+        let plans = parts.plans.clone();
+        // Same structure: rewrite only the farm chains whose rules changed,
+        // keeping the table and its counters. Otherwise replace the table,
+        // carrying the counters over.
+        let fast = applied
+            .as_ref()
+            .filter(|a| a.structure == parts.structure)
+            .map(|a| parts.update_from(a));
+        let started = Instant::now();
+        let result = match fast {
+            Some(update) if update.is_empty() => None,
+            Some(update) => Some(nft::apply(&update).await),
+            None => Some(
+                async {
+                    inputs.counters = nft::read_counters().await?;
+                    nft::apply(&ruleset::render_parts(farms, &inputs).full).await
+                }
+                .await,
+            ),
+        };
+        let took = started.elapsed();
+        match result {
+            None => {}
+            Some(Ok(())) => {
+                tracing::info!(
+                    farms = farms.len(),
+                    took_ms = took.as_millis() as u64,
+                    "datapath applied"
+                );
+                applied = Some(parts);
+                dp.state.send_modify(|s| {
+                    s.loaded = true;
+                    s.loaded_at = Some(SystemTime::now());
+                    s.last_apply = took;
+                    s.applies += 1;
+                    s.last_error = None;
+                });
             }
-            .await;
-            let took = started.elapsed();
-            match result {
-                Ok(()) => {
-                    tracing::info!(
-                        farms = farms.len(),
-                        took_ms = took.as_millis() as u64,
-                        "datapath applied"
-                    );
-                    last_rules = Some(rules);
-                    dp.state.send_modify(|s| {
-                        s.loaded = true;
-                        s.loaded_at = Some(SystemTime::now());
-                        s.last_apply = took;
-                        s.applies += 1;
-                        s.last_error = None;
-                    });
-                }
-                Err(e) => {
-                    tracing::error!("datapath not applied, the previous one stays in force: {e}");
-                    dp.state.send_modify(|s| {
-                        s.loaded = false;
-                        s.last_error = Some(e.to_string());
-                    });
-                }
+            Some(Err(e)) => {
+                tracing::error!("datapath not applied, the previous one stays in force: {e}");
+                // Whatever the kernel holds now, the next change replaces it whole.
+                applied = None;
+                dp.state.send_modify(|s| {
+                    s.loaded = false;
+                    s.last_error = Some(e.to_string());
+                });
             }
         }
         dp.state.send_modify(|s| {

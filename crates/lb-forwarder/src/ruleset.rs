@@ -13,9 +13,9 @@
 //!   of rules.
 //! - `postrouting` (nat): NAT farms SNAT toward the backends to their
 //!   floating `snat_address`, so backends answer whichever node holds it.
-//! - `forward` (filter): two object-reference maps keyed by `ct mark` count
-//!   every packet of a connection, both directions, per backend and per
-//!   farm, in O(1).
+//! - `forward` (filter): an object-reference map keyed by `ct mark` counts
+//!   every packet of a connection, both directions, per backend, in O(1);
+//!   a farm's totals are the sum of its backends'.
 //!
 //! Counters are named objects; the caller passes their current values so a
 //! replacement carries them over.
@@ -90,11 +90,8 @@ pub struct Count {
     pub bytes: u64,
 }
 
-/// Counter object names.
-pub fn farm_counter(farm: &str) -> String {
-    format!("farm_{farm}")
-}
-
+/// Counter object names. A farm's totals are the sum of its backends'
+/// (one counter lookup per packet, not two).
 pub fn backend_counter(key: &BackendKey) -> String {
     format!("be_{}", key.name())
 }
@@ -301,17 +298,65 @@ fn merge_slots(order: &[BackendKey]) -> Vec<(u32, u32, BackendKey)> {
     ranges
 }
 
+/// The table in two parts, so a change of rotation alone (health, an
+/// operator override, lc loads) rewrites only the farm chains concerned:
+/// `structure` is everything else (counters, named maps, hook chains) and
+/// changes only with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The whole table minus the farm chains' rules, without counter values:
+    /// equal structures mean a fast update is possible.
+    pub structure: String,
+    /// Each farm chain's rules.
+    pub farm_rules: BTreeMap<String, Vec<String>>,
+    pub plans: Vec<FarmPlan>,
+    /// The complete script, replacing the table (with counter values).
+    pub full: String,
+}
+
+impl Rendered {
+    /// A script that brings a table rendered as `old` to this one by
+    /// rewriting only the farm chains whose rules changed. Empty when
+    /// nothing changed. Only valid when both have the same `structure`.
+    pub fn update_from(&self, old: &Rendered) -> String {
+        let mut out = String::new();
+        for (farm, rules) in &self.farm_rules {
+            if old.farm_rules.get(farm) == Some(rules) {
+                continue;
+            }
+            let _ = writeln!(out, "flush chain {FAMILY} {TABLE} farm_{farm}");
+            for r in rules {
+                let _ = writeln!(out, "add rule {FAMILY} {TABLE} farm_{farm} {r}");
+            }
+        }
+        out
+    }
+}
+
 /// Renders the whole table. Deterministic: the same inputs give the same
 /// script on both nodes.
 pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
-    let mut out = String::new();
+    let r = render_parts(farms, inputs);
+    (r.full, r.plans)
+}
+
+/// A map declaration; `elements` may be empty.
+fn named_map(out: &mut String, kind: &str, name: &str, ty: &str, elements: &[String]) {
+    let _ = writeln!(out, "  {kind} {name} {{\n    type {ty}");
+    if !elements.is_empty() {
+        let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
+    }
+    let _ = writeln!(out, "  }}");
+}
+
+pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
     let mut plans = Vec::new();
     let mut pre = String::new();
     let mut post = String::new();
+    let mut maps = String::new();
     let mut fwd_backend: Vec<String> = Vec::new();
-    let mut fwd_farm: Vec<String> = Vec::new();
-    let mut chains = String::new();
     let mut counters: Vec<String> = Vec::new();
+    let mut farm_rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
 
     for farm in farms {
         let plan = plan(farm, inputs);
@@ -320,16 +365,19 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
             plans.push(plan);
             continue;
         }
+        let name = &farm.name;
         let fam = family(farm.vip);
+        let addr_ty = if farm.vip.is_ipv4() {
+            "ipv4_addr"
+        } else {
+            "ipv6_addr"
+        };
         let proto = l4(farm.protocol);
-        let fc = farm_counter(&farm.name);
-        counters.push(fc.clone());
         let _ = writeln!(
             pre,
-            "    {fam} daddr {} meta l4proto {proto} th dport {} jump farm_{}",
+            "    {fam} daddr {} meta l4proto {proto} th dport {} jump farm_{name}",
             farm.vip,
-            ports(farm),
-            farm.name
+            ports(farm)
         );
         if let Some(snat) = farm.snat_address {
             let _ = writeln!(
@@ -339,24 +387,65 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
                 ports(farm)
             );
         }
-        // Every configured backend counts its traffic, in rotation or not:
-        // draining backends keep counting their established connections.
+        // What depends on the configured backends only: their counters,
+        // DNAT targets and the counting maps. Draining backends keep
+        // counting their established connections.
         let mut backends: Vec<&Backend> = farm.backends.iter().collect();
         backends.sort_by_key(|b| (b.address, b.port));
+        let (mut ported, mut ported_ids, mut keep, mut conns) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for b in &backends {
             let key = BackendKey::of(farm, b);
+            let m = key.mark();
             let bc = backend_counter(&key);
+            let cc = backend_conn_counter(&key);
             counters.push(bc.clone());
-            counters.push(backend_conn_counter(&key));
-            fwd_backend.push(format!("{:#x} : {bc}", key.mark()));
-            fwd_farm.push(format!("{:#x} : {fc}", key.mark()));
+            counters.push(cc.clone());
+            fwd_backend.push(format!("{m:#x} : {bc}"));
+            conns.push(format!("{m:#x} : {cc}"));
+            match b.port {
+                Some(p) => {
+                    ported.push(format!("{m:#x} : {} . {p}", b.address));
+                    ported_ids.push(format!("{m:#x}"));
+                }
+                // Keeps the client's port.
+                None => keep.push(format!("{m:#x} : {}", b.address)),
+            }
         }
-        // The scheduler picks a backend by setting the connection's mark;
-        // maps keyed by that mark count the connection and DNAT it. No
-        // per-backend chains: a farm of 1,000 backends stays a few rules.
-        let _ = writeln!(chains, "  chain farm_{} {{", farm.name);
+        named_map(
+            &mut maps,
+            "map",
+            &format!("dnat_{name}"),
+            &format!("mark : {addr_ty} . inet_service"),
+            &ported,
+        );
+        named_map(
+            &mut maps,
+            "set",
+            &format!("ported_{name}"),
+            "mark",
+            &ported_ids,
+        );
+        named_map(
+            &mut maps,
+            "map",
+            &format!("keep_{name}"),
+            &format!("mark : {addr_ty}"),
+            &keep,
+        );
+        named_map(
+            &mut maps,
+            "map",
+            &format!("conn_{name}"),
+            "mark : counter",
+            &conns,
+        );
+
+        // What the rotation decides: the scheduler sets the connection's
+        // mark; the named maps, keyed by it, count and DNAT.
+        let mut rules = Vec::new();
         if plan.rotation.is_empty() {
-            let _ = writeln!(chains, "    # every backend is out of rotation\n    drop");
+            rules.push("drop comment \"every backend is out of rotation\"".to_owned());
         } else {
             let slots: Vec<(u32, u32, BackendKey)> = match farm.scheduler {
                 Scheduler::Sh => sh_ranges(farm, inputs),
@@ -372,107 +461,91 @@ pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
                     }
                 })
                 .collect();
-            match farm.scheduler {
-                Scheduler::Sh => {
-                    let _ = writeln!(
-                        chains,
-                        "    ct mark set jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
-                        inputs.hash_seed,
-                        elems.join(", ")
-                    );
-                }
+            rules.push(match farm.scheduler {
+                Scheduler::Sh => format!(
+                    "ct mark set jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
+                    inputs.hash_seed,
+                    elems.join(", ")
+                ),
                 _ => {
                     let n = slots.last().map_or(0, |(_, z, _)| z + 1);
-                    let _ = writeln!(
-                        chains,
-                        "    ct mark set numgen inc mod {n} map {{ {} }}",
+                    format!(
+                        "ct mark set numgen inc mod {n} map {{ {} }}",
                         elems.join(", ")
-                    );
+                    )
                 }
-            }
-            let chosen: Vec<&BackendKey> = plan.rotation.iter().map(|(k, _)| k).collect();
-            let conns: Vec<String> = chosen
-                .iter()
-                .map(|k| format!("{:#x} : {}", k.mark(), backend_conn_counter(k)))
-                .collect();
-            let _ = writeln!(
-                chains,
-                "    counter name ct mark map {{ {} }}",
-                conns.join(", ")
-            );
-            // A port in a DNAT target needs a transport match in the rule;
-            // backends without a port keep the client's.
-            let (ported, unported): (Vec<&BackendKey>, Vec<&BackendKey>) =
-                chosen.iter().partition(|k| k.port.is_some());
+            });
+            rules.push(format!("counter name ct mark map @conn_{name}"));
+            // A port in a DNAT target needs a transport match in the rule.
             if !ported.is_empty() {
-                let ids: Vec<String> = ported.iter().map(|k| format!("{:#x}", k.mark())).collect();
-                let targets: Vec<String> = ported
-                    .iter()
-                    .map(|k| format!("{:#x} : {} . {}", k.mark(), k.address, k.port.unwrap_or(0)))
-                    .collect();
-                let _ = writeln!(
-                    chains,
-                    "    ct mark {{ {} }} meta l4proto {proto} dnat {fam} to ct mark map {{ {} }}",
-                    ids.join(", "),
-                    targets.join(", ")
-                );
+                rules.push(format!("ct mark @ported_{name} meta l4proto {proto} dnat {fam} to ct mark map @dnat_{name}"));
             }
-            if !unported.is_empty() {
-                let targets: Vec<String> = unported
-                    .iter()
-                    .map(|k| format!("{:#x} : {}", k.mark(), k.address))
-                    .collect();
-                let _ = writeln!(
-                    chains,
-                    "    dnat {fam} to ct mark map {{ {} }}",
-                    targets.join(", ")
-                );
+            if !keep.is_empty() {
+                rules.push(format!("dnat {fam} to ct mark map @keep_{name}"));
             }
         }
-        let _ = writeln!(chains, "  }}");
+        farm_rules.insert(name.clone(), rules);
         plans.push(plan);
+    }
+    if !fwd_backend.is_empty() {
+        named_map(
+            &mut maps,
+            "map",
+            "count_backend",
+            "mark : counter",
+            &fwd_backend,
+        );
     }
 
     // Create-then-delete makes the delete succeed on a first load; the whole
     // script is one transaction.
-    let _ = writeln!(
-        out,
-        "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
-    );
-    for c in &counters {
-        let v = inputs.counters.get(c).copied().unwrap_or_default();
+    let assemble = |with_rules: bool, values: &HashMap<String, Count>| {
+        let mut out = String::new();
         let _ = writeln!(
             out,
-            "  counter {c} {{\n    packets {} bytes {}\n  }}",
-            v.packets, v.bytes
+            "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
         );
+        for c in &counters {
+            let v = values.get(c).copied().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  counter {c} {{\n    packets {} bytes {}\n  }}",
+                v.packets, v.bytes
+            );
+        }
+        out.push_str(&maps);
+        let _ = writeln!(
+            out,
+            "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}"
+        );
+        let _ = writeln!(
+            out,
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}"
+        );
+        let _ = writeln!(
+            out,
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+        );
+        if !fwd_backend.is_empty() {
+            let _ = writeln!(out, "    counter name ct mark map @count_backend");
+        }
+        let _ = writeln!(out, "  }}");
+        for (farm, rules) in &farm_rules {
+            let _ = writeln!(out, "  chain farm_{farm} {{");
+            if with_rules {
+                for r in rules {
+                    let _ = writeln!(out, "    {r}");
+                }
+            }
+            let _ = writeln!(out, "  }}");
+        }
+        out.push_str("}\n");
+        out
+    };
+    Rendered {
+        structure: assemble(false, &HashMap::new()),
+        full: assemble(true, &inputs.counters),
+        farm_rules,
+        plans,
     }
-    let _ = writeln!(
-        out,
-        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}"
-    );
-    let _ = writeln!(
-        out,
-        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}"
-    );
-    let _ = writeln!(
-        out,
-        "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
-    );
-    if !fwd_backend.is_empty() {
-        let _ = writeln!(
-            out,
-            "    counter name ct mark map {{ {} }}",
-            fwd_backend.join(", ")
-        );
-        let _ = writeln!(
-            out,
-            "    counter name ct mark map {{ {} }}",
-            fwd_farm.join(", ")
-        );
-    }
-    let _ = writeln!(out, "  }}");
-    out.push_str(&chains);
-    out.push_str("}\n");
-    (out, plans)
 }

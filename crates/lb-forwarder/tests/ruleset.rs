@@ -62,10 +62,14 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         "ct mark set numgen inc mod 5 map {{ 0 : {b1:#x}, 1 : {b2:#x}, 2 : {b1:#x}, 3 : {b2:#x}, 4 : {b1:#x} }}"
     );
     assert!(script.contains(&marks), "{marks}\n{script}");
-    let dnat = format!(
-        "ct mark {{ {b1:#x}, {b2:#x} }} meta l4proto tcp dnat ip to ct mark map {{ {b1:#x} : 10.1.0.11 . 8080, {b2:#x} : 10.1.0.12 . 8080 }}"
+    assert!(
+        script.contains("ct mark @ported_web meta l4proto tcp dnat ip to ct mark map @dnat_web"),
+        "{script}"
     );
-    assert!(script.contains(&dnat), "{dnat}\n{script}");
+    let targets = format!(
+        "elements = {{ {b1:#x} : 10.1.0.11 . 8080, {b2:#x} : 10.1.0.12 . 8080, {b3:#x} : 10.1.0.13 . 8080 }}"
+    );
+    assert!(script.contains(&targets), "{targets}\n{script}");
     assert!(
         script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 jump farm_web"),
         "{script}"
@@ -95,7 +99,7 @@ fn a_failing_or_overridden_backend_leaves_the_rotation_and_an_empty_farm_drops()
     let (script, plans) = render(std::slice::from_ref(&web), &inputs);
     assert!(plans[0].rotation.is_empty());
     assert!(
-        script.contains("# every backend is out of rotation\n    drop"),
+        script.contains("drop comment \"every backend is out of rotation\""),
         "{script}"
     );
 }
@@ -218,7 +222,10 @@ address = "fd01::11"
     );
     let m = key("v6", "fd01::11", None).mark();
     assert!(
-        script.contains(&format!("dnat ip6 to ct mark map {{ {m:#x} : fd01::11 }}")),
+        script.contains("dnat ip6 to ct mark map @keep_v6")
+            && script.contains(&format!(
+                "type mark : ipv6_addr\n    elements = {{ {m:#x} : fd01::11 }}"
+            )),
         "keeps the client's port: {script}"
     );
     assert!(script.contains("snat ip6 to fd01::100"), "{script}");
@@ -307,7 +314,7 @@ fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
         .expect("ns thread");
     let (counters, broken, after) = result.expect("nft");
     assert!(
-        counters.contains_key("farm_web") && counters.contains_key("farm_v6"),
+        counters.contains_key("be_web_10_1_0_11_8080") && counters.contains_key("be_v6_fd01__11"),
         "{counters:?}"
     );
     assert!(
@@ -318,5 +325,79 @@ fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
         counters.len(),
         after.len(),
         "the refused script changed nothing"
+    );
+}
+
+/// A change of rotation alone keeps the table's structure: only the farm
+/// chain is rewritten, in the kernel, and the counters are kept.
+#[test]
+fn a_rotation_change_rewrites_only_the_farm_chain_and_keeps_counters() {
+    use lb_forwarder::ruleset::render_parts;
+    let web = farm(WEB);
+    let dns = farm(
+        &WEB.replace("name = \"web\"", "name = \"dns\"")
+            .replace("port = 80\n", "port = 53\nprotocol = \"udp\"\n"),
+    );
+    let farms = [dns, web];
+    let before = render_parts(&farms, &Inputs::default());
+    let mut inputs = Inputs::default();
+    inputs.failing.insert(key("web", "10.1.0.11", Some(8080)));
+    let after = render_parts(&farms, &inputs);
+    assert_eq!(
+        before.structure, after.structure,
+        "health does not change the structure"
+    );
+    let update = after.update_from(&before);
+    assert!(
+        update.starts_with("flush chain inet tandem farm_web\n"),
+        "{update}"
+    );
+    assert!(
+        !update.contains("farm_dns"),
+        "an unchanged farm is not touched: {update}"
+    );
+    assert!(after.update_from(&after).is_empty());
+
+    let lab = tandem_lab::Lab::new().expect("lab");
+    let ns = lab.netns("fw").expect("netns");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let mut seeded = Inputs::default();
+    seeded.counters.insert(
+        "be_web_10_1_0_12_8080".into(),
+        Count {
+            packets: 5,
+            bytes: 500,
+        },
+    );
+    let full = render_parts(&farms, &seeded).full;
+    let result = ns
+        .run(|| {
+            rt.block_on(async {
+                lb_forwarder::nft::apply(&full).await?;
+                lb_forwarder::nft::apply(&update).await?;
+                lb_forwarder::nft::read_counters().await
+            })
+        })
+        .expect("ns thread")
+        .expect("nft");
+    assert_eq!(
+        result["be_web_10_1_0_12_8080"],
+        Count {
+            packets: 5,
+            bytes: 500
+        },
+        "counters survive a fast update"
+    );
+    let chain = ns
+        .exec("nft", &["list", "chain", "inet", "tandem", "farm_web"])
+        .expect("list");
+    let text = String::from_utf8_lossy(&chain.stdout);
+    let gone = key("web", "10.1.0.11", Some(8080)).mark();
+    assert!(
+        !text.contains(&format!("{gone:#010x}")),
+        "the failing backend left the scheduler map:\n{text}"
     );
 }
