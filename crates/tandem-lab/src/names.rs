@@ -101,6 +101,15 @@ pub(crate) fn sweep_dead_labs() {
         let Some((pid, id)) = parse_namespace(name) else {
             continue;
         };
+        // `ip netns add` creates the file first and mounts the namespace on
+        // it afterwards: a file that is not yet an nsfs mount is being
+        // created right now, and unlinking it would make that add fail.
+        let path = format!("/run/netns/{name}");
+        let mounted = nix::sys::statfs::statfs(path.as_str())
+            .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+        if !mounted {
+            continue;
+        }
         let dead = if pid == own_pid {
             !live().contains(id)
         } else {
