@@ -82,7 +82,7 @@ pub async fn run(
         let loaded = configs.borrow_and_update().clone();
         let farms = &loaded.config.farms;
         let has_lc = farms.iter().any(|f| f.scheduler == Scheduler::Lc);
-        let mut inputs = Inputs {
+        let inputs = Inputs {
             hash_seed: loaded.config.cluster.as_ref().map_or(0, |c| c.hash_seed),
             failing: failing.borrow_and_update().clone(),
             overrides: dp.overrides(),
@@ -104,8 +104,8 @@ pub async fn run(
             Some(update) => Some(nft::apply(&update).await),
             None => Some(
                 async {
-                    inputs.counters = nft::read_counters().await?;
-                    nft::apply(&ruleset::render_parts(farms, &inputs).full).await
+                    let counters = nft::read_counters().await?;
+                    nft::apply(&parts.full(&counters)).await
                 }
                 .await,
             ),

@@ -304,17 +304,79 @@ fn merge_slots(order: &[BackendKey]) -> Vec<(u32, u32, BackendKey)> {
 /// changes only with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
-    /// The whole table minus the farm chains' rules, without counter values:
-    /// equal structures mean a fast update is possible.
-    pub structure: String,
+    /// Everything but the farm chains' rules: equal structures mean a fast
+    /// update is possible.
+    pub structure: Structure,
     /// Each farm chain's rules.
     pub farm_rules: BTreeMap<String, Vec<String>>,
     pub plans: Vec<FarmPlan>,
-    /// The complete script, replacing the table (with counter values).
-    pub full: String,
+}
+
+/// The part of the table that depends on the configuration only, kept as
+/// data: comparing it needs no script, and the script is assembled only when
+/// the table is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Structure {
+    counters: Vec<String>,
+    /// Named maps and sets, declared.
+    maps: String,
+    /// Rules of the prerouting and postrouting hook chains.
+    pre: String,
+    post: String,
+    /// Whether forward has backends to count.
+    counting: bool,
+    farms: Vec<String>,
 }
 
 impl Rendered {
+    /// The complete script replacing the table, with `values` as the
+    /// counters' starting values. Create-then-delete makes the delete succeed
+    /// on a first load; the whole script is one transaction.
+    pub fn full(&self, values: &HashMap<String, Count>) -> String {
+        let st = &self.structure;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
+        );
+        for c in &st.counters {
+            let v = values.get(c).copied().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  counter {c} {{\n    packets {} bytes {}\n  }}",
+                v.packets, v.bytes
+            );
+        }
+        out.push_str(&st.maps);
+        let _ = writeln!(
+            out,
+            "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{}  }}",
+            st.pre
+        );
+        let _ = writeln!(
+            out,
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{}  }}",
+            st.post
+        );
+        let _ = writeln!(
+            out,
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+        );
+        if st.counting {
+            let _ = writeln!(out, "    counter name ct mark map @count_backend");
+        }
+        let _ = writeln!(out, "  }}");
+        for (farm, rules) in &self.farm_rules {
+            let _ = writeln!(out, "  chain farm_{farm} {{");
+            for r in rules {
+                let _ = writeln!(out, "    {r}");
+            }
+            let _ = writeln!(out, "  }}");
+        }
+        out.push_str("}\n");
+        out
+    }
+
     /// A script that brings a table rendered as `old` to this one by
     /// rewriting only the farm chains whose rules changed. Empty when
     /// nothing changed. Only valid when both have the same `structure`.
@@ -337,7 +399,7 @@ impl Rendered {
 /// script on both nodes.
 pub fn render(farms: &[Farm], inputs: &Inputs) -> (String, Vec<FarmPlan>) {
     let r = render_parts(farms, inputs);
-    (r.full, r.plans)
+    (r.full(&inputs.counters), r.plans)
 }
 
 /// A map declaration; `elements` may be empty.
@@ -497,54 +559,15 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
         );
     }
 
-    // Create-then-delete makes the delete succeed on a first load; the whole
-    // script is one transaction.
-    let assemble = |with_rules: bool, values: &HashMap<String, Count>| {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
-        );
-        for c in &counters {
-            let v = values.get(c).copied().unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  counter {c} {{\n    packets {} bytes {}\n  }}",
-                v.packets, v.bytes
-            );
-        }
-        out.push_str(&maps);
-        let _ = writeln!(
-            out,
-            "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}"
-        );
-        let _ = writeln!(
-            out,
-            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}"
-        );
-        let _ = writeln!(
-            out,
-            "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
-        );
-        if !fwd_backend.is_empty() {
-            let _ = writeln!(out, "    counter name ct mark map @count_backend");
-        }
-        let _ = writeln!(out, "  }}");
-        for (farm, rules) in &farm_rules {
-            let _ = writeln!(out, "  chain farm_{farm} {{");
-            if with_rules {
-                for r in rules {
-                    let _ = writeln!(out, "    {r}");
-                }
-            }
-            let _ = writeln!(out, "  }}");
-        }
-        out.push_str("}\n");
-        out
-    };
     Rendered {
-        structure: assemble(false, &HashMap::new()),
-        full: assemble(true, &inputs.counters),
+        structure: Structure {
+            counters,
+            maps,
+            pre,
+            post,
+            counting: !fwd_backend.is_empty(),
+            farms: farm_rules.keys().cloned().collect(),
+        },
         farm_rules,
         plans,
     }

@@ -372,7 +372,7 @@ fn a_rotation_change_rewrites_only_the_farm_chain_and_keeps_counters() {
             bytes: 500,
         },
     );
-    let full = render_parts(&farms, &seeded).full;
+    let full = render_parts(&farms, &seeded).full(&seeded.counters);
     let result = ns
         .run(|| {
             rt.block_on(async {

@@ -10,9 +10,7 @@ pub fn init_logging(daemon: &str) {
         match tracing_journald::layer() {
             Ok(layer) => {
                 let layer = layer.with_syslog_identifier(daemon.to_owned());
-                if registry.with(layer).try_init().is_ok() {
-                    return;
-                }
+                let _ = registry.with(layer).try_init();
                 return;
             }
             Err(e) => {

@@ -4,6 +4,7 @@
 //! client, same three backends. Then the time to apply a change to a farm
 //! of 1,000 backends. Prints tables.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -264,7 +265,7 @@ fn main() {
                 let (mut fast, mut full) = (Vec::new(), Vec::new());
                 let farms = std::slice::from_ref(&farm);
                 let mut applied = ruleset::render_parts(farms, &Inputs::default());
-                lb_forwarder::nft::apply(&applied.full)
+                lb_forwarder::nft::apply(&applied.full(&HashMap::new()))
                     .await
                     .expect("apply the big farm");
                 for i in 0..7usize {
@@ -281,9 +282,9 @@ fn main() {
                     applied = parts;
 
                     let started = Instant::now();
-                    inputs.counters = lb_forwarder::nft::read_counters().await.unwrap_or_default();
+                    let counters = lb_forwarder::nft::read_counters().await.unwrap_or_default();
                     let parts = ruleset::render_parts(farms, &inputs);
-                    lb_forwarder::nft::apply(&parts.full)
+                    lb_forwarder::nft::apply(&parts.full(&counters))
                         .await
                         .expect("full replace");
                     full.push(started.elapsed().as_secs_f64() * 1000.0);
