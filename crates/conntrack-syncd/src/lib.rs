@@ -1,0 +1,4 @@
+//! conntrack-syncd's library: the pure sync protocol (wire format and state
+//! machine) and the daemon's I/O shell around it.
+
+pub mod sync;
