@@ -357,3 +357,51 @@ fn a_failing_backend_leaves_the_rotation_within_fall_intervals_and_comes_back() 
         "b2 is back in the rotation"
     );
 }
+
+/// Direct server return: the balancer forwards the client's packets to a
+/// backend unchanged, and the replies go from the backend straight to the
+/// client — none crosses the balancer.
+#[test]
+fn direct_server_return_replies_bypass_the_balancer() {
+    let lab = FwdLab::new_dsr(
+        &FARM
+            .replace("SCHED", "sh")
+            .replace("snat_address = \"10.1.0.100\"", "forwarding = \"dsr\"")
+            .replace("port = 8080\n", ""),
+    );
+    // Count, on the balancer, every packet that comes from the VIP.
+    lab.lb
+        .exec(
+            "nft",
+            &[
+                "add table ip probe; add chain ip probe c { type filter hook prerouting priority -400; }; add rule ip probe c ip saddr 10.0.0.100 counter",
+            ],
+        )
+        .expect("probe");
+    let mut owners = HashMap::new();
+    for i in 50..58 {
+        let src = format!("10.0.0.{i}");
+        let (first, mut stream) = lab.connect_from(&src);
+        assert_eq!(echo(&mut stream, "hello"), "hello", "{src}: echo");
+        for _ in 0..2 {
+            assert_eq!(lab.connect_from(&src).0, first, "{src} moved");
+        }
+        owners.insert(src, first);
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(distinct.len() >= 2, "sources spread: {owners:?}");
+    let probe = lab
+        .lb
+        .exec("nft", &["list", "table", "ip", "probe"])
+        .expect("probe");
+    let listing = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        listing.contains("counter packets 0 bytes 0"),
+        "no reply crossed the balancer: {listing}"
+    );
+    // The client's packets were counted, per backend.
+    let farm = lab.farm();
+    assert_eq!(farm.forwarding, "dsr");
+    let total = farm.counters.expect("farm counters").packets;
+    assert!(total > 0, "the balancer counted the client's packets");
+}

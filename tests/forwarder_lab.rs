@@ -29,9 +29,9 @@ pub struct FwdLab {
 
 /// Each backend answers a connection with its name and a newline, then
 /// echoes every line until the client closes.
-fn backend(ns: &Netns, name: &str) {
+fn backend(ns: &Netns, name: &str, port: u16) {
     let listener = ns
-        .run(|| TcpListener::bind("0.0.0.0:8080"))
+        .run(move || TcpListener::bind(("0.0.0.0", port)))
         .expect("ns")
         .expect("bind");
     let name = name.to_owned();
@@ -62,6 +62,18 @@ fn backend(ns: &Netns, name: &str) {
 
 impl FwdLab {
     pub fn new(farm: &str) -> FwdLab {
+        Self::build(farm, false)
+    }
+
+    /// The lab for a direct-server-return farm on port 80: the backends
+    /// also sit on the clients' LAN (10.0.0.11-13), hold the VIP on `lo`
+    /// without answering ARP for it, and answer the clients directly; the
+    /// balancer reaches them over the back network.
+    pub fn new_dsr(farm: &str) -> FwdLab {
+        Self::build(farm, true)
+    }
+
+    fn build(farm: &str, dsr: bool) -> FwdLab {
         let lab = Lab::new().expect("lab");
         let lan = lab.bridge("lan").expect("lan");
         let back = lab.bridge("back").expect("back");
@@ -81,7 +93,22 @@ impl FwdLab {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
-            backend(&ns, &format!("b{i}"));
+            backend(&ns, &format!("b{i}"), 8080);
+            if dsr {
+                lab.attach(&ns, "eth1", &lan, &[&format!("10.0.0.1{i}/24")])
+                    .expect("backend eth1");
+                ns.add_address("lo", &format!("{VIP}/32"))
+                    .expect("VIP on lo");
+                for (k, v) in [
+                    ("net.ipv4.conf.all.arp_ignore", "1"),
+                    ("net.ipv4.conf.all.arp_announce", "2"),
+                    ("net.ipv4.conf.all.rp_filter", "0"),
+                    ("net.ipv4.conf.eth0.rp_filter", "0"),
+                ] {
+                    ns.sysctl(k, v).expect("sysctl");
+                }
+                backend(&ns, &format!("b{i}"), 80);
+            }
             backends.push(ns);
         }
         let tmp = tempfile::tempdir().expect("tempdir");

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::ruleset::{Count, FAMILY, TABLE};
+use crate::ruleset::{Count, DSR_TABLE, FAMILY, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -66,18 +66,20 @@ pub async fn apply(script: &str) -> Result<(), NftError> {
     }
 }
 
-/// Removes Tandem's table (and with it the datapath). Absent is fine.
+/// Removes Tandem's tables (and with them the datapath). Absent is fine.
 pub async fn remove_table() -> Result<(), NftError> {
     apply(&format!(
-        "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+        "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n\
+         table ip {DSR_TABLE}\ndelete table ip {DSR_TABLE}\n\
+         table ip6 {DSR_TABLE}\ndelete table ip6 {DSR_TABLE}\n"
     ))
     .await
 }
 
-/// The counter objects of Tandem's table; empty when the table is absent.
+/// The counter objects of Tandem's tables; empty when they are absent.
 pub async fn read_counters() -> Result<HashMap<String, Count>, NftError> {
     let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", FAMILY, TABLE])
+        .args(["-j", "list", "counters"])
         .stdin(Stdio::null())
         .output()
         .await
@@ -114,6 +116,10 @@ pub fn parse_counters(json: &[u8]) -> Result<HashMap<String, Count>, NftError> {
     let mut counters = HashMap::new();
     for item in items {
         if let Some(c) = item.get("counter") {
+            let table = c.get("table").and_then(|v| v.as_str()).unwrap_or_default();
+            if table != TABLE && table != DSR_TABLE {
+                continue;
+            }
             let name = c.get("name").and_then(|v| v.as_str()).unwrap_or_default();
             let packets = c.get("packets").and_then(|v| v.as_u64()).unwrap_or(0);
             let bytes = c.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0);

@@ -28,6 +28,8 @@ use tandem_config::{Backend, BackendState, Farm, Forwarding, Protocol, Scheduler
 
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "tandem";
+/// The companion tables of direct-server-return farms (`ip` and `ip6`).
+pub const DSR_TABLE: &str = "tandem_dsr";
 /// Hash buckets of source-hash farms: backends own contiguous ranges, so
 /// when one leaves only its own sources move.
 pub const SH_BUCKETS: u32 = 1024;
@@ -166,7 +168,8 @@ pub fn plan(farm: &Farm, inputs: &Inputs) -> FarmPlan {
         skipped: None,
     };
     if farm.forwarding == Forwarding::Dsr {
-        plan.skipped = Some("direct server return is not supported by this build".into());
+        // Stateless on the balancer: every packet picks its backend by hash.
+        plan.rotation = bucket_shares(&dsr_owners(farm, inputs));
         return plan;
     }
     let mut backends: Vec<&Backend> = farm.backends.iter().collect();
@@ -204,45 +207,80 @@ pub fn plan(farm: &Farm, inputs: &Inputs) -> FarmPlan {
 /// backend out of rotation are dealt out among those in rotation, so every
 /// other source keeps its backend. Empty when no backend is in rotation.
 pub fn sh_owners(farm: &Farm, inputs: &Inputs) -> Vec<BackendKey> {
+    bucket_owners(farm, inputs, false)
+}
+
+/// The buckets of a direct-server-return farm: as [`sh_owners`], with home
+/// ranges in proportion to the weights under `wrr`.
+pub fn dsr_owners(farm: &Farm, inputs: &Inputs) -> Vec<BackendKey> {
+    bucket_owners(farm, inputs, farm.scheduler == Scheduler::Wrr)
+}
+
+fn bucket_owners(farm: &Farm, inputs: &Inputs, weighted: bool) -> Vec<BackendKey> {
     let mut all: Vec<&Backend> = farm.backends.iter().collect();
     all.sort_by_key(|b| (b.address, b.port));
-    let keys: Vec<(BackendKey, bool)> = all
+    let keys: Vec<(BackendKey, bool, u64)> = all
         .iter()
         .map(|b| {
             let k = BackendKey::of(farm, b);
             let up = inputs.in_rotation(&k, b.state);
-            (k, up)
+            let w = if weighted {
+                u64::from(b.weight).max(1)
+            } else {
+                1
+            };
+            (k, up, w)
         })
         .collect();
-    let up: Vec<&BackendKey> = keys.iter().filter(|(_, u)| *u).map(|(k, _)| k).collect();
+    let up: Vec<&BackendKey> = keys
+        .iter()
+        .filter(|(_, u, _)| *u)
+        .map(|(k, _, _)| k)
+        .collect();
     if up.is_empty() {
         return Vec::new();
     }
-    let n = keys.len() as u64;
+    // Backend i's home is the buckets whose scaled position falls in its
+    // slice [sum of weights before it, + its weight) of the total.
+    let total: u64 = keys.iter().map(|(_, _, w)| *w).sum();
+    let mut ends = Vec::with_capacity(keys.len());
+    let mut acc = 0u64;
+    for (_, _, w) in &keys {
+        acc += w;
+        ends.push(acc);
+    }
     (0..SH_BUCKETS)
         .map(|b| {
-            let home = (u64::from(b) * n / u64::from(SH_BUCKETS)) as usize;
-            if keys[home].1 {
-                keys[home].0.clone()
-            } else {
-                up[b as usize % up.len()].clone()
+            let pos = u64::from(b) * total / u64::from(SH_BUCKETS);
+            let home = ends.partition_point(|e| *e <= pos);
+            match keys.get(home) {
+                Some((k, true, _)) => k.clone(),
+                _ => up[b as usize % up.len()].clone(),
             }
         })
         .collect()
 }
 
 fn sh_buckets(farm: &Farm, inputs: &Inputs) -> Vec<(BackendKey, u64)> {
+    bucket_shares(&sh_owners(farm, inputs))
+}
+
+fn bucket_shares(owners: &[BackendKey]) -> Vec<(BackendKey, u64)> {
     let mut shares: BTreeMap<BackendKey, u64> = BTreeMap::new();
-    for k in sh_owners(farm, inputs) {
-        *shares.entry(k).or_insert(0) += 1;
+    for k in owners {
+        *shares.entry(k.clone()).or_insert(0) += 1;
     }
     shares.into_iter().collect()
 }
 
 /// The bucket → backend ranges of an sh farm, merged where contiguous.
 fn sh_ranges(farm: &Farm, inputs: &Inputs) -> Vec<(u32, u32, BackendKey)> {
+    bucket_ranges(sh_owners(farm, inputs))
+}
+
+fn bucket_ranges(owners: Vec<BackendKey>) -> Vec<(u32, u32, BackendKey)> {
     let mut ranges: Vec<(u32, u32, BackendKey)> = Vec::new();
-    for (b, k) in (0..SH_BUCKETS).zip(sh_owners(farm, inputs)) {
+    for (b, k) in (0..SH_BUCKETS).zip(owners) {
         match ranges.last_mut() {
             Some((_, last, owner)) if *owner == k && *last + 1 == b => *last = b,
             _ => ranges.push((b, b, k)),
@@ -326,6 +364,61 @@ pub struct Structure {
     /// Whether forward has backends to count.
     counting: bool,
     farms: Vec<String>,
+    /// Direct-server-return farms, IPv4 then IPv6.
+    dsr: [DsrTable; 2],
+}
+
+/// The companion table of direct-server-return farms, `ip tandem_dsr` or
+/// `ip6 tandem_dsr`: nft (1.0.6) has no `dup` in `inet` tables. It is
+/// replaced in the same transaction as `inet tandem`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DsrTable {
+    counters: Vec<String>,
+    maps: String,
+    /// `mark : counter` elements of its count_backend map.
+    count: Vec<String>,
+    raw: String,
+    pre: String,
+    chains: String,
+}
+
+impl DsrTable {
+    fn render(&self, family: &str, values: &HashMap<String, Count>, out: &mut String) {
+        // Create-then-delete: removes a DSR table left from before, and is
+        // a no-op when there is none.
+        let _ = writeln!(
+            out,
+            "table {family} {DSR_TABLE}\ndelete table {family} {DSR_TABLE}"
+        );
+        if self.pre.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "table {family} {DSR_TABLE} {{");
+        for c in &self.counters {
+            let v = values.get(c).copied().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  counter {c} {{\n    packets {} bytes {}\n  }}",
+                v.packets, v.bytes
+            );
+        }
+        out.push_str(&self.maps);
+        named_map(out, "map", "count_backend", "mark : counter", &self.count);
+        // Untracked: the replies never cross the balancer, and conntrack
+        // would judge a one-sided TCP flow invalid.
+        let _ = writeln!(
+            out,
+            "  chain raw {{\n    type filter hook prerouting priority raw; policy accept;\n{}  }}",
+            self.raw
+        );
+        let _ = writeln!(
+            out,
+            "  chain pre {{\n    type filter hook prerouting priority mangle; policy accept;\n{}  }}",
+            self.pre
+        );
+        out.push_str(&self.chains);
+        out.push_str("}\n");
+    }
 }
 
 impl Rendered {
@@ -374,6 +467,8 @@ impl Rendered {
             let _ = writeln!(out, "  }}");
         }
         out.push_str("}\n");
+        st.dsr[0].render("ip", values, &mut out);
+        st.dsr[1].render("ip6", values, &mut out);
         out
     }
 
@@ -419,11 +514,18 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
     let mut fwd_backend: Vec<String> = Vec::new();
     let mut counters: Vec<String> = Vec::new();
     let mut farm_rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut dsr: [DsrTable; 2] = Default::default();
 
     for farm in farms {
         let plan = plan(farm, inputs);
         if let Some(why) = &plan.skipped {
             let _ = writeln!(pre, "    # farm {}: not served: {why}", farm.name);
+            plans.push(plan);
+            continue;
+        }
+        if farm.forwarding == Forwarding::Dsr {
+            let table = &mut dsr[usize::from(farm.vip.is_ipv6())];
+            render_dsr(farm, &plan, inputs, table);
             plans.push(plan);
             continue;
         }
@@ -567,8 +669,85 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
             post,
             counting: !fwd_backend.is_empty(),
             farms: farm_rules.keys().cloned().collect(),
+            dsr,
         },
         farm_rules,
         plans,
     }
+}
+
+/// A direct-server-return farm: packets to the VIP are left untracked,
+/// hashed to a backend (the source address under `sh`, source address and
+/// port otherwise) and sent to it unchanged — destination still the VIP,
+/// which the backend holds on a non-ARPing interface — with `dup to`
+/// (a copy routed to the backend as next hop) and the original dropped.
+/// Stateless on the balancer: with the cluster's shared seed both nodes
+/// pick the same backend for a flow, so a failover needs no replicated
+/// state.
+fn render_dsr(farm: &Farm, plan: &FarmPlan, inputs: &Inputs, t: &mut DsrTable) {
+    let name = &farm.name;
+    let fam = family(farm.vip);
+    let addr_ty = if farm.vip.is_ipv4() {
+        "ipv4_addr"
+    } else {
+        "ipv6_addr"
+    };
+    let matcher = format!(
+        "{fam} daddr {} meta l4proto {} th dport {}",
+        farm.vip,
+        l4(farm.protocol),
+        ports(farm)
+    );
+    let _ = writeln!(t.raw, "    {matcher} notrack");
+    let _ = writeln!(t.pre, "    {matcher} jump farm_{name}");
+    let mut backends: Vec<&Backend> = farm.backends.iter().collect();
+    backends.sort_by_key(|b| (b.address, b.port));
+    let mut targets = Vec::new();
+    for b in &backends {
+        let key = BackendKey::of(farm, b);
+        let m = key.mark();
+        let bc = backend_counter(&key);
+        t.counters.push(bc.clone());
+        t.count.push(format!("{m:#x} : {bc}"));
+        targets.push(format!("{m:#x} : {}", b.address));
+    }
+    named_map(
+        &mut t.maps,
+        "map",
+        &format!("dsr_{name}"),
+        &format!("mark : {addr_ty}"),
+        &targets,
+    );
+    let _ = writeln!(t.chains, "  chain farm_{name} {{");
+    if plan.rotation.is_empty() {
+        let _ = writeln!(
+            t.chains,
+            "    drop comment \"every backend is out of rotation\""
+        );
+    } else {
+        let key = match farm.scheduler {
+            Scheduler::Sh => format!("{fam} saddr"),
+            _ => format!("{fam} saddr . th sport"),
+        };
+        let elems: Vec<String> = bucket_ranges(dsr_owners(farm, inputs))
+            .iter()
+            .map(|(a, z, k)| {
+                if a == z {
+                    format!("{a} : {:#x}", k.mark())
+                } else {
+                    format!("{a}-{z} : {:#x}", k.mark())
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            t.chains,
+            "    meta mark set jhash {key} mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
+            inputs.hash_seed,
+            elems.join(", ")
+        );
+        let _ = writeln!(t.chains, "    counter name meta mark map @count_backend");
+        let _ = writeln!(t.chains, "    dup to meta mark map @dsr_{name}");
+        let _ = writeln!(t.chains, "    drop");
+    }
+    let _ = writeln!(t.chains, "  }}");
 }

@@ -179,22 +179,67 @@ fn schedules_interleave_and_stay_bounded() {
     assert!(big.contains(&k(3)), "a small weight keeps a slot");
 }
 
-#[test]
-fn direct_server_return_is_reported_as_not_served() {
-    let dsr = farm(
-        &WEB.replace("snat_address = \"10.1.0.100\"", "forwarding = \"dsr\"")
+fn dsr(text: &str) -> Farm {
+    farm(
+        &text
+            .replace("snat_address = \"10.1.0.100\"", "forwarding = \"dsr\"")
             .replace("port = 8080\n", ""),
+    )
+}
+
+#[test]
+fn direct_server_return_hashes_untracked_packets_to_the_backend_unchanged() {
+    let web = dsr(WEB);
+    let (script, plans) = render(
+        std::slice::from_ref(&web),
+        &Inputs {
+            hash_seed: 0x5eed,
+            ..Inputs::default()
+        },
     );
-    let (script, plans) = render(std::slice::from_ref(&dsr), &Inputs::default());
+    // Its own table: nft has no `dup` in inet tables.
+    assert!(script.contains("table ip tandem_dsr {"), "{script}");
     assert!(
-        plans[0]
-            .skipped
-            .as_deref()
-            .is_some_and(|s| s.contains("direct server return"))
+        script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 notrack"),
+        "{script}"
     );
     assert!(
-        !script.contains("farm_web {"),
-        "no chain for a farm not served"
+        script.contains("meta mark set jhash ip saddr . th sport mod 1024 seed 0x5eed map"),
+        "{script}"
+    );
+    assert!(script.contains("dup to meta mark map @dsr_web"), "{script}");
+    assert!(!script.contains("dnat"), "no address is translated");
+    // wrr: buckets in proportion to the weights (3:2), the draining
+    // backend's buckets dealt to the others.
+    let shares: Vec<u64> = plans[0].rotation.iter().map(|(_, w)| *w).collect();
+    assert_eq!(shares.iter().sum::<u64>(), u64::from(SH_BUCKETS));
+    let ratio = shares[0] as f64 / shares[1] as f64;
+    assert!((1.3..1.7).contains(&ratio), "{shares:?}");
+}
+
+#[test]
+fn direct_server_return_moves_only_the_flows_of_a_backend_that_leaves() {
+    let web = dsr(&WEB.replace("state = \"drain\"", ""));
+    let before = lb_forwarder::ruleset::dsr_owners(&web, &Inputs::default());
+    let mut inputs = Inputs::default();
+    inputs.failing.insert(key("web", "10.1.0.12", None));
+    let after = lb_forwarder::ruleset::dsr_owners(&web, &inputs);
+    let gone = key("web", "10.1.0.12", None);
+    for (b, a) in before.iter().zip(&after) {
+        if *b != gone {
+            assert_eq!(b, a, "a bucket of a backend still up kept its owner");
+        } else {
+            assert_ne!(*a, gone);
+        }
+    }
+    // An empty rotation drops rather than sending anywhere.
+    for k in ["10.1.0.11", "10.1.0.13"] {
+        inputs.failing.insert(key("web", k, None));
+    }
+    let (script, _) = render(std::slice::from_ref(&web), &inputs);
+    assert!(
+        script.contains("every backend is out of rotation"),
+        "{script}"
     );
 }
 
@@ -286,8 +331,14 @@ fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
     let v6 = farm(
         "name = \"v6\"\nvip = \"fd00::100\"\nport = 443\nsnat_address = \"fd01::100\"\n[[backends]]\naddress = \"fd01::11\"\n",
     );
+    let dsr4 = farm(
+        "name = \"d4\"\nvip = \"10.0.0.101\"\nport = 80\nforwarding = \"dsr\"\nscheduler = \"sh\"\n[[backends]]\naddress = \"10.1.0.11\"\n",
+    );
+    let dsr6 = farm(
+        "name = \"d6\"\nvip = \"fd00::101\"\nport = 80\nprotocol = \"both\"\nforwarding = \"dsr\"\n[[backends]]\naddress = \"fd01::11\"\n",
+    );
     let (script, _) = render(
-        &[sh, v6],
+        &[sh, v6, dsr4, dsr6],
         &Inputs {
             hash_seed: 7,
             ..Inputs::default()
@@ -314,7 +365,10 @@ fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
         .expect("ns thread");
     let (counters, broken, after) = result.expect("nft");
     assert!(
-        counters.contains_key("be_web_10_1_0_11_8080") && counters.contains_key("be_v6_fd01__11"),
+        counters.contains_key("be_web_10_1_0_11_8080")
+            && counters.contains_key("be_v6_fd01__11")
+            && counters.contains_key("be_d4_10_1_0_11")
+            && counters.contains_key("be_d6_fd01__11"),
         "{counters:?}"
     );
     assert!(

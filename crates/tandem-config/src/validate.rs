@@ -372,6 +372,12 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
         }
         _ => {}
     }
+    if f.forwarding == Forwarding::Dsr && f.scheduler == Scheduler::Lc {
+        r.add(
+            vec![Key("scheduler")],
+            format!("farm `{name}`: least connections cannot be used with direct server return: the replies never cross the balancer, so it cannot count connections; use rr, wrr or sh"),
+        );
+    }
     let hc = &f.health_check;
     let hp = |k| vec![Key("health_check"), Key(k)];
     check_range(

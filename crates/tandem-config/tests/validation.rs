@@ -283,6 +283,20 @@ fn dsr_cannot_change_the_port() {
 }
 
 #[test]
+fn dsr_refuses_least_connections() {
+    let farm = web_with(
+        "snat_address = \"10.1.0.100\"\n",
+        "forwarding = \"dsr\"\nscheduler = \"lc\"\n",
+    )
+    .replace("port = 8080\n", "");
+    let e = one_error(&[("farms/web.toml", &farm)]);
+    assert!(
+        e.starts_with("farms/web.toml:5:13: farm `web`: least connections cannot be used with direct server return"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_udp_farm_cannot_use_a_tcp_check() {
     let farm = web_with("port = 80\n", "port = 80\nprotocol = \"udp\"\n");
     let e = one_error(&[("farms/web.toml", &farm)]);
