@@ -91,12 +91,13 @@ pub async fn run(
         };
         let parts = ruleset::render_parts(farms, &inputs);
         let plans = parts.plans.clone();
-        // Same structure: rewrite only the farm chains whose rules changed,
-        // keeping the table and its counters. Otherwise replace the table,
+        // The same farms (VIPs, ports, SNAT): update in place what changed —
+        // farm chains, backends' map elements and counters — keeping the
+        // table and the other counters. Otherwise replace the table,
         // carrying the counters over.
         let fast = applied
             .as_ref()
-            .filter(|a| a.structure == parts.structure)
+            .filter(|a| parts.structure.updatable_from(&a.structure))
             .map(|a| parts.update_from(a));
         let started = Instant::now();
         let result = match fast {

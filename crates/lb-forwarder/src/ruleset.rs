@@ -140,8 +140,6 @@ pub struct FarmPlan {
     /// (backend, share) in rotation; the shares' meaning depends on the
     /// scheduler (rr: 1 each; wrr/lc: weights; sh: hash buckets).
     pub rotation: Vec<(BackendKey, u64)>,
-    /// Why the farm is not served, if it is not.
-    pub skipped: Option<String>,
 }
 
 fn l4(p: Protocol) -> &'static str {
@@ -165,7 +163,6 @@ pub fn plan(farm: &Farm, inputs: &Inputs) -> FarmPlan {
     let mut plan = FarmPlan {
         farm: farm.name.clone(),
         rotation: Vec::new(),
-        skipped: None,
     };
     if farm.forwarding == Forwarding::Dsr {
         // Stateless on the balancer: every packet picks its backend by hash.
@@ -336,36 +333,145 @@ fn merge_slots(order: &[BackendKey]) -> Vec<(u32, u32, BackendKey)> {
     ranges
 }
 
-/// The table in two parts, so a change of rotation alone (health, an
-/// operator override, lc loads) rewrites only the farm chains concerned:
-/// `structure` is everything else (counters, named maps, hook chains) and
-/// changes only with the configuration.
+/// The table in two parts, so a change of rotation (health, an operator
+/// override, lc loads) or of a farm's backends rewrites only what changed:
+/// `structure` is everything but the farm chains' rules, kept as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
-    /// Everything but the farm chains' rules: equal structures mean a fast
-    /// update is possible.
     pub structure: Structure,
-    /// Each farm chain's rules.
+    /// Each NAT farm chain's rules.
     pub farm_rules: BTreeMap<String, Vec<String>>,
     pub plans: Vec<FarmPlan>,
 }
 
-/// The part of the table that depends on the configuration only, kept as
-/// data: comparing it needs no script, and the script is assembled only when
-/// the table is replaced.
+/// What the configuration alone decides, kept as data: comparing it needs
+/// no script, and the script is assembled only when it is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Structure {
-    counters: Vec<String>,
-    /// Named maps and sets, declared.
-    maps: String,
-    /// Rules of the prerouting and postrouting hook chains.
-    pre: String,
-    post: String,
-    /// Whether forward has backends to count.
-    counting: bool,
-    farms: Vec<String>,
+    /// NAT farms by name.
+    farms: BTreeMap<String, FarmShape>,
     /// Direct-server-return farms, IPv4 then IPv6.
     dsr: [DsrTable; 2],
+}
+
+/// A NAT farm's part of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FarmShape {
+    /// Its rules in the prerouting and postrouting hook chains, and the key
+    /// type of its maps: what an update in place cannot change.
+    pre: String,
+    post: String,
+    addr_ty: &'static str,
+    /// Its configured backends by mark: elements of the named maps.
+    backends: BTreeMap<u32, ShapeBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShapeBackend {
+    /// Counter objects: packets/bytes, new connections.
+    counter: String,
+    conn_counter: String,
+    /// DNAT target: `addr . port`, or `addr` alone to keep the client's port.
+    target: String,
+    ported: bool,
+}
+
+impl FarmShape {
+    fn map_declarations(&self, name: &str, out: &mut String) {
+        let elems = |f: &dyn Fn(&u32, &ShapeBackend) -> Option<String>| -> Vec<String> {
+            self.backends.iter().filter_map(|(m, b)| f(m, b)).collect()
+        };
+        let addr_ty = self.addr_ty;
+        named_map(
+            out,
+            "map",
+            &format!("dnat_{name}"),
+            &format!("mark : {addr_ty} . inet_service"),
+            &elems(&|m, b| b.ported.then(|| format!("{m:#x} : {}", b.target))),
+        );
+        named_map(
+            out,
+            "set",
+            &format!("ported_{name}"),
+            "mark",
+            &elems(&|m, b| b.ported.then(|| format!("{m:#x}"))),
+        );
+        named_map(
+            out,
+            "map",
+            &format!("keep_{name}"),
+            &format!("mark : {addr_ty}"),
+            &elems(&|m, b| (!b.ported).then(|| format!("{m:#x} : {}", b.target))),
+        );
+        named_map(
+            out,
+            "map",
+            &format!("conn_{name}"),
+            "mark : counter",
+            &elems(&|m, b| Some(format!("{m:#x} : {}", b.conn_counter))),
+        );
+    }
+
+    /// Statements bringing the farm's maps and counters from `old` to this
+    /// shape: elements and counters of backends that left are deleted
+    /// (elements first: they reference the counters), those of new ones
+    /// added. Backends that stay keep their counters.
+    fn update_from(&self, name: &str, old: &FarmShape, out: &mut String) {
+        let t = format!("{FAMILY} {TABLE}");
+        for (m, b) in &old.backends {
+            if self.backends.get(m) == Some(b) {
+                continue;
+            }
+            let map = if b.ported { "dnat" } else { "keep" };
+            let _ = writeln!(out, "delete element {t} {map}_{name} {{ {m:#x} }}");
+            if b.ported {
+                let _ = writeln!(out, "delete element {t} ported_{name} {{ {m:#x} }}");
+            }
+            let _ = writeln!(out, "delete element {t} conn_{name} {{ {m:#x} }}");
+            let _ = writeln!(out, "delete element {t} count_backend {{ {m:#x} }}");
+            let _ = writeln!(out, "delete counter {t} {}", b.counter);
+            let _ = writeln!(out, "delete counter {t} {}", b.conn_counter);
+        }
+        for (m, b) in &self.backends {
+            if old.backends.get(m) == Some(b) {
+                continue;
+            }
+            let _ = writeln!(out, "add counter {t} {}", b.counter);
+            let _ = writeln!(out, "add counter {t} {}", b.conn_counter);
+            let map = if b.ported { "dnat" } else { "keep" };
+            let _ = writeln!(
+                out,
+                "add element {t} {map}_{name} {{ {m:#x} : {} }}",
+                b.target
+            );
+            if b.ported {
+                let _ = writeln!(out, "add element {t} ported_{name} {{ {m:#x} }}");
+            }
+            let _ = writeln!(
+                out,
+                "add element {t} conn_{name} {{ {m:#x} : {} }}",
+                b.conn_counter
+            );
+            let _ = writeln!(
+                out,
+                "add element {t} count_backend {{ {m:#x} : {} }}",
+                b.counter
+            );
+        }
+    }
+}
+
+impl Structure {
+    /// Whether a table of shape `old` can be brought to this one in place:
+    /// the same farms with the same VIPs, ports, protocols and SNAT, and the
+    /// same DSR tables. Backends may differ.
+    pub fn updatable_from(&self, old: &Structure) -> bool {
+        self.dsr == old.dsr
+            && self.farms.len() == old.farms.len()
+            && self.farms.iter().zip(&old.farms).all(|((n, a), (o, b))| {
+                n == o && a.pre == b.pre && a.post == b.post && a.addr_ty == b.addr_ty
+            })
+    }
 }
 
 /// The companion table of direct-server-return farms, `ip tandem_dsr` or
@@ -432,30 +538,56 @@ impl Rendered {
             out,
             "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{"
         );
-        for c in &st.counters {
-            let v = values.get(c).copied().unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  counter {c} {{\n    packets {} bytes {}\n  }}",
-                v.packets, v.bytes
+        for shape in st.farms.values() {
+            for b in shape.backends.values() {
+                for c in [&b.counter, &b.conn_counter] {
+                    let v = values.get(c).copied().unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  counter {c} {{\n    packets {} bytes {}\n  }}",
+                        v.packets, v.bytes
+                    );
+                }
+            }
+        }
+        let mut count = Vec::new();
+        for (name, shape) in &st.farms {
+            shape.map_declarations(name, &mut out);
+            count.extend(
+                shape
+                    .backends
+                    .iter()
+                    .map(|(m, b)| format!("{m:#x} : {}", b.counter)),
             );
         }
-        out.push_str(&st.maps);
-        let _ = writeln!(
-            out,
-            "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{}  }}",
-            st.pre
+        named_map(&mut out, "map", "count_backend", "mark : counter", &count);
+        let hook =
+            |out: &mut String, chain: &str, kind: &str, body: &dyn Fn(&FarmShape) -> &str| {
+                let _ = writeln!(out, "  chain {chain} {{\n    {kind}");
+                for shape in st.farms.values() {
+                    out.push_str(body(shape));
+                }
+                let _ = writeln!(out, "  }}");
+            };
+        hook(
+            &mut out,
+            "prerouting",
+            "type nat hook prerouting priority dstnat; policy accept;",
+            &|f| &f.pre,
         );
-        let _ = writeln!(
-            out,
-            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{}  }}",
-            st.post
+        hook(
+            &mut out,
+            "postrouting",
+            "type nat hook postrouting priority srcnat; policy accept;",
+            &|f| &f.post,
         );
+        // Every packet of a farm's connections, both directions, is counted
+        // against its backend, found by the connection's mark.
         let _ = writeln!(
             out,
             "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
         );
-        if st.counting {
+        if !count.is_empty() {
             let _ = writeln!(out, "    counter name ct mark map @count_backend");
         }
         let _ = writeln!(out, "  }}");
@@ -472,9 +604,10 @@ impl Rendered {
         out
     }
 
-    /// A script that brings a table rendered as `old` to this one by
-    /// rewriting only the farm chains whose rules changed. Empty when
-    /// nothing changed. Only valid when both have the same `structure`.
+    /// A script that brings a table rendered as `old` to this one in place:
+    /// map elements and counters of backends that came or went, and the
+    /// farm chains whose rules changed. Empty when nothing changed. Only
+    /// valid when `self.structure.updatable_from(&old.structure)`.
     pub fn update_from(&self, old: &Rendered) -> String {
         let mut out = String::new();
         for (farm, rules) in &self.farm_rules {
@@ -482,6 +615,34 @@ impl Rendered {
                 continue;
             }
             let _ = writeln!(out, "flush chain {FAMILY} {TABLE} farm_{farm}");
+        }
+        for (name, shape) in &self.structure.farms {
+            if let Some(before) = old.structure.farms.get(name)
+                && before.backends != shape.backends
+            {
+                shape.update_from(name, before, &mut out);
+            }
+        }
+        // Whether forward counts depends on there being backends at all.
+        let had = old.structure.farms.values().any(|f| !f.backends.is_empty());
+        let has = self
+            .structure
+            .farms
+            .values()
+            .any(|f| !f.backends.is_empty());
+        if had != has {
+            let _ = writeln!(out, "flush chain {FAMILY} {TABLE} forward");
+            if has {
+                let _ = writeln!(
+                    out,
+                    "add rule {FAMILY} {TABLE} forward counter name ct mark map @count_backend"
+                );
+            }
+        }
+        for (farm, rules) in &self.farm_rules {
+            if old.farm_rules.get(farm) == Some(rules) {
+                continue;
+            }
             for r in rules {
                 let _ = writeln!(out, "add rule {FAMILY} {TABLE} farm_{farm} {r}");
             }
@@ -508,21 +669,12 @@ fn named_map(out: &mut String, kind: &str, name: &str, ty: &str, elements: &[Str
 
 pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
     let mut plans = Vec::new();
-    let mut pre = String::new();
-    let mut post = String::new();
-    let mut maps = String::new();
-    let mut fwd_backend: Vec<String> = Vec::new();
-    let mut counters: Vec<String> = Vec::new();
+    let mut shapes: BTreeMap<String, FarmShape> = BTreeMap::new();
     let mut farm_rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut dsr: [DsrTable; 2] = Default::default();
 
     for farm in farms {
         let plan = plan(farm, inputs);
-        if let Some(why) = &plan.skipped {
-            let _ = writeln!(pre, "    # farm {}: not served: {why}", farm.name);
-            plans.push(plan);
-            continue;
-        }
         if farm.forwarding == Forwarding::Dsr {
             let table = &mut dsr[usize::from(farm.vip.is_ipv6())];
             render_dsr(farm, &plan, inputs, table);
@@ -531,79 +683,47 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
         }
         let name = &farm.name;
         let fam = family(farm.vip);
-        let addr_ty = if farm.vip.is_ipv4() {
-            "ipv4_addr"
-        } else {
-            "ipv6_addr"
-        };
         let proto = l4(farm.protocol);
-        let _ = writeln!(
-            pre,
-            "    {fam} daddr {} meta l4proto {proto} th dport {} jump farm_{name}",
-            farm.vip,
-            ports(farm)
-        );
-        if let Some(snat) = farm.snat_address {
-            let _ = writeln!(
-                post,
-                "    ct status dnat meta l4proto {proto} ct original {fam} daddr {} ct original proto-dst {} snat {fam} to {snat}",
+        let mut shape = FarmShape {
+            pre: format!(
+                "    {fam} daddr {} meta l4proto {proto} th dport {} jump farm_{name}\n",
                 farm.vip,
                 ports(farm)
+            ),
+            post: farm.snat_address.map_or_else(String::new, |snat| {
+                format!(
+                    "    ct status dnat meta l4proto {proto} ct original {fam} daddr {} ct original proto-dst {} snat {fam} to {snat}\n",
+                    farm.vip,
+                    ports(farm)
+                )
+            }),
+            addr_ty: if farm.vip.is_ipv4() {
+                "ipv4_addr"
+            } else {
+                "ipv6_addr"
+            },
+            backends: BTreeMap::new(),
+        };
+        // What depends on the configured backends only: their counters and
+        // DNAT targets. Draining backends keep counting their established
+        // connections.
+        for b in &farm.backends {
+            let key = BackendKey::of(farm, b);
+            shape.backends.insert(
+                key.mark(),
+                ShapeBackend {
+                    counter: backend_counter(&key),
+                    conn_counter: backend_conn_counter(&key),
+                    target: match b.port {
+                        Some(p) => format!("{} . {p}", b.address),
+                        None => b.address.to_string(),
+                    },
+                    ported: b.port.is_some(),
+                },
             );
         }
-        // What depends on the configured backends only: their counters,
-        // DNAT targets and the counting maps. Draining backends keep
-        // counting their established connections.
-        let mut backends: Vec<&Backend> = farm.backends.iter().collect();
-        backends.sort_by_key(|b| (b.address, b.port));
-        let (mut ported, mut ported_ids, mut keep, mut conns) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for b in &backends {
-            let key = BackendKey::of(farm, b);
-            let m = key.mark();
-            let bc = backend_counter(&key);
-            let cc = backend_conn_counter(&key);
-            counters.push(bc.clone());
-            counters.push(cc.clone());
-            fwd_backend.push(format!("{m:#x} : {bc}"));
-            conns.push(format!("{m:#x} : {cc}"));
-            match b.port {
-                Some(p) => {
-                    ported.push(format!("{m:#x} : {} . {p}", b.address));
-                    ported_ids.push(format!("{m:#x}"));
-                }
-                // Keeps the client's port.
-                None => keep.push(format!("{m:#x} : {}", b.address)),
-            }
-        }
-        named_map(
-            &mut maps,
-            "map",
-            &format!("dnat_{name}"),
-            &format!("mark : {addr_ty} . inet_service"),
-            &ported,
-        );
-        named_map(
-            &mut maps,
-            "set",
-            &format!("ported_{name}"),
-            "mark",
-            &ported_ids,
-        );
-        named_map(
-            &mut maps,
-            "map",
-            &format!("keep_{name}"),
-            &format!("mark : {addr_ty}"),
-            &keep,
-        );
-        named_map(
-            &mut maps,
-            "map",
-            &format!("conn_{name}"),
-            "mark : counter",
-            &conns,
-        );
+        let any_ported = shape.backends.values().any(|b| b.ported);
+        let any_kept = shape.backends.values().any(|b| !b.ported);
 
         // What the rotation decides: the scheduler sets the connection's
         // mark; the named maps, keyed by it, count and DNAT.
@@ -641,36 +761,20 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
             });
             rules.push(format!("counter name ct mark map @conn_{name}"));
             // A port in a DNAT target needs a transport match in the rule.
-            if !ported.is_empty() {
+            if any_ported {
                 rules.push(format!("ct mark @ported_{name} meta l4proto {proto} dnat {fam} to ct mark map @dnat_{name}"));
             }
-            if !keep.is_empty() {
+            if any_kept {
                 rules.push(format!("dnat {fam} to ct mark map @keep_{name}"));
             }
         }
         farm_rules.insert(name.clone(), rules);
+        shapes.insert(name.clone(), shape);
         plans.push(plan);
-    }
-    if !fwd_backend.is_empty() {
-        named_map(
-            &mut maps,
-            "map",
-            "count_backend",
-            "mark : counter",
-            &fwd_backend,
-        );
     }
 
     Rendered {
-        structure: Structure {
-            counters,
-            maps,
-            pre,
-            post,
-            counting: !fwd_backend.is_empty(),
-            farms: farm_rules.keys().cloned().collect(),
-            dsr,
-        },
+        structure: Structure { farms: shapes, dsr },
         farm_rules,
         plans,
     }

@@ -66,10 +66,19 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         script.contains("ct mark @ported_web meta l4proto tcp dnat ip to ct mark map @dnat_web"),
         "{script}"
     );
-    let targets = format!(
-        "elements = {{ {b1:#x} : 10.1.0.11 . 8080, {b2:#x} : 10.1.0.12 . 8080, {b3:#x} : 10.1.0.13 . 8080 }}"
-    );
-    assert!(script.contains(&targets), "{targets}\n{script}");
+    // DNAT targets, in mark order.
+    let dnat = script
+        .lines()
+        .skip_while(|l| !l.contains("map dnat_web"))
+        .nth(2)
+        .expect("dnat_web elements");
+    for t in [
+        format!("{b1:#x} : 10.1.0.11 . 8080"),
+        format!("{b2:#x} : 10.1.0.12 . 8080"),
+        format!("{b3:#x} : 10.1.0.13 . 8080"),
+    ] {
+        assert!(dnat.contains(&t), "{t}\n{script}");
+    }
     assert!(
         script.contains("ip daddr 10.0.0.100 meta l4proto tcp th dport 80 jump farm_web"),
         "{script}"
@@ -454,4 +463,102 @@ fn a_rotation_change_rewrites_only_the_farm_chain_and_keeps_counters() {
         !text.contains(&format!("{gone:#010x}")),
         "the failing backend left the scheduler map:\n{text}"
     );
+}
+
+/// A configuration change that only adds or removes backends (a farm file
+/// edited) is applied in place too: their map elements and counters come
+/// and go, the other backends keep their counters, and the kernel ends up
+/// with exactly the table a full replacement would give.
+#[test]
+fn backends_added_or_removed_are_updated_in_place() {
+    use lb_forwarder::ruleset::render_parts;
+    let before_farm = farm(WEB);
+    let after_farm = farm(&WEB.replace(
+        "[[backends]]\naddress = \"10.1.0.11\"\nport = 8080\nweight = 3\n",
+        "[[backends]]\naddress = \"10.1.0.14\"\nweight = 3\n",
+    ));
+    let before = render_parts(std::slice::from_ref(&before_farm), &Inputs::default());
+    let after = render_parts(std::slice::from_ref(&after_farm), &Inputs::default());
+    assert_ne!(before.structure, after.structure);
+    assert!(after.structure.updatable_from(&before.structure));
+    let moved = farm(&WEB.replace("port = 80\n", "port = 81\n"));
+    let other_port = render_parts(std::slice::from_ref(&moved), &Inputs::default());
+    assert!(
+        !other_port.structure.updatable_from(&before.structure),
+        "a farm that moved to another port needs the table replaced"
+    );
+    let update = after.update_from(&before);
+    assert!(
+        update.contains("delete counter inet tandem be_web_10_1_0_11_8080"),
+        "{update}"
+    );
+    assert!(
+        update.contains("add counter inet tandem be_web_10_1_0_14"),
+        "{update}"
+    );
+    assert!(
+        !update.contains("10_1_0_12"),
+        "a backend that stays is not touched: {update}"
+    );
+
+    let lab = tandem_lab::Lab::new().expect("lab");
+    let ns = lab.netns("fw").expect("netns");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let mut seeded = HashMap::new();
+    seeded.insert(
+        "be_web_10_1_0_12_8080".to_owned(),
+        Count {
+            packets: 7,
+            bytes: 700,
+        },
+    );
+    let list = |ns: &tandem_lab::Netns| {
+        let out = ns
+            .exec("nft", &["list", "table", "inet", "tandem"])
+            .expect("list");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (counters, in_place) = ns
+        .run(|| {
+            rt.block_on(async {
+                lb_forwarder::nft::apply(&before.full(&seeded)).await?;
+                lb_forwarder::nft::apply(&update).await?;
+                let counters = lb_forwarder::nft::read_counters().await?;
+                Ok::<_, lb_forwarder::nft::NftError>((counters, ()))
+            })
+        })
+        .expect("ns thread")
+        .expect("nft");
+    let _ = in_place;
+    let updated = list(&ns);
+    assert_eq!(
+        counters["be_web_10_1_0_12_8080"],
+        Count {
+            packets: 7,
+            bytes: 700
+        },
+        "a backend that stays keeps its counter"
+    );
+    assert!(counters.contains_key("be_web_10_1_0_14"));
+    assert!(!counters.contains_key("be_web_10_1_0_11_8080"));
+    // The same as a table built from scratch (counter values aside).
+    let fresh = ns
+        .run(|| rt.block_on(lb_forwarder::nft::apply(&after.full(&counters))))
+        .expect("ns thread");
+    fresh.expect("full apply");
+    let replaced = list(&ns);
+    let norm = |t: &str| {
+        let mut l: Vec<String> = t
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("packets"))
+            .map(str::to_owned)
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(norm(&updated), norm(&replaced));
 }
