@@ -1,7 +1,26 @@
 //! The kernel's connection-tracking table over ctnetlink (NETLINK_NETFILTER):
 //! dump, event subscription, create, update and delete of entries, used by
 //! conntrack-syncd (replication) and lb-forwarder (per-backend counters).
+//!
+//! - [`Conntrack`]: requests (blocking, answered at once by the kernel).
+//! - [`EventSocket`] / [`EventStream`]: events, blocking or on tokio.
+//! - [`Filter`]: which entries belong to Tandem.
+//!
+//! Every socket lives in the network namespace of the thread that opened
+//! it. See docs/conntrack.md for the attributes used and the kernel's
+//! quirks this crate works around.
 
+mod client;
+mod codec;
 pub mod entry;
+mod error;
+mod events;
+mod filter;
+mod netlink;
 
-pub use entry::{Entry, Event, TcpInfo, Tuple};
+pub use client::Conntrack;
+pub use codec::{CreateOptions, DecodeError};
+pub use entry::{Counters, Entry, Event, Record, TcpInfo, Tuple};
+pub use error::{ConntrackError, Op};
+pub use events::{DEFAULT_RECEIVE_BUFFER, EventGroup, EventSocket, EventStream};
+pub use filter::{Filter, Service};

@@ -1,0 +1,361 @@
+//! The request side of ctnetlink: dump, get, create, update, delete.
+
+use std::collections::HashMap;
+use std::io;
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkPayload,
+};
+use netlink_packet_netfilter::{
+    NetfilterMessageInner, NetfilterProtoFamily,
+    conntrack::{ConntrackAttribute, ConntrackMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use nix::errno::Errno;
+
+use crate::codec::{self, CreateOptions};
+use crate::entry::{Entry, Record, Tuple};
+use crate::error::{ConntrackError, Op};
+use crate::netlink::{self, family_of};
+
+/// Receive buffer of the request socket: room for the acknowledgements of
+/// a whole batch and for the largest dump datagram (the kernel caps those
+/// at 32 KiB).
+const RECEIVE_BUFFER: usize = 4 << 20;
+/// Bytes read per recv: more than a dump datagram.
+const RECV_CHUNK: usize = 64 << 10;
+/// Requests per sendmsg in [`Conntrack::create_many`]: ~200 bytes each,
+/// well under the default send buffer (net.core.wmem_default, 208 KiB).
+const BATCH: usize = 256;
+
+/// A handle on the conntrack table of the network namespace of the thread
+/// that opened it (a netlink socket belongs to its creator's namespace and
+/// stays there). Calls block until the kernel answers, which it does at
+/// once: from async code, call them from `spawn_blocking` or a dedicated
+/// thread.
+#[derive(Debug)]
+pub struct Conntrack {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Why one request failed, before it is given its operation and tuple.
+enum Failure {
+    Errno(Errno),
+    Io(&'static str, io::Error),
+    Decode(&'static str, String),
+}
+
+impl Failure {
+    fn into_error(self, op: Op, tuple: Tuple) -> ConntrackError {
+        match self {
+            Failure::Errno(Errno::EEXIST) if op == Op::Create => ConntrackError::Exists { tuple },
+            Failure::Errno(Errno::ENOENT) => ConntrackError::NotFound { op, tuple },
+            Failure::Errno(errno) => ConntrackError::Refused { op, tuple, errno },
+            Failure::Io(what, source) => ConntrackError::Io { what, source },
+            Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
+        }
+    }
+}
+
+/// One answer of the kernel to a request of ours.
+enum Reply {
+    Entry(Vec<ConntrackAttribute>),
+    Ack,
+    Error(Errno),
+    Done,
+}
+
+fn check_entry(op: Op, entry: &Entry) -> Result<(), ConntrackError> {
+    let o = &entry.original;
+    let r = &entry.reply;
+    let v6 = o.is_ipv6();
+    let invalid = |reason| ConntrackError::Invalid {
+        op,
+        tuple: *o,
+        reason,
+    };
+    if [o.dst, r.src, r.dst].iter().any(|a| a.is_ipv6() != v6) {
+        return Err(invalid("its addresses mix IPv4 and IPv6"));
+    }
+    if o.protocol != r.protocol {
+        return Err(invalid("its tuples have different protocols"));
+    }
+    Ok(())
+}
+
+impl Conntrack {
+    /// Opens a ctnetlink socket in the calling thread's network namespace.
+    pub fn open() -> Result<Conntrack, ConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Open)?;
+        socket.bind_auto().map_err(ConntrackError::Open)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(ConntrackError::Open)?;
+        // Errors then echo only the request's header, not the whole request.
+        socket.set_cap_ack(true).map_err(ConntrackError::Open)?;
+        netlink::set_receive_buffer(&socket, RECEIVE_BUFFER).map_err(ConntrackError::Open)?;
+        Ok(Conntrack {
+            socket,
+            seq: 0,
+            buf: vec![0; RECV_CHUNK],
+        })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn send(&self, bytes: &[u8], what: &'static str) -> Result<(), Failure> {
+        self.socket
+            .send(bytes, 0)
+            .map(drop)
+            .map_err(|e| Failure::Io(what, e))
+    }
+
+    /// Reads one datagram and returns the answers it holds to requests
+    /// (sequence number, answer). Messages that are not answers (there
+    /// should be none: this socket joins no group) are skipped.
+    fn receive(&mut self, what: &'static str) -> Result<Vec<(u32, Reply)>, Failure> {
+        let n = loop {
+            match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::Io(what, e)),
+            }
+        };
+        let messages = netlink::decode(&self.buf[..n]).map_err(|e| Failure::Decode(what, e))?;
+        let mut out = Vec::with_capacity(messages.len());
+        for msg in messages {
+            let seq = msg.header.sequence_number;
+            let reply = match msg.payload {
+                NetlinkPayload::Done(_) => Reply::Done,
+                NetlinkPayload::Error(e) => match e.code {
+                    None => Reply::Ack,
+                    Some(code) => Reply::Error(Errno::from_raw(-code.get())),
+                },
+                NetlinkPayload::InnerMessage(m) => match m.inner {
+                    NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => {
+                        Reply::Entry(attrs)
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            out.push((seq, reply));
+        }
+        Ok(out)
+    }
+
+    /// Sends one request and collects the entries answered until the final
+    /// acknowledgement (or end of dump).
+    fn transact(
+        &mut self,
+        family: NetfilterProtoFamily,
+        msg: ConntrackMessage,
+        flags: u16,
+        what: &'static str,
+    ) -> Result<Vec<Vec<ConntrackAttribute>>, Failure> {
+        let seq = self.next_seq();
+        self.send(&netlink::encode(family, msg, flags, seq), what)?;
+        let mut entries = Vec::new();
+        loop {
+            for (s, reply) in self.receive(what)? {
+                if s != seq {
+                    // A late answer to an earlier request that failed on
+                    // our side (e.g. decoding); not ours to report.
+                    continue;
+                }
+                match reply {
+                    Reply::Entry(attrs) => entries.push(attrs),
+                    Reply::Ack | Reply::Done => return Ok(entries),
+                    Reply::Error(errno) => return Err(Failure::Errno(errno)),
+                }
+            }
+        }
+    }
+
+    /// Every entry of the table, IPv4 and IPv6.
+    pub fn dump(&mut self) -> Result<Vec<Record>, ConntrackError> {
+        // AF_UNSPEC in the request: the kernel dumps every family.
+        let entries = self
+            .transact(
+                NetfilterProtoFamily::Unspec,
+                ConntrackMessage::Get(vec![]),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                "dumping the table",
+            )
+            .map_err(|f| match f {
+                Failure::Errno(errno) => ConntrackError::DumpRefused { errno },
+                Failure::Io(what, source) => ConntrackError::Io { what, source },
+                Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
+            })?;
+        entries
+            .iter()
+            .map(|attrs| {
+                codec::decode_record(attrs).map_err(|e| ConntrackError::Decode {
+                    what: "dumping the table",
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The entry whose original tuple is `tuple` (zone 0), if any.
+    pub fn get(&mut self, tuple: &Tuple) -> Result<Option<Record>, ConntrackError> {
+        self.get_in_zone(tuple, 0)
+    }
+
+    pub fn get_in_zone(
+        &mut self,
+        tuple: &Tuple,
+        zone: u16,
+    ) -> Result<Option<Record>, ConntrackError> {
+        let result = self.transact(
+            family_of(tuple),
+            ConntrackMessage::Get(codec::key_attrs(tuple, zone)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            "reading an entry",
+        );
+        match result {
+            Ok(entries) => match entries.first() {
+                Some(attrs) => {
+                    codec::decode_record(attrs)
+                        .map(Some)
+                        .map_err(|e| ConntrackError::Decode {
+                            what: "reading an entry",
+                            reason: e.to_string(),
+                        })
+                }
+                None => Ok(None),
+            },
+            Err(Failure::Errno(Errno::ENOENT)) => Ok(None),
+            Err(f) => Err(f.into_error(Op::Get, *tuple)),
+        }
+    }
+
+    /// Creates `entry`, NAT included. Fails with [`ConntrackError::Exists`]
+    /// if its original tuple is already in the table.
+    pub fn create(&mut self, entry: &Entry, opts: CreateOptions) -> Result<(), ConntrackError> {
+        check_entry(Op::Create, entry)?;
+        self.transact(
+            family_of(&entry.original),
+            ConntrackMessage::New(codec::create_attrs(entry, opts)),
+            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            "creating an entry",
+        )
+        .map(drop)
+        .map_err(|f| f.into_error(Op::Create, entry.original))
+    }
+
+    /// Creates many entries, several requests per system call (the kernel
+    /// processes them in order and acknowledges each); one result per
+    /// entry, in order.
+    pub fn create_many(
+        &mut self,
+        entries: &[Entry],
+        opts: CreateOptions,
+    ) -> Vec<Result<(), ConntrackError>> {
+        let mut results: Vec<Option<Result<(), ConntrackError>>> =
+            entries.iter().map(|_| None).collect();
+        for (chunk_no, chunk) in entries.chunks(BATCH).enumerate() {
+            let base = chunk_no * BATCH;
+            let mut pending: HashMap<u32, usize> = HashMap::new();
+            let mut bytes = Vec::with_capacity(chunk.len() * 256);
+            for (i, entry) in chunk.iter().enumerate() {
+                if let Err(e) = check_entry(Op::Create, entry) {
+                    results[base + i] = Some(Err(e));
+                    continue;
+                }
+                let seq = self.next_seq();
+                pending.insert(seq, base + i);
+                bytes.extend(netlink::encode(
+                    family_of(&entry.original),
+                    ConntrackMessage::New(codec::create_attrs(entry, opts)),
+                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+                    seq,
+                ));
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let outcome = self.send(&bytes, "creating entries").and_then(|()| {
+                while !pending.is_empty() {
+                    for (seq, reply) in self.receive("creating entries")? {
+                        let Some(i) = pending.remove(&seq) else {
+                            continue;
+                        };
+                        results[i] =
+                            Some(match reply {
+                                Reply::Error(errno) => Err(Failure::Errno(errno)
+                                    .into_error(Op::Create, entries[i].original)),
+                                _ => Ok(()),
+                            });
+                    }
+                }
+                Ok(())
+            });
+            if let Err(f) = outcome {
+                // The socket failed mid-batch: every unanswered entry of
+                // this chunk gets the error (the I/O error is not Clone, so
+                // each gets its own rendering of it).
+                let (what, text) = match f {
+                    Failure::Io(what, e) => (what, e.to_string()),
+                    Failure::Decode(what, e) => (what, e),
+                    Failure::Errno(e) => ("creating entries", e.to_string()),
+                };
+                for i in pending.into_values() {
+                    results[i] = Some(Err(ConntrackError::Io {
+                        what,
+                        source: io::Error::other(text.clone()),
+                    }));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(ConntrackError::Io {
+                        what: "creating entries",
+                        source: io::Error::other("no answer from the kernel"),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Changes an existing entry's timeout, status, mark and TCP info (NAT
+    /// cannot change on an existing entry). Fails with
+    /// [`ConntrackError::NotFound`] if it is not in the table.
+    pub fn update(&mut self, entry: &Entry) -> Result<(), ConntrackError> {
+        check_entry(Op::Update, entry)?;
+        self.transact(
+            family_of(&entry.original),
+            ConntrackMessage::New(codec::update_attrs(entry)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            "updating an entry",
+        )
+        .map(drop)
+        .map_err(|f| f.into_error(Op::Update, entry.original))
+    }
+
+    /// Deletes the entry whose original tuple is `tuple` (zone 0). Fails
+    /// with [`ConntrackError::NotFound`] if it is not in the table.
+    pub fn delete(&mut self, tuple: &Tuple) -> Result<(), ConntrackError> {
+        self.delete_in_zone(tuple, 0)
+    }
+
+    pub fn delete_in_zone(&mut self, tuple: &Tuple, zone: u16) -> Result<(), ConntrackError> {
+        self.transact(
+            family_of(tuple),
+            ConntrackMessage::Delete(codec::key_attrs(tuple, zone)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            "deleting an entry",
+        )
+        .map(drop)
+        .map_err(|f| f.into_error(Op::Delete, *tuple))
+    }
+}
