@@ -1,1 +1,688 @@
-//! (being written)
+//! Packaging: the systemd units, the tmpfiles.d entry, `deploy/install.sh`
+//! and tandemctl's shell completions, checked with the tools a distribution
+//! checks them with (systemd-analyze, systemd-tmpfiles, systemctl --root,
+//! bash) rather than by reading them back.
+//!
+//! Needs the workspace binaries (`cargo build --workspace --bins`) and the
+//! Debian packages `systemd` (systemd-analyze, systemd-tmpfiles, systemctl)
+//! and `help2man` (install.sh makes the man pages with it). Nothing here
+//! touches the host: units are verified offline, tmpfiles and install.sh
+//! work under a temporary root.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tandem_e2e::{DAEMONS, NodeDirs, bin};
+
+const TARGET: &str = "tandem.target";
+const BINARIES: &[&str] = &[
+    "lb-forwarder",
+    "vrrpd",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "clustermanager",
+    "tandemctl",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A tool the tests need, or a panic naming the Debian package to install.
+fn tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is missing: apt-get install {package}"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The repository's units copied to a temporary directory with ExecStart
+/// pointing at the workspace binaries: verify checks that the binary exists.
+fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for daemon in DAEMONS {
+        let unit = format!("{daemon}.service");
+        let body = fs::read_to_string(repo().join("systemd").join(&unit)).unwrap();
+        let exec = format!("ExecStart=/usr/bin/{daemon} ");
+        assert!(body.contains(&exec), "{unit}: no `{exec}` line");
+        let body = body.replace(&exec, &format!("ExecStart={} ", bin(daemon).display()));
+        fs::write(dir.path().join(&unit), body).unwrap();
+        paths.push(dir.path().join(unit));
+    }
+    fs::copy(repo().join("systemd").join(TARGET), dir.path().join(TARGET)).unwrap();
+    paths.push(dir.path().join(TARGET));
+    (dir, paths)
+}
+
+/// `systemd-analyze verify`, strictly: systemd 252 exits 0 on an unknown
+/// key or an unparsable value and only warns on stderr, so a clean unit is
+/// one that exits 0 *and* says nothing. Man pages are checked by the install
+/// test (`man:` links resolve only once they are installed).
+fn verify(units: &[PathBuf]) -> Result<(), String> {
+    let out = run(Command::new(tool("systemd-analyze", "systemd"))
+        .args(["verify", "--man=no"])
+        .args(units));
+    let stderr = text(&out.stderr);
+    if out.status.success() && stderr.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: {stderr}", out.status))
+    }
+}
+
+#[test]
+fn every_unit_passes_systemd_analyze_verify() {
+    let (_dir, units) = staged_units();
+    assert_eq!(units.len(), 6);
+    if let Err(e) = verify(&units) {
+        panic!("systemd-analyze verify failed: {e}");
+    }
+}
+
+#[test]
+fn verify_rejects_a_typo_and_a_missing_binary() {
+    let (dir, _) = staged_units();
+    let unit = dir.path().join("vrrpd.service");
+    let good = fs::read_to_string(&unit).unwrap();
+
+    fs::write(
+        &unit,
+        good.replace("\nRestart=on-failure", "\nRestartt=on-failure"),
+    )
+    .unwrap();
+    let e = verify(std::slice::from_ref(&unit)).expect_err("a misspelt key must fail");
+    assert!(e.contains("Restartt"), "{e}");
+
+    fs::write(&unit, good.replace("\nType=notify", "\nType=notfy")).unwrap();
+    let e = verify(std::slice::from_ref(&unit)).expect_err("a bad value must fail");
+    assert!(e.contains("notfy"), "{e}");
+
+    let missing = bin("vrrpd").with_file_name("vrrpd-not-built");
+    let exec = format!("ExecStart={} ", bin("vrrpd").display());
+    fs::write(
+        &unit,
+        good.replace(&exec, &format!("ExecStart={} ", missing.display())),
+    )
+    .unwrap();
+    let e = verify(std::slice::from_ref(&unit)).expect_err("a missing binary must fail");
+    assert!(e.contains("vrrpd-not-built"), "{e}");
+
+    fs::write(&unit, &good).unwrap();
+    verify(std::slice::from_ref(&unit)).expect("the unmodified unit passes");
+}
+
+/// `key=value` lines of a unit (comments and sections dropped), in order.
+fn directives(unit: &str) -> Vec<(String, String)> {
+    let body = fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+    body.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(['#', ';', '[']))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn values(d: &[(String, String)], key: &str) -> Vec<String> {
+    d.iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+fn words(d: &[(String, String)], key: &str) -> BTreeSet<String> {
+    values(d, key)
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
+    let expected: &[(&str, &[&str], &[&str])] = &[
+        ("vrrpd", &["CAP_NET_ADMIN", "CAP_NET_RAW"], &["/run/tandem"]),
+        ("lb-forwarder", &["CAP_NET_ADMIN"], &["/run/tandem"]),
+        ("conntrack-syncd", &["CAP_NET_ADMIN"], &["/run/tandem"]),
+        (
+            "cfg-syncd",
+            &["CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_FOWNER"],
+            &["/run/tandem", "/etc/tandem"],
+        ),
+        ("clustermanager", &[], &["/run/tandem", "/etc/tandem"]),
+    ];
+    assert_eq!(expected.len(), DAEMONS.len());
+    for (daemon, caps, rw) in expected {
+        let d = directives(&format!("{daemon}.service"));
+        let one = |key: &str| -> String {
+            let v = values(&d, key);
+            assert_eq!(v.len(), 1, "{daemon}: {key} = {v:?}");
+            v[0].clone()
+        };
+        assert_eq!(one("Type"), "notify", "{daemon}");
+        assert_eq!(one("NotifyAccess"), "main", "{daemon}");
+        assert_eq!(one("Restart"), "on-failure", "{daemon}");
+        assert!(one("WatchdogSec").ends_with('s'), "{daemon}: WatchdogSec");
+        assert_eq!(one("PartOf"), TARGET, "{daemon}");
+        assert_eq!(one("WantedBy"), TARGET, "{daemon}");
+        assert_eq!(one("ConditionPathExists"), "/etc/tandem/node.toml");
+        assert_eq!(one("ProtectSystem"), "strict", "{daemon}");
+        assert_eq!(one("PrivateTmp"), "yes", "{daemon}");
+        assert_eq!(one("NoNewPrivileges"), "yes", "{daemon}");
+        assert_eq!(words(&d, "CapabilityBoundingSet"), set(caps), "{daemon}");
+        assert!(values(&d, "AmbientCapabilities").is_empty(), "{daemon}");
+        assert_eq!(words(&d, "ReadWritePaths"), set(rw), "{daemon}");
+        // Five units sharing /run/tandem: RuntimeDirectory= would delete it
+        // whenever one of them stops. tmpfiles.d owns it.
+        assert!(values(&d, "RuntimeDirectory").is_empty(), "{daemon}");
+    }
+
+    let after = |daemon: &str| words(&directives(&format!("{daemon}.service")), "After");
+    assert!(after("vrrpd").is_superset(&set(&["lb-forwarder.service", "conntrack-syncd.service"])));
+    assert!(after("cfg-syncd").contains("vrrpd.service"));
+    let others: Vec<String> = DAEMONS
+        .iter()
+        .filter(|d| **d != "clustermanager")
+        .map(|d| format!("{d}.service"))
+        .collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    assert!(after("clustermanager").is_superset(&set(&others)));
+    for daemon in ["lb-forwarder", "conntrack-syncd"] {
+        let a = after(daemon);
+        assert!(
+            !DAEMONS.iter().any(|d| a.contains(&format!("{d}.service"))),
+            "{daemon} starts first, after no other daemon: {a:?}"
+        );
+    }
+}
+
+/// `systemd-analyze security --offline`: the overall exposure (0 = locked
+/// down, 10 = unrestricted) and whether it stays within `max`.
+fn exposure(unit: &Path, max: f64) -> (f64, bool) {
+    let out = run(Command::new(tool("systemd-analyze", "systemd"))
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--threshold={}", (max * 10.0).round() as u32))
+        .arg(unit));
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level for {}: {stdout}", unit.display()));
+    let value = line
+        .rsplit(": ")
+        .next()
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable exposure line: {line}"));
+    (value, out.status.success())
+}
+
+#[test]
+fn systemd_rates_every_daemon_unit_well_sandboxed() {
+    const MAX: f64 = 3.0;
+    let (dir, units) = staged_units();
+    for unit in units
+        .iter()
+        .filter(|u| u.extension().is_some_and(|e| e == "service"))
+    {
+        let (level, within) = exposure(unit, MAX);
+        eprintln!("{}: exposure {level}", unit.display());
+        assert!(
+            within && level <= MAX,
+            "{}: exposure {level} > {MAX}",
+            unit.display()
+        );
+    }
+
+    // Control: the same daemon without its sandbox lines is rated unsafe.
+    let bare: String = fs::read_to_string(dir.path().join("vrrpd.service"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            !l.starts_with("Protect")
+                && !l.starts_with("Private")
+                && !l.starts_with("Restrict")
+                && !l.starts_with("CapabilityBoundingSet")
+                && !l.starts_with("SystemCall")
+                && !l.starts_with("NoNewPrivileges")
+                && !l.starts_with("MemoryDeny")
+                && !l.starts_with("LockPersonality")
+                && !l.starts_with("UMask")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let unit = dir.path().join("vrrpd.service");
+    fs::write(&unit, bare).unwrap();
+    let (level, within) = exposure(&unit, MAX);
+    eprintln!("vrrpd.service without its sandbox: exposure {level}");
+    assert!(!within && level > 8.0, "unsandboxed vrrpd rated {level}");
+}
+
+fn tmpfiles_create(conf: &Path, root: &Path) -> Output {
+    run(Command::new(tool("systemd-tmpfiles", "systemd"))
+        .arg("--create")
+        .arg(format!("--root={}", root.display()))
+        .arg(conf))
+}
+
+#[test]
+fn tmpfiles_creates_the_shared_socket_directory_root_only() {
+    let root = tempfile::tempdir().unwrap();
+    let out = tmpfiles_create(&repo().join("systemd/tandem.conf"), root.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = fs::metadata(root.path().join("run/tandem")).unwrap();
+    assert!(md.is_dir());
+    assert_eq!(md.permissions().mode() & 0o7777, 0o700);
+    assert_eq!((md.uid(), md.gid()), (0, 0));
+
+    // Control: an entry systemd-tmpfiles cannot apply is reported.
+    let bad = root.path().join("bad.conf");
+    fs::write(&bad, "d /run/tandem-bad 0700 no-such-tandem-user root -\n").unwrap();
+    let out = tmpfiles_create(&bad, root.path());
+    assert!(!out.status.success());
+    assert!(!root.path().join("run/tandem-bad").exists());
+}
+
+fn install_sh(args: &[&str]) -> Output {
+    run(Command::new("bash")
+        .arg(repo().join("deploy/install.sh"))
+        .args(args)
+        .env_remove("DESTDIR")
+        .env_remove("CARGO_TARGET_DIR"))
+}
+
+/// Every non-directory under `root`, relative to it.
+fn files_under(root: &Path) -> BTreeSet<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(path.strip_prefix(root).unwrap().to_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
+    tool("help2man", "help2man");
+    tool("systemctl", "systemd");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let root_s = root.to_str().unwrap();
+    let bin_dir = bin("tandemctl").parent().unwrap().to_owned();
+
+    let out = install_sh(&["--destdir", root_s, "--bin-dir", bin_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "install.sh: {}", text(&out.stderr));
+
+    for b in BINARIES {
+        let installed = root.join("usr/bin").join(b);
+        assert_eq!(mode(&installed), 0o755, "{b}");
+        assert_eq!(
+            fs::read(&installed).unwrap(),
+            fs::read(bin_dir.join(b)).unwrap(),
+            "{b} is not the built binary"
+        );
+        let man = root.join(format!("usr/share/man/man8/{b}.8.gz"));
+        assert_eq!(mode(&man), 0o644, "{b}");
+        // The man page is the binary's own --help, rendered.
+        let page = run(Command::new("sh")
+            .arg("-c")
+            .arg("gzip -dc \"$1\"")
+            .arg("sh")
+            .arg(&man));
+        let page = text(&page.stdout);
+        assert!(
+            page.contains(".TH") && page.contains("\\-\\-help"),
+            "{b}: {page}"
+        );
+    }
+    for unit in DAEMONS
+        .iter()
+        .map(|d| format!("{d}.service"))
+        .chain([TARGET.to_owned()])
+    {
+        let installed = root.join("usr/lib/systemd/system").join(&unit);
+        assert_eq!(
+            fs::read(&installed).unwrap(),
+            fs::read(repo().join("systemd").join(&unit)).unwrap(),
+            "{unit}"
+        );
+    }
+    for daemon in DAEMONS {
+        // Enabled offline (systemctl --root): the target pulls them in at boot.
+        let link = root.join(format!(
+            "etc/systemd/system/tandem.target.wants/{daemon}.service"
+        ));
+        assert!(
+            link.symlink_metadata().is_ok(),
+            "{} missing",
+            link.display()
+        );
+    }
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/tandem.target")
+            .symlink_metadata()
+            .is_ok()
+    );
+    assert_eq!(
+        fs::read(root.join("usr/lib/tmpfiles.d/tandem.conf")).unwrap(),
+        fs::read(repo().join("systemd/tandem.conf")).unwrap()
+    );
+    let examples = root.join("usr/share/doc/tandem/examples");
+    assert_eq!(
+        files_under(&examples),
+        files_under(&repo().join("deploy/examples")),
+        "examples"
+    );
+    assert_eq!(mode(&examples.join("checks/ftp.sh")), 0o755);
+    assert!(root.join("usr/share/doc/tandem/install.md").is_file());
+    let completion = |p: &str| fs::read_to_string(root.join(p)).unwrap();
+    assert!(completion("usr/share/bash-completion/completions/tandemctl").contains("_tandemctl()"));
+    assert!(
+        completion("usr/share/zsh/site-functions/_tandemctl").starts_with("#compdef tandemctl")
+    );
+    assert!(
+        completion("usr/share/fish/vendor_completions.d/tandemctl.fish")
+            .contains("complete -c tandemctl")
+    );
+    let etc = root.join("etc/tandem");
+    assert_eq!(mode(&etc), 0o750);
+    assert!(
+        files_under(&etc).is_empty(),
+        "install.sh writes no configuration"
+    );
+
+    // The administrator configures the node; the uninstall must keep it.
+    fs::create_dir_all(etc.join("farms")).unwrap();
+    fs::write(etc.join("node.toml"), "# this node\n").unwrap();
+    fs::write(etc.join("farms/web.toml"), "# a farm\n").unwrap();
+    let out = install_sh(&["--uninstall", "--destdir", root_s]);
+    assert!(out.status.success(), "uninstall: {}", text(&out.stderr));
+    let left = files_under(&root);
+    assert_eq!(
+        left,
+        [
+            PathBuf::from("etc/tandem/farms/web.toml"),
+            PathBuf::from("etc/tandem/node.toml")
+        ]
+        .into_iter()
+        .collect(),
+        "uninstall must remove everything but /etc/tandem"
+    );
+    assert_eq!(
+        fs::read_to_string(etc.join("node.toml")).unwrap(),
+        "# this node\n"
+    );
+    assert!(!root.join("usr/share/doc/tandem").exists());
+}
+
+#[test]
+fn install_script_refuses_missing_binaries_and_installs_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let empty = tmp.path().join("no-binaries");
+    fs::create_dir(&empty).unwrap();
+    let out = install_sh(&[
+        "--destdir",
+        root.to_str().unwrap(),
+        "--bin-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    for b in BINARIES {
+        assert!(stderr.contains(b), "the error names {b}: {stderr}");
+    }
+    assert!(files_under(&root).is_empty(), "{:?}", files_under(&root));
+}
+
+/// What bash's programmable completion offers for `words` (the last one is
+/// the word being completed), with tandemctl's generated script loaded.
+fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source '{}'\nCOMP_WORDS=({})\nCOMP_CWORD={}\nCOMP_LINE=\"${{COMP_WORDS[*]}}\"\nCOMP_POINT=${{#COMP_LINE}}\n\
+         _tandemctl tandemctl \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1,
+    );
+    let out = run(Command::new("bash").arg("-c").arg(program));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn tandemctl_completions_complete_subcommands_and_values() {
+    let tandemctl = bin("tandemctl");
+    let tmp = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(Command::new(&tandemctl).args(["completions", shell]));
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["tandemctl", "farm", "backend", "completions", "runtime-dir"] {
+            assert!(script.contains(word), "{shell} script lacks {word}");
+        }
+        fs::write(tmp.path().join(shell), script).unwrap();
+    }
+
+    let script = tmp.path().join("bash");
+    assert_eq!(bash_complete(&script, &["tandemctl", "fa"]), ["farm"]);
+    let farm = bash_complete(&script, &["tandemctl", "farm", ""]);
+    for verb in ["list", "stats", "save", "restore", "clear"] {
+        assert!(farm.contains(&verb.to_owned()), "farm <TAB>: {farm:?}");
+    }
+    let shells = bash_complete(&script, &["tandemctl", "completions", "f"]);
+    assert_eq!(shells, ["fish"]);
+    // Control: a word no subcommand starts with completes to nothing.
+    assert!(bash_complete(&script, &["tandemctl", "zz"]).is_empty());
+
+    // An unknown shell is a usage error (clap exits 2), not an empty script.
+    let out = run(Command::new(&tandemctl).args(["completions", "tcsh"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+}
+
+/// The `[package.metadata.deb]` asset sources of crates/tandemctl/Cargo.toml
+/// (the `"source", "dest", "mode"` triples), read as text: the tests crate
+/// has no TOML parser and the table's shape is fixed.
+fn deb_assets() -> Vec<(String, String)> {
+    let manifest = fs::read_to_string(repo().join("crates/tandemctl/Cargo.toml")).unwrap();
+    let table = manifest
+        .split_once("[package.metadata.deb]")
+        .expect("crates/tandemctl/Cargo.toml has [package.metadata.deb]")
+        .1;
+    table
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("[\"")?.strip_suffix("],"))
+        .map(|l| {
+            let parts: Vec<&str> = l.split('"').collect();
+            (parts[0].to_owned(), parts[2].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn deb_packs_every_binary_unit_and_generated_file_and_its_scripts_parse() {
+    let assets = deb_assets();
+    let sources: BTreeSet<&str> = assets.iter().map(|(s, _)| s.as_str()).collect();
+    for b in BINARIES {
+        assert!(
+            sources.contains(format!("target/release/{b}").as_str()),
+            "{b}"
+        );
+    }
+    for entry in fs::read_dir(repo().join("systemd")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let src = format!("../../systemd/{name}");
+        let dest = &assets
+            .iter()
+            .find(|(s, _)| *s == src)
+            .unwrap_or_else(|| panic!("{name} is not packed"))
+            .1;
+        let expected = if name.ends_with(".conf") {
+            "usr/lib/tmpfiles.d/"
+        } else {
+            "usr/lib/systemd/system/"
+        };
+        assert_eq!(dest, expected, "{name}");
+    }
+    for completion in ["tandemctl", "_tandemctl", "tandemctl.fish"] {
+        let src = format!("target/release/tandem-deb/completions/{completion}");
+        assert!(sources.contains(src.as_str()), "{completion}");
+    }
+    // Repository sources must exist (a glob must match at least one file).
+    let crate_dir = repo().join("crates/tandemctl");
+    for (src, _) in assets.iter().filter(|(s, _)| s.starts_with("../")) {
+        let path = crate_dir.join(src);
+        let found = match src.rsplit_once('/') {
+            Some((dir, pattern)) if pattern.contains('*') => {
+                let suffix = pattern.trim_start_matches('*');
+                fs::read_dir(crate_dir.join(dir))
+                    .unwrap_or_else(|e| panic!("{src}: {e}"))
+                    .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(suffix))
+            }
+            _ => path.is_file(),
+        };
+        assert!(found, "deb asset {src} matches no file");
+    }
+    // Nothing of /etc goes into the package: /etc/tandem must never be a
+    // conffile dpkg owns (removal and purge keep it).
+    assert!(
+        assets.iter().all(|(_, dest)| !dest.starts_with("etc")),
+        "{assets:?}"
+    );
+
+    let sh = tool("sh", "dash");
+    for script in ["postinst", "prerm", "postrm"] {
+        let path = repo().join("deploy/deb").join(script);
+        assert_eq!(mode(&path) & 0o111, 0o111, "{script} is executable");
+        let out = run(Command::new(&sh).arg("-n").arg(&path));
+        assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+    }
+}
+
+/// What a daemon tells systemd: runs `daemon` on the example configuration
+/// in its own network namespace with `NOTIFY_SOCKET` pointing at a socket of
+/// ours (and `WATCHDOG_USEC` if given), as systemd runs a Type=notify unit;
+/// collects the datagrams for `listen`, then stops it with SIGTERM and
+/// collects what it says while stopping.
+fn notifications(daemon: &str, watchdog_usec: Option<u64>, listen: Duration) -> Vec<String> {
+    let node = NodeDirs::from_examples();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node.ns.name()])
+        .arg(bin(daemon))
+        .arg("--config-dir")
+        .arg(&node.config)
+        .arg("--runtime-dir")
+        .arg(&node.runtime)
+        .env("NOTIFY_SOCKET", &path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(usec) = watchdog_usec {
+        cmd.env("WATCHDOG_USEC", usec.to_string());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let mut got = Vec::new();
+    let receive_until = |deadline: Instant, got: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.extend(text(&buf[..n]).lines().map(str::to_owned));
+            }
+        }
+    };
+    receive_until(Instant::now() + listen, &mut got);
+    let running = child.try_wait().unwrap().is_none();
+    if running {
+        kill(pid, Signal::SIGTERM).unwrap();
+    }
+    receive_until(Instant::now() + Duration::from_secs(1), &mut got);
+    let _ = kill(pid, Signal::SIGKILL);
+    let out = child.wait_with_output().unwrap();
+    assert!(running, "{daemon} exited early: {}", text(&out.stderr));
+    got
+}
+
+#[test]
+fn every_daemon_tells_systemd_ready_watchdog_and_stopping() {
+    // WatchdogSec=10s in the units: the daemons ping every 5 s. Here 300 ms,
+    // so two seconds must bring several pings.
+    for daemon in DAEMONS {
+        let got = notifications(daemon, Some(300_000), Duration::from_secs(2));
+        let count = |m: &str| got.iter().filter(|l| *l == m).count();
+        assert_eq!(count("READY=1"), 1, "{daemon}: {got:?}");
+        assert!(count("WATCHDOG=1") >= 4, "{daemon}: {got:?}");
+        assert!(count("STOPPING=1") >= 1, "{daemon}: {got:?}");
+        let ready = got.iter().position(|l| l == "READY=1").unwrap();
+        assert!(
+            got[ready..]
+                .iter()
+                .any(|l| l.starts_with("STATUS=serving on ")),
+            "{daemon}: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn no_watchdog_pings_unless_systemd_asks_for_them() {
+    // Control for the test above: without WATCHDOG_USEC the same daemon is
+    // READY but never pings, so the pings there answer the unit's WatchdogSec.
+    let got = notifications("vrrpd", None, Duration::from_secs(1));
+    assert!(got.iter().any(|l| l == "READY=1"), "{got:?}");
+    assert!(!got.iter().any(|l| l == "WATCHDOG=1"), "{got:?}");
+}

@@ -1,5 +1,6 @@
 //! tandemctl — the operator's CLI for a Tandem cluster.
 
+mod completions;
 mod config_check;
 mod farms;
 mod status;
@@ -54,6 +55,8 @@ enum Command {
         #[command(subcommand)]
         command: BackendCommand,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { dir },
         } => config_check::run(&dir),
+        Command::Completions { shell } => completions::run(shell),
         command => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -151,7 +155,9 @@ fn main() -> ExitCode {
                                 state,
                             },
                     } => farms::set_backend(&cli.runtime_dir, &farm, &backend, &state).await,
-                    Command::Config { .. } => unreachable!("handled above"),
+                    Command::Config { .. } | Command::Completions { .. } => {
+                        unreachable!("handled above")
+                    }
                 };
                 result.unwrap_or_else(|e| {
                     eprintln!("tandemctl: {e:#}");

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the tandem .deb: every binary, the systemd units, tmpfiles.d, the
+# example configuration, the docs, a man page per binary (help2man) and
+# tandemctl's bash/zsh/fish completions. The package metadata lives in
+# crates/tandemctl/Cargo.toml, [package.metadata.deb].
+#
+#   deploy/build-deb.sh            -> target/debian/tandem_<version>-1_<arch>.deb
+#
+# Needs cargo, help2man and dpkg-dev (dpkg-shlibdeps, for the libc dependency);
+# installs cargo-deb with `cargo install --locked` if it is missing.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+die() { echo "build-deb.sh: $*" >&2; exit 1; }
+
+command -v help2man >/dev/null || die "help2man is missing: apt-get install help2man"
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing cargo-deb"
+    cargo install cargo-deb --locked
+fi
+
+# One release build of the whole workspace (one feature set); cargo-deb then
+# only packs, it does not rebuild tandemctl alone with other features.
+cargo build --release --workspace --bins
+
+target=$(cargo metadata --format-version 1 --no-deps \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+[ -n "$target" ] || die "cannot find the cargo target directory"
+release=$target/release
+version=$("$release/tandemctl" --version | awk '{print $2}')
+
+# Generated assets, referenced as target/release/tandem-deb/... in the
+# metadata (cargo-deb maps target/release to the real target directory).
+gen=$release/tandem-deb
+rm -rf "$gen"
+mkdir -p "$gen/man8" "$gen/completions"
+# A fixed date keeps the man pages reproducible from one build to the next.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+declare -A names=(
+    [lb-forwarder]="Tandem load balancer: farms, health checks and the nftables datapath"
+    [vrrpd]="Tandem VRRPv3 heartbeat and floating IPs"
+    [conntrack-syncd]="Tandem connection-tracking replication"
+    [cfg-syncd]="Tandem configuration replication over SSH"
+    [clustermanager]="Tandem cluster manager"
+    [tandemctl]="the operator's CLI of a Tandem load-balancer cluster"
+)
+for b in "${!names[@]}"; do
+    help2man --no-info --section 8 --name "${names[$b]}" \
+        --source "Tandem $version" --manual Tandem "$release/$b" \
+        | gzip -9n > "$gen/man8/$b.8.gz"
+done
+"$release/tandemctl" completions bash > "$gen/completions/tandemctl"
+"$release/tandemctl" completions zsh > "$gen/completions/_tandemctl"
+"$release/tandemctl" completions fish > "$gen/completions/tandemctl.fish"
+
+cargo deb -p tandemctl --no-build "$@"
+
+deb=$(ls -t "$target"/debian/tandem_"$version"-*.deb | head -n 1)
+echo
+echo "built $deb ($(du -h "$deb" | cut -f1))"
+echo "inspect: dpkg-deb -I $deb; dpkg-deb -c $deb"
