@@ -1,4 +1,7 @@
 //! conntrack-syncd's library: the pure sync protocol (wire format and state
 //! machine) and the daemon's I/O shell around it.
 
+pub mod engine;
+pub mod kernel;
+pub mod role;
 pub mod sync;

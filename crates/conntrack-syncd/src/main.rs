@@ -4,9 +4,12 @@ mod api;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use tandem_proto::v1::conntrack_sync_server::ConntrackSyncServer;
-use tandem_runtime::DaemonArgs;
+use clap::{Parser, ValueEnum};
+use conntrack_syncd::engine::{Engine, Snapshot};
+use conntrack_syncd::kernel::Mode;
+use tandem_proto::v1::{SyncRole, conntrack_sync_server::ConntrackSyncServer};
+use tandem_runtime::{ConfigCell, DaemonArgs};
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Server;
 
 /// Tandem's connection-state replication daemon (ctnetlink to the peer over UDP).
@@ -15,15 +18,59 @@ use tonic::transport::Server;
 struct Args {
     #[command(flatten)]
     daemon: DaemonArgs,
+    /// Where the peer's entries go: into the kernel table as they arrive
+    /// (inject, the default), or into a cache committed on becoming master
+    /// (cache: slower failover, kept for comparison).
+    #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
+    mode: ModeArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Inject,
+    Cache,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let mode = match args.mode {
+        ModeArg::Inject => Mode::Inject,
+        ModeArg::Cache => Mode::Cache,
+    };
     tandem_runtime::run("conntrack-syncd", args.daemon, |ctx| async move {
-        ctx.load_and_serve(|config| {
-            Server::builder()
-                .add_service(ConntrackSyncServer::new(api::ConntrackSyncApi { config }))
-        })
-        .await
+        let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
+        config.reload_on_sighup(&ctx);
+        let (snapshot_tx, snapshot) = watch::channel(Snapshot::default());
+        let (commands_tx, commands) = mpsc::channel(16);
+        let (role_tx, vrrp_role) = watch::channel(SyncRole::Unspecified);
+        let follower = tokio::spawn(conntrack_syncd::role::follow_vrrpd(
+            ctx.runtime_dir().to_owned(),
+            role_tx,
+            ctx.shutdown(),
+        ));
+        let engine = tokio::spawn(
+            Engine {
+                config: config.clone(),
+                config_dir: ctx.config_dir().to_owned(),
+                mode,
+                commands,
+                snapshot: snapshot_tx,
+                vrrp_role,
+                shutdown: ctx.shutdown(),
+            }
+            .run(),
+        );
+        let api = api::ConntrackSyncApi {
+            config,
+            snapshot,
+            commands: commands_tx,
+        };
+        let served = ctx
+            .serve(Server::builder().add_service(ConntrackSyncServer::new(api)))
+            .await;
+        ctx.trigger_shutdown();
+        let _ = engine.await;
+        let _ = follower.await;
+        served
     })
 }

@@ -1,0 +1,1038 @@
+//! Scenarios for the sync state machine: a fake clock, events in, actions
+//! out. The small ones script (time, event) → expected actions; the large
+//! ones wire two `SyncPeer`s through a simulated link that drops, reorders
+//! and duplicates datagrams, and check that the backup's table ends equal to
+//! the master's, every tuple's changes arriving in order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use conntrack_syncd::sync::{
+    Action, Datagram, DeadReason, LogEvent, Message, PeerState, Record, RejectReason, ResyncCause,
+    ResyncState, SyncConfig, SyncKey, SyncPeer,
+};
+use tandem_conntrack::{Entry, TcpInfo, Tuple};
+
+const KEY: &[u8] = b"tandem-conntrack-sync-test-key-1";
+const EPOCH_A: u64 = 0xA1;
+const EPOCH_B: u64 = 0xB1;
+
+fn key() -> SyncKey {
+    SyncKey::new(KEY).unwrap()
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// splitmix64: seeded, so every scenario replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Connection `i`: IPv4 for even, IPv6 for odd numbers; TCP with NAT.
+fn entry(i: u32, version: u32) -> Entry {
+    let (client, vip, backend, floating): (IpAddr, IpAddr, IpAddr, IpAddr) = if i.is_multiple_of(2)
+    {
+        (
+            Ipv4Addr::new(198, 51, 100, (i % 200) as u8 + 1).into(),
+            Ipv4Addr::new(192, 0, 2, 10).into(),
+            Ipv4Addr::new(10, 1, 0, 5).into(),
+            Ipv4Addr::new(10, 1, 0, 100).into(),
+        )
+    } else {
+        (
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16).into(),
+            Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 10).into(),
+            Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 5).into(),
+            Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 100).into(),
+        )
+    };
+    let port = 10_000 + i as u16;
+    Entry {
+        original: Tuple {
+            src: client,
+            dst: vip,
+            protocol: 6,
+            src_port: port,
+            dst_port: 80,
+        },
+        reply: Tuple {
+            src: backend,
+            dst: floating,
+            protocol: 6,
+            src_port: 8080,
+            dst_port: port,
+        },
+        status: 0x1be,
+        // The version makes every update distinguishable.
+        timeout_s: 1000 + version,
+        mark: version,
+        zone: 0,
+        tcp: Some(TcpInfo {
+            state: 3,
+            wscale_original: 7,
+            wscale_reply: 7,
+            flags_original: 0x08,
+            flags_reply: 0x08,
+        }),
+    }
+}
+
+fn config() -> SyncConfig {
+    SyncConfig::default()
+}
+
+// ---------------------------------------------------------------------------
+// Scripted scenarios: one SyncPeer, datagrams decoded to check what it sends.
+
+fn decode(a: &Action) -> Option<Datagram> {
+    match a {
+        Action::Send(b) => Some(Datagram::decode(b, &key()).unwrap()),
+        _ => None,
+    }
+}
+
+fn sent(actions: &[Action]) -> Vec<Datagram> {
+    actions.iter().filter_map(decode).collect()
+}
+
+fn sender(t0: Instant) -> SyncPeer {
+    let mut p = SyncPeer::new(config(), key(), EPOCH_A, t0).unwrap();
+    p.set_tx_enabled(true);
+    p
+}
+
+/// A datagram as the peer B would send it.
+fn from_b(seq: u64, ack_next: Option<u64>, message: Message) -> Vec<u8> {
+    Datagram {
+        epoch: EPOCH_B,
+        seq,
+        ack: ack_next.map(|next| conntrack_syncd::sync::AckInfo {
+            epoch: EPOCH_A,
+            next,
+        }),
+        message,
+    }
+    .encode(&key())
+    .unwrap()
+}
+
+#[test]
+fn a_new_peer_says_alive_at_once() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    assert_eq!(a.next_deadline(), t0);
+    let out = sent(&a.tick(t0));
+    assert_eq!(
+        out,
+        vec![Datagram {
+            epoch: EPOCH_A,
+            seq: 1,
+            ack: None,
+            message: Message::Alive
+        }]
+    );
+    // Then nothing until the alive interval.
+    assert!(a.tick(t0 + ms(199)).is_empty());
+    assert_eq!(sent(&a.tick(t0 + ms(200)))[0].message, Message::Alive);
+}
+
+#[test]
+fn a_single_event_waits_the_flush_delay_then_leaves_alone() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    a.tick(t0);
+    let e = entry(0, 0);
+    assert!(
+        a.local_event(Record::New(e.clone()), t0 + ms(10))
+            .is_empty()
+    );
+    assert_eq!(a.next_deadline(), t0 + ms(12));
+    assert!(a.tick(t0 + ms(11)).is_empty());
+    let out = sent(&a.tick(t0 + ms(12)));
+    assert_eq!(
+        out,
+        vec![Datagram {
+            epoch: EPOCH_A,
+            seq: 1,
+            ack: None,
+            message: Message::Data(vec![Record::New(e)])
+        }]
+    );
+    assert_eq!(a.status().tx_next_seq, 2);
+    assert_eq!(a.status().tx_unacked, 1);
+}
+
+#[test]
+fn updates_within_the_flush_delay_share_a_datagram_and_coalesce_per_tuple() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    a.tick(t0);
+    let t = t0 + ms(10);
+    assert!(a.local_event(Record::New(entry(0, 0)), t).is_empty());
+    assert!(a.local_event(Record::Update(entry(0, 1)), t).is_empty());
+    assert!(a.local_event(Record::New(entry(1, 0)), t).is_empty());
+    assert!(a.local_event(Record::Update(entry(2, 0)), t).is_empty());
+    assert!(
+        a.local_event(Record::Destroy(entry(2, 0).original), t)
+            .is_empty()
+    );
+    // Destroyed, then created again: two steps, the NAT may differ.
+    assert!(a.local_event(Record::New(entry(2, 5)), t).is_empty());
+    let out = sent(&a.tick(t + ms(2)));
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].message,
+        Message::Data(vec![
+            // New then Update: still a creation, with the newest state.
+            Record::New(entry(0, 1)),
+            Record::New(entry(1, 0)),
+            Record::Destroy(entry(2, 0).original),
+            Record::New(entry(2, 5)),
+        ])
+    );
+    assert_eq!(a.status().counters.records_coalesced, 2);
+}
+
+#[test]
+fn a_full_datagram_leaves_at_once() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    a.tick(t0);
+    // 28 IPv4 TCP entries fill 1400 bytes; the 29th pushes them out.
+    for i in 0..28 {
+        assert!(a.local_event(Record::New(entry(i * 2, 0)), t0).is_empty());
+    }
+    let out = sent(&a.local_event(Record::New(entry(56, 0)), t0));
+    assert_eq!(out.len(), 1);
+    let Message::Data(records) = &out[0].message else {
+        panic!("{out:?}")
+    };
+    assert_eq!(records.len(), 28);
+    assert!(a.status().tx_queued == 1);
+}
+
+#[test]
+fn local_events_are_ignored_unless_this_node_is_the_sender() {
+    let t0 = Instant::now();
+    let mut a = SyncPeer::new(config(), key(), EPOCH_A, t0).unwrap();
+    a.tick(t0);
+    assert!(a.local_event(Record::New(entry(0, 0)), t0).is_empty());
+    assert!(a.tick(t0 + ms(50)).is_empty());
+    assert_eq!(a.status().counters.local_events_ignored, 1);
+}
+
+#[test]
+fn a_lost_datagram_is_asked_for_and_sent_again() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    a.tick(t0);
+    // B appears: A asks B for its table, B's request is served.
+    let out = a.datagram_received(&from_b(1, None, Message::Alive), t0 + ms(1));
+    assert!(out.contains(&Action::PeerAlive { epoch: EPOCH_B }));
+    assert_eq!(
+        sent(&out)
+            .iter()
+            .map(|d| d.message.clone())
+            .collect::<Vec<_>>(),
+        vec![Message::ResyncRequest]
+    );
+    a.local_event(Record::New(entry(3, 0)), t0 + ms(5));
+    let first = sent(&a.tick(t0 + ms(7)));
+    assert_eq!(first[0].seq, 1);
+    a.local_event(Record::New(entry(4, 0)), t0 + ms(8));
+    let second = a.tick(t0 + ms(10));
+    assert_eq!(sent(&second)[0].seq, 2);
+    // B got 1, lost 2: it acks 2 and reports 2 missing.
+    let nack = from_b(
+        1,
+        Some(2),
+        Message::Ack {
+            missing: vec![conntrack_syncd::sync::SeqRange { first: 2, count: 1 }],
+        },
+    );
+    let out = a.datagram_received(&nack, t0 + ms(11));
+    assert_eq!(out, second, "datagram 2, byte for byte");
+    // The same NACK again within the retransmit gap (reordering): not resent.
+    assert!(a.datagram_received(&nack, t0 + ms(12)).is_empty());
+    assert_eq!(a.status().counters.retransmissions, 1);
+    assert_eq!(a.status().tx_acked, 2);
+    assert_eq!(a.status().tx_unacked, 1);
+    // No ack at all: resent after the ack timeout (50 ms after the NACK resend).
+    assert!(a.tick(t0 + ms(60)).is_empty());
+    assert_eq!(a.tick(t0 + ms(61)), second);
+}
+
+#[test]
+fn the_receiver_delivers_in_order_and_negative_acks_a_gap_at_once() {
+    let t0 = Instant::now();
+    let mut b = SyncPeer::new(config(), key(), EPOCH_B, t0).unwrap();
+    b.tick(t0);
+    let d = |seq: u64, i: u32| {
+        Datagram {
+            epoch: EPOCH_A,
+            seq,
+            ack: None,
+            message: Message::Data(vec![Record::New(entry(i, 0))]),
+        }
+        .encode(&key())
+        .unwrap()
+    };
+    // A is first heard with datagram 5: B joins there, asks for a resync.
+    let out = b.datagram_received(&d(5, 5), t0 + ms(1));
+    assert_eq!(out[0], Action::PeerAlive { epoch: EPOCH_A });
+    assert!(out.contains(&Action::Apply(Record::New(entry(5, 0)))));
+    assert_eq!(b.status().resync, ResyncState::Requested);
+    // 7 before 6: held, and 6 is asked for at once.
+    let out = b.datagram_received(&d(7, 7), t0 + ms(2));
+    assert!(!out.iter().any(|a| matches!(a, Action::Apply(_))));
+    let acks = sent(&out);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].ack.unwrap().next, 6);
+    assert_eq!(
+        acks[0].message,
+        Message::Ack {
+            missing: vec![conntrack_syncd::sync::SeqRange { first: 6, count: 1 }]
+        }
+    );
+    // 6 arrives: 6 and 7 are applied in order.
+    let out = b.datagram_received(&d(6, 6), t0 + ms(3));
+    let applied: Vec<_> = out
+        .iter()
+        .filter(|a| matches!(a, Action::Apply(_)))
+        .cloned()
+        .collect();
+    assert_eq!(
+        applied,
+        vec![
+            Action::Apply(Record::New(entry(6, 0))),
+            Action::Apply(Record::New(entry(7, 0)))
+        ]
+    );
+    // A duplicate is counted and not applied again.
+    let out = b.datagram_received(&d(6, 6), t0 + ms(4));
+    assert!(!out.iter().any(|a| matches!(a, Action::Apply(_))));
+    assert_eq!(b.status().counters.duplicates, 1);
+    assert_eq!(b.status().rx_next_seq, 8);
+    // An Alive saying A's next is 10: 8 and 9 were lost at the tail.
+    let alive = Datagram {
+        epoch: EPOCH_A,
+        seq: 10,
+        ack: None,
+        message: Message::Alive,
+    }
+    .encode(&key())
+    .unwrap();
+    let out = sent(&b.datagram_received(&alive, t0 + ms(5)));
+    assert_eq!(
+        out.last().unwrap().message,
+        Message::Ack {
+            missing: vec![conntrack_syncd::sync::SeqRange { first: 8, count: 2 }]
+        }
+    );
+}
+
+#[test]
+fn garbage_wrong_version_and_wrong_key_are_counted_by_reason_and_logged_sparingly() {
+    let t0 = Instant::now();
+    let mut b = SyncPeer::new(config(), key(), EPOCH_B, t0).unwrap();
+    let good = Datagram {
+        epoch: EPOCH_A,
+        seq: 1,
+        ack: None,
+        message: Message::Alive,
+    };
+    let forged = good
+        .encode(&SyncKey::new(b"another-cluster-key-of-32-bytes!").unwrap())
+        .unwrap();
+    let mut v2 = good.encode(&key()).unwrap();
+    v2[2] = 2;
+    let mut logs = 0;
+    for i in 0..100 {
+        let t = t0 + ms(i);
+        for bytes in [&forged[..], &v2[..], b"GET / HTTP/1.1\r\n"] {
+            let out = b.datagram_received(bytes, t);
+            logs += out.len();
+            assert!(
+                out.iter()
+                    .all(|a| matches!(a, Action::Log(LogEvent::Rejected { .. })))
+            );
+        }
+    }
+    let c = b.status().counters;
+    assert_eq!(
+        (
+            c.rejected_authentication,
+            c.rejected_version,
+            c.rejected_malformed
+        ),
+        (100, 100, 100)
+    );
+    assert_eq!(c.datagrams_received, 0);
+    // One log event per reason per log interval (10 s), not 300.
+    assert_eq!(logs, 3);
+    assert_eq!(b.status().peer, PeerState::Unknown);
+    // The right key is accepted.
+    let out = b.datagram_received(&good.encode(&key()).unwrap(), t0 + ms(200));
+    assert!(out.contains(&Action::PeerAlive { epoch: EPOCH_A }));
+    let _ = RejectReason::Authentication;
+}
+
+// ---------------------------------------------------------------------------
+// Two peers through a simulated link.
+
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    None,
+    /// Drop every k-th datagram (both directions counted together).
+    EveryKth(u64),
+    /// Drop this percentage, seeded.
+    Percent(u64),
+    /// Drop everything (the link is cut).
+    All,
+}
+
+struct Link {
+    rng: Rng,
+    loss: Loss,
+    /// Percentage of datagrams duplicated.
+    duplicate: u64,
+    /// Extra random delay (0..jitter), which reorders datagrams.
+    jitter: Duration,
+    latency: Duration,
+    count: u64,
+    serial: u64,
+    dropped: u64,
+    /// (deliver at, sequence for a stable order, to node, bytes)
+    queue: BTreeMap<(Instant, u64), (usize, Vec<u8>)>,
+}
+
+impl Link {
+    fn send(&mut self, now: Instant, to: usize, bytes: Vec<u8>) {
+        self.count += 1;
+        let drop = match self.loss {
+            Loss::None => false,
+            Loss::EveryKth(k) => self.count.is_multiple_of(k),
+            Loss::Percent(p) => self.rng.chance(p),
+            Loss::All => true,
+        };
+        if drop {
+            self.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let jitter = if self.jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_micros(self.rng.below(self.jitter.as_micros() as u64))
+            };
+            // Same delivery time: sending order (no jitter, no reordering).
+            self.serial += 1;
+            self.queue.insert(
+                (now + self.latency + jitter, self.serial),
+                (to, bytes.clone()),
+            );
+        }
+    }
+}
+
+struct Node {
+    peer: SyncPeer,
+    /// This node's own kernel table (what it replicates when sender).
+    local: BTreeMap<Tuple, Entry>,
+    /// The peer's flows as applied here.
+    replica: BTreeMap<Tuple, Entry>,
+    /// Every state a tuple took here, in order (None = destroyed).
+    applied: HashMap<Tuple, Vec<Option<Entry>>>,
+    /// Every state a tuple took at the source, in order.
+    generated: HashMap<Tuple, Vec<Option<Entry>>>,
+    /// Tuples refreshed by the bulk resync in progress.
+    bulk: Option<BTreeSet<Tuple>>,
+    actions: Vec<(Instant, Action)>,
+    answer_dumps: bool,
+}
+
+impl Node {
+    fn new(epoch: u64, key: SyncKey, config: SyncConfig, t0: Instant) -> Node {
+        Node {
+            peer: SyncPeer::new(config, key, epoch, t0).unwrap(),
+            local: BTreeMap::new(),
+            replica: BTreeMap::new(),
+            applied: HashMap::new(),
+            generated: HashMap::new(),
+            bulk: None,
+            actions: Vec::new(),
+            answer_dumps: true,
+        }
+    }
+
+    fn logs(&self) -> Vec<&LogEvent> {
+        self.actions
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Log(l) => Some(l),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn count(&self, f: impl Fn(&Action) -> bool) -> usize {
+        self.actions.iter().filter(|(_, a)| f(a)).count()
+    }
+}
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    nodes: [Node; 2],
+    link: Link,
+}
+
+impl Sim {
+    fn new(loss: Loss, seed: u64, config: SyncConfig) -> Sim {
+        let t0 = Instant::now();
+        let mut sim = Sim {
+            t0,
+            now: t0,
+            nodes: [
+                Node::new(EPOCH_A, key(), config.clone(), t0),
+                Node::new(EPOCH_B, key(), config, t0),
+            ],
+            link: Link {
+                rng: Rng(seed),
+                loss,
+                duplicate: 0,
+                jitter: Duration::ZERO,
+                latency: Duration::from_micros(200),
+                count: 0,
+                serial: 0,
+                dropped: 0,
+                queue: BTreeMap::new(),
+            },
+        };
+        sim.nodes[0].peer.set_tx_enabled(true);
+        sim
+    }
+
+    fn handle(&mut self, i: usize, actions: Vec<Action>) {
+        let mut work: VecDeque<Action> = actions.into();
+        while let Some(a) = work.pop_front() {
+            let node = &mut self.nodes[i];
+            node.actions.push((self.now, a.clone()));
+            match a {
+                Action::Send(b) => self.link.send(self.now, 1 - i, b),
+                Action::Apply(r) => {
+                    let key = *r.key();
+                    match r {
+                        Record::New(e) | Record::Update(e) => {
+                            node.replica.insert(key, e.clone());
+                            node.applied.entry(key).or_default().push(Some(e));
+                        }
+                        Record::Destroy(_) => {
+                            node.replica.remove(&key);
+                            node.applied.entry(key).or_default().push(None);
+                        }
+                    }
+                    if let Some(bulk) = &mut node.bulk {
+                        bulk.insert(key);
+                    }
+                }
+                Action::DumpLocalTable => {
+                    if node.answer_dumps {
+                        let dump = node.local.values().cloned().collect();
+                        work.extend(node.peer.bulk_dump(dump, self.now));
+                    }
+                }
+                Action::ResyncStarted => node.bulk = Some(BTreeSet::new()),
+                Action::ResyncComplete { .. } => {
+                    // What the shell does: entries the bulk did not refresh
+                    // were destroyed while updates were lost.
+                    if let Some(bulk) = node.bulk.take() {
+                        let stale: Vec<Tuple> = node
+                            .replica
+                            .keys()
+                            .filter(|t| !bulk.contains(t))
+                            .copied()
+                            .collect();
+                        for t in stale {
+                            node.replica.remove(&t);
+                            node.applied.entry(t).or_default().push(None);
+                        }
+                    }
+                }
+                Action::PeerAlive { .. } | Action::PeerDead { .. } | Action::Log(_) => {}
+            }
+        }
+    }
+
+    /// A local conntrack change on node `i`.
+    fn local(&mut self, i: usize, record: Record) {
+        let node = &mut self.nodes[i];
+        let key = *record.key();
+        match &record {
+            Record::New(e) | Record::Update(e) => {
+                node.local.insert(key, e.clone());
+                node.generated.entry(key).or_default().push(Some(e.clone()));
+            }
+            Record::Destroy(_) => {
+                node.local.remove(&key);
+                node.generated.entry(key).or_default().push(None);
+            }
+        }
+        let out = node.peer.local_event(record, self.now);
+        self.handle(i, out);
+    }
+
+    /// Runs timers and deliveries up to `until`.
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            let next_link = self.link.queue.keys().next().map(|k| k.0);
+            let next_timer = self.nodes[0]
+                .peer
+                .next_deadline()
+                .min(self.nodes[1].peer.next_deadline());
+            let next = next_link.map_or(next_timer, |l| l.min(next_timer));
+            if next > until {
+                break;
+            }
+            self.now = self.now.max(next);
+            while let Some(entry) = self.link.queue.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let (to, bytes) = entry.remove();
+                let out = self.nodes[to].peer.datagram_received(&bytes, self.now);
+                self.handle(to, out);
+            }
+            for i in 0..2 {
+                if self.nodes[i].peer.next_deadline() <= self.now {
+                    let out = self.nodes[i].peer.tick(self.now);
+                    self.handle(i, out);
+                    // A tick handles everything due: the next wake-up is later
+                    // (a deadline stuck in the past would spin the shell).
+                    assert!(self.nodes[i].peer.next_deadline() > self.now);
+                }
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    /// `events` random changes on node 0 over `span`, on `tuples` connections.
+    fn traffic(&mut self, rng: &mut Rng, events: u32, tuples: u32, span: Duration) {
+        let start = self.now;
+        let mut version = 0;
+        for n in 0..events {
+            let t = start + span * n / events;
+            self.run_until(t);
+            let i = rng.below(u64::from(tuples)) as u32;
+            version += 1;
+            let e = entry(i, version);
+            let record = match (self.nodes[0].local.contains_key(e.key()), rng.below(10)) {
+                (false, _) => Record::New(e),
+                (true, 0) => Record::Destroy(*e.key()),
+                (true, _) => Record::Update(e),
+            };
+            self.local(0, record);
+        }
+    }
+
+    /// The backup holds exactly the master's table, and every tuple's
+    /// changes arrived in order: what was applied is a subsequence of what
+    /// was generated (coalescing may skip intermediate states), ending in
+    /// the same state.
+    fn assert_converged(&self) {
+        let (a, b) = (&self.nodes[0], &self.nodes[1]);
+        assert_eq!(b.replica.len(), a.local.len());
+        assert!(b.replica == a.local, "backup table differs from master's");
+        for (tuple, generated) in &a.generated {
+            let mut applied = b.applied.get(tuple).cloned().unwrap_or_default();
+            // A bulk resync may apply again the state a tuple already has.
+            applied.dedup();
+            let mut it = generated.iter();
+            for state in &applied {
+                assert!(
+                    it.any(|g| g == state),
+                    "{tuple:?}: applied out of order or never generated: {applied:?} vs {generated:?}"
+                );
+            }
+            let last_generated = generated.last().cloned().flatten();
+            let last_applied = applied.last().cloned().flatten();
+            assert_eq!(last_applied, last_generated, "{tuple:?}: final state");
+        }
+    }
+}
+
+fn lossy_convergence(loss: Loss, duplicate: u64, jitter: Duration, seed: u64) -> Sim {
+    let mut sim = Sim::new(loss, seed, config());
+    sim.link.duplicate = duplicate;
+    sim.link.jitter = jitter;
+    sim.run_for(ms(100));
+    let mut rng = Rng(seed ^ 0xfeed);
+    sim.traffic(&mut rng, 5_000, 400, Duration::from_secs(2));
+    sim.run_for(Duration::from_secs(3));
+    let (a, b) = (sim.nodes[0].peer.status(), sim.nodes[1].peer.status());
+    sim.assert_converged();
+    assert_eq!(a.tx_unacked, 0, "everything acknowledged");
+    assert_eq!(b.rx_next_seq, a.tx_next_seq);
+    assert_eq!(b.resync, ResyncState::Complete);
+    // Retransmission alone repaired the losses: the only bulk resync is
+    // the one at start.
+    assert_eq!(b.counters.resyncs_completed, 1, "{b:?}");
+    assert_eq!(a.counters.resyncs_sent, 1, "{a:?}");
+    sim
+}
+
+#[test]
+fn peers_converge_over_a_clean_link_with_batching() {
+    let sim = lossy_convergence(Loss::None, 0, Duration::ZERO, 1);
+    let a = sim.nodes[0].peer.status().counters;
+    assert_eq!(a.retransmissions, 0);
+    // 5,000 changes in 2 s at 2 ms flush delay: batched, not one per change.
+    assert!(a.datagrams_sent < 1_800, "{a:?}");
+    assert!(a.records_sent < 5_000, "coalescing saved records: {a:?}");
+}
+
+#[test]
+fn peers_converge_when_every_third_datagram_is_dropped() {
+    let sim = lossy_convergence(Loss::EveryKth(3), 0, Duration::ZERO, 2);
+    let a = sim.nodes[0].peer.status().counters;
+    assert!(a.retransmissions > 100, "{a:?}");
+    assert!(sim.nodes[1].peer.status().counters.gaps > 50);
+}
+
+#[test]
+fn peers_converge_with_10_percent_loss_reordering_and_duplicates() {
+    for seed in [3, 4, 5] {
+        let sim = lossy_convergence(Loss::Percent(10), 10, ms(3), seed);
+        let b = sim.nodes[1].peer.status().counters;
+        assert!(b.duplicates > 0, "{b:?}");
+        assert!(b.gaps > 0, "{b:?}");
+        assert!(sim.link.dropped > 100);
+    }
+}
+
+#[test]
+fn a_restarted_backup_gets_the_whole_table_by_bulk_resync() {
+    let mut sim = Sim::new(Loss::None, 6, config());
+    sim.run_for(ms(100));
+    for i in 0..100 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.run_for(ms(100));
+    sim.assert_converged();
+    // B restarts: new epoch, empty table.
+    sim.nodes[1] = Node::new(0xB2, key(), config(), sim.now);
+    sim.run_for(ms(300));
+    let b = &sim.nodes[1];
+    assert_eq!(b.replica, sim.nodes[0].local);
+    assert!(
+        b.actions
+            .iter()
+            .any(|(_, a)| *a == Action::ResyncComplete { records: 100 })
+    );
+    assert!(sim.nodes[0].logs().contains(&&LogEvent::PeerRestarted {
+        old_epoch: EPOCH_B,
+        new_epoch: 0xB2
+    }));
+    assert_eq!(sim.nodes[0].peer.status().counters.peer_restarts, 1);
+    assert_eq!(b.peer.status().resync, ResyncState::Complete);
+    assert!(b.peer.status().last_resync.is_some());
+}
+
+#[test]
+fn a_restarted_master_resends_its_table_and_the_backup_drops_what_died_meanwhile() {
+    let mut sim = Sim::new(Loss::None, 7, config());
+    sim.run_for(ms(100));
+    for i in 0..50 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.run_for(ms(100));
+    sim.assert_converged();
+    // The daemon restarts; the kernel table outlives it, but 10 flows end
+    // while it is down (their Destroy events are never seen).
+    let local = sim.nodes[0].local.clone();
+    let mut a = Node::new(0xA2, key(), config(), sim.now);
+    a.peer.set_tx_enabled(true);
+    a.local = local;
+    for i in 0..10 {
+        a.local.remove(entry(i, 0).key());
+    }
+    sim.nodes[0] = a;
+    sim.run_for(ms(300));
+    let b = &sim.nodes[1];
+    assert_eq!(b.replica, sim.nodes[0].local);
+    assert_eq!(b.replica.len(), 40);
+    assert!(b.logs().contains(&&LogEvent::ResyncRequested {
+        cause: ResyncCause::NewPeerEpoch
+    }));
+}
+
+#[test]
+fn datagrams_of_a_previous_epoch_are_ignored() {
+    let mut sim = Sim::new(Loss::None, 8, config());
+    sim.run_for(ms(100));
+    sim.local(0, Record::New(entry(1, 0)));
+    // Capture one datagram of epoch A1 as it leaves.
+    sim.run_for(ms(3));
+    let old: Vec<u8> = sim.nodes[0]
+        .actions
+        .iter()
+        .rev()
+        .find_map(|(_, a)| match a {
+            Action::Send(b) => Some(b.clone()),
+            _ => None,
+        })
+        .unwrap();
+    sim.run_for(ms(100));
+    let mut a = Node::new(0xA2, key(), config(), sim.now);
+    a.peer.set_tx_enabled(true);
+    sim.nodes[0] = a;
+    sim.run_for(ms(100));
+    let restarts = sim.nodes[1].peer.status().counters.peer_restarts;
+    // The old datagram arrives late: ignored, no flapping back to epoch A1.
+    let out = sim.nodes[1].peer.datagram_received(&old, sim.now);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(sim.nodes[1].peer.status().counters.rejected_stale, 1);
+    assert_eq!(sim.nodes[1].peer.status().counters.peer_restarts, restarts);
+    assert_eq!(sim.nodes[1].peer.status().peer_epoch, Some(0xA2));
+}
+
+fn gap_scenario(window: usize) -> Sim {
+    let config = SyncConfig { window, ..config() };
+    let mut sim = Sim::new(Loss::None, 9, config);
+    sim.run_for(ms(100));
+    for i in 0..20 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.run_for(ms(100));
+    // The link is cut while 40 datagrams' worth of changes happen.
+    sim.link.loss = Loss::All;
+    for v in 1..=40 {
+        for i in 0..20 {
+            sim.local(0, Record::Update(entry(i, v)));
+        }
+        sim.run_for(ms(5));
+    }
+    sim.local(0, Record::Destroy(*entry(0, 0).key()));
+    sim.run_for(ms(100));
+    sim.link.loss = Loss::None;
+    sim.run_for(Duration::from_secs(3));
+    sim.assert_converged();
+    sim
+}
+
+#[test]
+fn a_gap_beyond_the_retransmit_window_is_closed_by_bulk_resync() {
+    let sim = gap_scenario(8);
+    let (a, b) = (&sim.nodes[0], &sim.nodes[1]);
+    assert!(a.peer.status().counters.evicted_unacked > 0);
+    assert!(
+        a.logs()
+            .iter()
+            .any(|l| matches!(l, LogEvent::BeyondWindow { .. }))
+    );
+    assert!(a.logs().contains(&&LogEvent::BulkSending {
+        cause: ResyncCause::BeyondWindow
+    }));
+    let bs = b.peer.status().counters;
+    assert!(
+        bs.lost > 0,
+        "the bulk skipped what could not be resent: {bs:?}"
+    );
+    assert_eq!(
+        bs.resyncs_completed, 2,
+        "the one at start, the one for the gap"
+    );
+}
+
+#[test]
+fn a_gap_inside_the_window_is_filled_by_retransmission_alone() {
+    // Control for the test above: the same outage with a window that holds it.
+    let sim = gap_scenario(1024);
+    let (a, b) = (&sim.nodes[0], &sim.nodes[1]);
+    assert_eq!(a.peer.status().counters.evicted_unacked, 0);
+    assert!(a.peer.status().counters.retransmissions >= 40);
+    assert_eq!(b.peer.status().counters.lost, 0);
+    assert_eq!(b.peer.status().counters.resyncs_completed, 1);
+}
+
+#[test]
+fn a_silent_peer_is_dead_after_m_alive_intervals_and_alive_again() {
+    let config = SyncConfig {
+        alive_interval: ms(100),
+        dead_after: 3,
+        ..config()
+    };
+    let mut sim = Sim::new(Loss::None, 10, config);
+    sim.run_for(ms(1000));
+    assert_eq!(sim.nodes[1].peer.status().peer, PeerState::Alive);
+    for i in 0..5 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.link.loss = Loss::All;
+    let cut = sim.now;
+    let sent_before = sim.nodes[0].peer.status().counters.datagrams_sent;
+    sim.run_for(ms(2000));
+    for node in &sim.nodes {
+        let dead: Vec<_> = node
+            .actions
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::PeerDead { .. }))
+            .collect();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let (at, Action::PeerDead { reason }) = dead[0] else {
+            unreachable!()
+        };
+        let DeadReason::Silent { for_ } = reason else {
+            panic!("{reason:?}")
+        };
+        assert_eq!(*for_, ms(300), "3 intervals of 100 ms");
+        assert!(*at > cut && *at <= cut + ms(300));
+    }
+    assert_eq!(sim.nodes[0].peer.status().peer, PeerState::Dead);
+    // While the peer is dead, only alives go out (and the one data
+    // datagram, retransmitted until the peer was declared dead).
+    let sent = sim.nodes[0].peer.status().counters.datagrams_sent - sent_before;
+    assert!(sent <= 30, "{sent} datagrams to a dead peer");
+    sim.link.loss = Loss::None;
+    sim.run_for(ms(500));
+    for node in &sim.nodes {
+        assert_eq!(node.count(|a| matches!(a, Action::PeerAlive { .. })), 2);
+        assert_eq!(node.peer.status().peer, PeerState::Alive);
+    }
+    sim.assert_converged();
+}
+
+#[test]
+fn a_peer_never_heard_is_declared_dead_once() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    let mut dead = Vec::new();
+    let mut t = t0;
+    while t < t0 + Duration::from_secs(5) {
+        dead.extend(
+            a.tick(t)
+                .into_iter()
+                .filter(|x| matches!(x, Action::PeerDead { .. })),
+        );
+        t = a.next_deadline().max(t + ms(1));
+    }
+    assert_eq!(
+        dead,
+        vec![Action::PeerDead {
+            reason: DeadReason::NeverHeard { waited: ms(1000) }
+        }]
+    );
+}
+
+#[test]
+fn a_wrong_key_is_rejected_counted_and_nothing_is_applied() {
+    let mut sim = Sim::new(Loss::None, 11, config());
+    sim.nodes[1] = Node::new(
+        EPOCH_B,
+        SyncKey::new(b"another-cluster-key-of-32-bytes!").unwrap(),
+        config(),
+        sim.t0,
+    );
+    sim.run_for(ms(100));
+    for i in 0..20 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.run_for(Duration::from_secs(2));
+    let b = &sim.nodes[1];
+    assert!(b.replica.is_empty());
+    assert!(b.peer.status().counters.rejected_authentication >= 10);
+    assert_eq!(b.peer.status().counters.datagrams_received, 0);
+    assert_eq!(b.count(|a| matches!(a, Action::PeerAlive { .. })), 0);
+    assert!(b.logs().iter().any(|l| matches!(
+        l,
+        LogEvent::Rejected {
+            reason: RejectReason::Authentication,
+            ..
+        }
+    )));
+    // Both sides see the other as dead.
+    assert_eq!(sim.nodes[0].peer.status().peer, PeerState::Dead);
+}
+
+#[test]
+fn an_operator_resync_pulls_the_masters_table_again() {
+    let mut sim = Sim::new(Loss::None, 12, config());
+    sim.run_for(ms(100));
+    for i in 0..30 {
+        sim.local(0, Record::New(entry(i, 0)));
+    }
+    sim.run_for(ms(100));
+    // The backup's replica was damaged (say, flushed by hand).
+    sim.nodes[1].replica.clear();
+    let out = sim.nodes[1].peer.resync_requested_by_operator(sim.now);
+    assert_eq!(sim.nodes[1].peer.status().resync, ResyncState::Requested);
+    sim.handle(1, out);
+    sim.run_for(ms(100));
+    assert_eq!(sim.nodes[1].replica, sim.nodes[0].local);
+    assert_eq!(sim.nodes[1].peer.status().counters.resyncs_completed, 2);
+    assert!(sim.nodes[0].logs().contains(&&LogEvent::BulkSending {
+        cause: ResyncCause::PeerRequest
+    }));
+}
+
+#[test]
+fn an_unanswered_resync_request_is_repeated() {
+    let mut sim = Sim::new(Loss::None, 13, config());
+    sim.nodes[0].answer_dumps = false;
+    sim.run_for(Duration::from_millis(3500));
+    // B asked at start, then once per resync_retry (1 s).
+    let requests = sim.nodes[0]
+        .actions
+        .iter()
+        .filter(|(_, a)| *a == Action::DumpLocalTable)
+        .count();
+    assert_eq!(sim.nodes[1].peer.status().resync, ResyncState::Requested);
+    assert!(requests >= 3, "{requests}");
+    sim.nodes[0].answer_dumps = true;
+    sim.run_for(Duration::from_millis(1500));
+    assert_eq!(sim.nodes[1].peer.status().resync, ResyncState::Complete);
+}
+
+#[test]
+fn a_large_bulk_survives_loss() {
+    let mut sim = Sim::new(Loss::None, 14, config());
+    for i in 0..20_000 {
+        let e = entry(i, 0);
+        sim.nodes[0].local.insert(*e.key(), e);
+    }
+    sim.link.loss = Loss::Percent(10);
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(sim.nodes[1].replica, sim.nodes[0].local);
+    let b = sim.nodes[1].peer.status();
+    assert_eq!(b.resync, ResyncState::Complete);
+    assert_eq!(b.counters.records_received, 20_000);
+}
