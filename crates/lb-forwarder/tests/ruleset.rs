@@ -521,18 +521,16 @@ fn backends_added_or_removed_are_updated_in_place() {
             .expect("list");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let (counters, in_place) = ns
+    let counters = ns
         .run(|| {
             rt.block_on(async {
                 lb_forwarder::nft::apply(&before.full(&seeded)).await?;
                 lb_forwarder::nft::apply(&update).await?;
-                let counters = lb_forwarder::nft::read_counters().await?;
-                Ok::<_, lb_forwarder::nft::NftError>((counters, ()))
+                lb_forwarder::nft::read_counters().await
             })
         })
         .expect("ns thread")
         .expect("nft");
-    let _ = in_place;
     let updated = list(&ns);
     assert_eq!(
         counters["be_web_10_1_0_12_8080"],
