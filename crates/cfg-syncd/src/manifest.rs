@@ -344,10 +344,10 @@ impl From<tandem_proto::v1::Manifest> for Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(path: &str, content: &str, mode: u32) -> Entry {
+    pub(crate) fn entry(path: &str, content: &str, mode: u32) -> Entry {
         Entry {
             path: path.into(),
             sha256: sha256_hex(content.as_bytes()),
@@ -358,7 +358,7 @@ mod tests {
         }
     }
 
-    fn manifest(entries: &[Entry]) -> Manifest {
+    pub(crate) fn manifest(entries: &[Entry]) -> Manifest {
         Manifest {
             entries: entries
                 .iter()

@@ -561,7 +561,6 @@ pub async fn follow_vrrpd(shared: Arc<Shared>, mut shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::sha256_hex;
 
     #[test]
     fn backoff_doubles_to_a_cap_and_resets() {
@@ -586,25 +585,7 @@ mod tests {
         assert!(!l.changed(Link::HostKeyRefused("mismatch".into())));
     }
 
-    fn e(path: &str, content: &str, mode: u32) -> Entry {
-        Entry {
-            path: path.into(),
-            sha256: sha256_hex(content.as_bytes()),
-            size: content.len() as u64,
-            mode,
-            uid: 0,
-            gid: 0,
-        }
-    }
-
-    fn m(entries: &[Entry]) -> Manifest {
-        Manifest {
-            entries: entries
-                .iter()
-                .map(|x| (x.path.clone(), x.clone()))
-                .collect(),
-        }
-    }
+    use crate::manifest::tests::{entry as e, manifest as m};
 
     #[test]
     fn the_acknowledged_manifest_equals_the_local_one_after_a_batch() {

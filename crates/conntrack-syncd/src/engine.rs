@@ -340,6 +340,12 @@ impl Engine {
                 () = self.shutdown.wait() => return Ok(Stop::Shutdown),
             };
 
+            // A deadline already due (a flush, an ack) is met now rather
+            // than through the timer, whose 1 ms resolution would delay
+            // every datagram.
+            if sync.next_deadline() <= now {
+                actions.extend(sync.tick(now));
+            }
             // Carry out what the protocol asked, including what that yields.
             while let Some(action) = actions.pop_front() {
                 match action {

@@ -320,6 +320,20 @@ pub fn schedule(rotation: &[(BackendKey, u64)]) -> Vec<BackendKey> {
     order
 }
 
+/// `first-last : mark` elements of a scheduler's map.
+fn slot_elements(slots: &[(u32, u32, BackendKey)]) -> Vec<String> {
+    slots
+        .iter()
+        .map(|(a, z, k)| {
+            if a == z {
+                format!("{a} : {:#x}", k.mark())
+            } else {
+                format!("{a}-{z} : {:#x}", k.mark())
+            }
+        })
+        .collect()
+}
+
 /// Consecutive equal slots of a schedule as (first, last, backend) ranges.
 fn merge_slots(order: &[BackendKey]) -> Vec<(u32, u32, BackendKey)> {
     let mut ranges: Vec<(u32, u32, BackendKey)> = Vec::new();
@@ -735,16 +749,7 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
                 Scheduler::Sh => sh_ranges(farm, inputs),
                 _ => merge_slots(&schedule(&plan.rotation)),
             };
-            let elems: Vec<String> = slots
-                .iter()
-                .map(|(a, z, k)| {
-                    if a == z {
-                        format!("{a} : {:#x}", k.mark())
-                    } else {
-                        format!("{a}-{z} : {:#x}", k.mark())
-                    }
-                })
-                .collect();
+            let elems = slot_elements(&slots);
             rules.push(match farm.scheduler {
                 Scheduler::Sh => format!(
                     "ct mark set jhash {fam} saddr mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
@@ -833,16 +838,7 @@ fn render_dsr(farm: &Farm, plan: &FarmPlan, inputs: &Inputs, t: &mut DsrTable) {
             Scheduler::Sh => format!("{fam} saddr"),
             _ => format!("{fam} saddr . th sport"),
         };
-        let elems: Vec<String> = bucket_ranges(dsr_owners(farm, inputs))
-            .iter()
-            .map(|(a, z, k)| {
-                if a == z {
-                    format!("{a} : {:#x}", k.mark())
-                } else {
-                    format!("{a}-{z} : {:#x}", k.mark())
-                }
-            })
-            .collect();
+        let elems = slot_elements(&bucket_ranges(dsr_owners(farm, inputs)));
         let _ = writeln!(
             t.chains,
             "    meta mark set jhash {key} mod {SH_BUCKETS} seed {:#x} map {{ {} }}",
