@@ -454,6 +454,50 @@ async fn command_check_outliving_its_timeout_is_killed() {
     }
 }
 
+/// A check script's own children die with it: here a backgrounded
+/// `sleep` that would otherwise outlive the timed-out check. Control: the
+/// child is alive while the check runs.
+#[tokio::test]
+async fn command_check_children_are_killed_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pidfile = dir.path().join("child");
+    let slow = script(
+        dir.path(),
+        "spawner.sh",
+        &format!("sleep 30 &\necho $! > {}\nsleep 30", pidfile.display()),
+    );
+    let probe = tokio::spawn(async move {
+        Prober::new(&command_check(&slow, 600))
+            .probe((LOCALHOST, 80).into())
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let pid: u32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the script did not start its child"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!is_dead(pid), "the child runs while the check runs");
+    let result = probe.await.expect("probe task");
+    assert_eq!(result, Err(ProbeError::Timeout { timeout_ms: 600 }));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !is_dead(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the check's child {pid} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn command_check_of_a_missing_program_says_so() {
     let result = Prober::new(&command_check(Path::new("/nonexistent/check.sh"), 1000))

@@ -253,8 +253,10 @@ fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
 /// Runs the check command with the backend's address and port as its two
 /// arguments. It inherits nothing: stdin is /dev/null, the environment is
 /// only `PATH`, the working directory is `/`; output is captured for the
-/// reason. Dropping the returned future (the timeout) kills the command
-/// (SIGKILL); processes the command itself started are its own business.
+/// reason. It runs in a process group of its own; when the check ends —
+/// answered, or dropped at the timeout — the whole group is killed
+/// (SIGKILL), so a script's own children (a `curl` it started, a
+/// backgrounded helper) never outlive it.
 async fn run_command(path: &std::path::Path, target: SocketAddr) -> Result<(), ProbeError> {
     let mut child = Command::new(path)
         .arg(target.ip().to_string())
@@ -266,11 +268,13 @@ async fn run_command(path: &std::path::Path, target: SocketAddr) -> Result<(), P
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .map_err(|e| ProbeError::Spawn {
             path: path.display().to_string(),
             error: e.to_string(),
         })?;
+    let _group = child.id().map(ProcessGroup);
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let mut out = Vec::new();
     let mut err = Vec::new();
@@ -304,6 +308,22 @@ async fn run_command(path: &std::path::Path, target: SocketAddr) -> Result<(), P
         (Some(code), _) => Err(ProbeError::Exit { code, output }),
         (None, Some(signal)) => Err(ProbeError::Signal { signal, output }),
         (None, None) => Err(ProbeError::Exit { code: -1, output }),
+    }
+}
+
+/// A check command's process group (its id is the command's pid), killed
+/// when the check is over.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0) {
+            // ESRCH (the group is already gone) is the usual case.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
