@@ -204,11 +204,23 @@ impl CfgSyncLab {
         let Some(mut sshd) = self.sshd.take() else {
             return;
         };
-        let children = descendants(sshd.pid().as_raw());
-        let _ = sshd.kill(Signal::SIGKILL);
-        for pid in children {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // Freeze the listener so it forks no new session, then kill its
+        // sessions until none is left (one may be forking a child while we
+        // look), and the listener last: killed first, its sessions would be
+        // reparented out of reach and keep the master's connection alive.
+        let root = sshd.pid().as_raw();
+        let _ = kill(Pid::from_raw(root), Signal::SIGSTOP);
+        for _ in 0..50 {
+            let children = descendants(root);
+            if children.is_empty() {
+                break;
+            }
+            for pid in children {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = sshd.kill(Signal::SIGKILL);
         let _ = sshd.wait_timeout(Duration::from_secs(5));
     }
 
