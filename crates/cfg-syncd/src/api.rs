@@ -226,7 +226,8 @@ impl CfgSync for CfgSyncApi {
                     tracing::error!("{e}");
                 }
                 self.shared.with_counters(|c| {
-                    c.last_error = format!("refused batch {batch}: {}", errors.join("; "))
+                    c.last_error = format!("refused batch {batch}: {}", errors.join("; "));
+                    c.errors += 1;
                 });
                 Ok(Response::new(v1::ApplyReply {
                     applied: false,

@@ -3,6 +3,7 @@
 mod api;
 mod apply;
 mod manifest;
+mod metrics;
 mod sync;
 mod transport;
 mod watcher;
@@ -81,6 +82,13 @@ fn main() -> ExitCode {
             scanner: Mutex::default(),
         });
         shared.update_direction();
+        let registry = metrics::registry(shared.clone());
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &shared.config,
+            Arc::new(registry),
+            ctx.shutdown(),
+        );
 
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = watcher::watch(&config_dir, tx)

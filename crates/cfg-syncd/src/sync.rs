@@ -158,6 +158,8 @@ pub struct Counters {
     pub last_error: String,
     pub batches_applied: u64,
     pub files_transferred: u64,
+    /// Failed rounds and refused batches (for the metrics).
+    pub errors: u64,
 }
 
 impl Shared {
@@ -368,7 +370,10 @@ impl Engine {
             }
             Err(RoundError::Local(why)) => {
                 tracing::error!("{why}");
-                self.shared.with_counters(|c| c.last_error = why);
+                self.shared.with_counters(|c| {
+                    c.last_error = why;
+                    c.errors += 1;
+                });
                 self.dirty = true;
                 self.retry_at = Some(Instant::now() + self.backoff.failure());
             }
@@ -380,7 +385,10 @@ impl Engine {
                     Link::Down(text.clone())
                 };
                 self.set_link(link, true);
-                self.shared.with_counters(|c| c.last_error = text);
+                self.shared.with_counters(|c| {
+                    c.last_error = text;
+                    c.errors += 1;
+                });
                 if let Some(s) = self.session.take() {
                     s.close().await;
                 }
@@ -466,6 +474,7 @@ impl Engine {
             self.last_refusal = why.clone();
             self.shared.with_counters(|c| {
                 c.last_error = why;
+                c.errors += 1;
                 c.pending = plan.len();
             });
             // The peer still holds what it held; wait for the next change.

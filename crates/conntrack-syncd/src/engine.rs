@@ -43,6 +43,8 @@ pub enum Command {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub status: v1::ConntrackSyncStatus,
+    /// The protocol's own view (every counter), for the metrics.
+    pub sync: Option<crate::sync::Status>,
 }
 
 /// Everything the engine needs, derived from the configuration.
@@ -156,6 +158,7 @@ impl Engine {
                     self.snapshot.send_modify(|s| {
                         s.status.last_error = format!("{e:#}");
                         s.status.set_role(SyncRole::Standalone);
+                        s.sync = None;
                     });
                 }
             }
@@ -439,7 +442,10 @@ impl Engine {
             ..Default::default()
         };
         status.set_role(role);
-        self.snapshot.send_modify(|s| s.status = status);
+        self.snapshot.send_modify(|s| {
+            s.status = status;
+            s.sync = Some(st);
+        });
     }
 }
 

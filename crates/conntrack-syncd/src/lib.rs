@@ -3,5 +3,6 @@
 
 pub mod engine;
 pub mod kernel;
+pub mod metrics;
 pub mod role;
 pub mod sync;

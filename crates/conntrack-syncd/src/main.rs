@@ -41,6 +41,13 @@ fn main() -> ExitCode {
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let (snapshot_tx, snapshot) = watch::channel(Snapshot::default());
+        let registry = conntrack_syncd::metrics::registry(snapshot.clone());
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &config,
+            std::sync::Arc::new(registry),
+            ctx.shutdown(),
+        );
         let (commands_tx, commands) = mpsc::channel(16);
         let (role_tx, vrrp_role) = watch::channel(SyncRole::Unspecified);
         let follower = tokio::spawn(conntrack_syncd::role::follow_vrrpd(

@@ -4,5 +4,6 @@
 
 pub mod datapath;
 pub mod health;
+pub mod metrics;
 pub mod nft;
 pub mod ruleset;

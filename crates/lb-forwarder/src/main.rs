@@ -34,6 +34,14 @@ fn main() -> ExitCode {
             );
         let failing = monitor.failing();
         let health = monitor.watch();
+        let scrape =
+            lb_forwarder::metrics::LbMetrics::new(config.clone(), dp.clone(), monitor.watch());
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &config,
+            std::sync::Arc::new(scrape),
+            ctx.shutdown(),
+        );
         let events = monitor.subscribe();
         // Health checks follow the configuration in force.
         let mut configs = config.subscribe();

@@ -17,6 +17,7 @@ mod args;
 mod config_cell;
 mod lifecycle;
 mod logging;
+pub mod metrics;
 mod socket;
 
 pub use args::DaemonArgs;

@@ -5,6 +5,7 @@
 pub mod addresses;
 pub mod fsm;
 pub mod links;
+pub mod metrics;
 pub mod network;
 pub mod packet;
 pub mod router;

@@ -25,6 +25,13 @@ fn main() -> ExitCode {
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let shared = Shared::new();
+        let registry = vrrpd::metrics::registry(&shared, ctx.shutdown());
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &config,
+            std::sync::Arc::new(registry),
+            ctx.shutdown(),
+        );
         let router = tokio::spawn(router::supervise(
             config.clone(),
             shared.clone(),
