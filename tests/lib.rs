@@ -249,6 +249,8 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
     assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
 }
 pub mod cfgsync_lab;
+pub mod cluster_lab;
+pub mod cluster_ops_lab;
 pub mod conntrack_lab;
 pub mod forwarder_lab;
 pub mod vrrp_lab;

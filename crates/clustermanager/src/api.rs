@@ -1,13 +1,191 @@
 //! The gRPC face of clustermanager.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tandem_proto::v1::{self, NodeRole, cluster_manager_server::ClusterManager};
-use tandem_runtime::ConfigCell;
+use futures::Stream;
+use tandem_proto::v1::{self, NodeHealth, NodeRole, cluster_manager_server::ClusterManager};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::local;
+use crate::node_table::{self, Verdict};
+use crate::peer::PeerError;
+use crate::replicate::{self, Change};
+use crate::state::{Shared, peer_of};
+
 pub struct ClusterManagerApi {
-    pub config: Arc<ConfigCell>,
+    pub shared: Arc<Shared>,
+    /// Where things are on both nodes, for cluster create and destroy.
+    pub create: crate::create::CreateContext,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl ClusterManagerApi {
+    async fn local_verdict(&self) -> (Verdict, local::LocalStatuses) {
+        node_table::local_verdict(&self.shared).await
+    }
+
+    /// Refuses a configuration change unless this node is the master (or
+    /// standalone); the error names the master.
+    async fn require_master(&self) -> Result<bool, Status> {
+        let loaded = self.shared.config.current();
+        let Some((peer, peer_addr)) = peer_of(&loaded.config) else {
+            return Ok(false);
+        };
+        let state = local::vrrpd_status(&self.shared.runtime_dir).await;
+        let what = match &state {
+            local::Probe::Running(s) if s.state() == v1::VrrpState::Master => return Ok(true),
+            local::Probe::Running(s) => match node_table::role_of(s.state()) {
+                NodeRole::Maintenance => "in maintenance".to_owned(),
+                NodeRole::Standalone => return Ok(false),
+                _ => "the backup".to_owned(),
+            },
+            local::Probe::NotRunning => "of unknown role (vrrpd is not running)".to_owned(),
+            local::Probe::Failed(why) => format!("of unknown role (vrrpd: {why})"),
+        };
+        Err(Status::failed_precondition(format!(
+            "this node is {what}; make changes on the master {peer} ({peer_addr})"
+        )))
+    }
+
+    /// Validates, writes and reloads one change here. Validation errors
+    /// come back as the reply's errors (nothing written).
+    async fn apply_here(&self, change: &Change) -> Result<v1::ApplyChangeReply, Status> {
+        replicate::check_path(&change.path).map_err(Status::invalid_argument)?;
+        let dir = self.shared.config_dir.clone();
+        let c = change.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            replicate::validate(&dir, &c)?;
+            replicate::write(&dir, &c).map_err(|e| vec![format!("writing {}: {e}", c.path)])
+        })
+        .await
+        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
+        if let Err(errors) = outcome {
+            tracing::error!(file = %change.path, "change refused, nothing written: {}", errors.join("; "));
+            return Ok(v1::ApplyChangeReply {
+                applied: false,
+                errors,
+                ..Default::default()
+            });
+        }
+        let verb = if change.content.is_some() {
+            "written"
+        } else {
+            "deleted"
+        };
+        let reloaded = local::reload_all(&self.shared.runtime_dir, &self.shared.config).await;
+        tracing::info!(file = %change.path, reloaded = ?reloaded.reloaded, "configuration change {verb}; local daemons reloaded");
+        for e in &reloaded.errors {
+            tracing::error!(file = %change.path, "after the change: {e}");
+        }
+        Ok(v1::ApplyChangeReply {
+            applied: true,
+            errors: reloaded.errors,
+            replicated: false,
+            reloaded: reloaded.reloaded,
+            replication_error: String::new(),
+        })
+    }
+
+    /// ApplyChange's body (also used by EditCluster).
+    async fn apply_change_inner(&self, change: Change) -> Result<v1::ApplyChangeReply, Status> {
+        let clustered = self.require_master().await?;
+        let _one = self.shared.change_lock.lock().await;
+        let mut reply = self.apply_here(&change).await?;
+        if !reply.applied || !clustered {
+            return Ok(reply);
+        }
+        let sequence = self.shared.sequence();
+        let msg = v1::ConfigChange {
+            path: change.path.clone(),
+            content: change.content.clone(),
+            sequence,
+            from_node: self.shared.node_name(),
+        };
+        let peer = self
+            .shared
+            .peer
+            .call(&self.shared.config, |mut c| async move {
+                c.replicate_change(msg).await
+            })
+            .await;
+        match peer {
+            Ok(r) if r.applied => {
+                reply.replicated = true;
+                tracing::info!(file = %change.path, sequence, "change replicated; the peer reloaded {:?}", r.reloaded);
+                self.shared
+                    .event("change", format!("{} applied and replicated", change.path));
+            }
+            Ok(r) => {
+                reply.replication_error =
+                    format!("the peer refused the change: {}", r.errors.join("; "));
+            }
+            Err(e) => {
+                reply.replication_error =
+                    format!("{e}; cfg-syncd replicates the file when the peer returns");
+            }
+        }
+        if !reply.replication_error.is_empty() {
+            tracing::warn!(file = %change.path, sequence, "change applied here, not replicated: {}", reply.replication_error);
+            self.shared.event(
+                "change",
+                format!(
+                    "{} applied here, not replicated: {}",
+                    change.path, reply.replication_error
+                ),
+            );
+        }
+        Ok(reply)
+    }
+
+    async fn node_table(&self) -> v1::NodeTable {
+        let loaded = self.shared.config.current();
+        let (v, _) = self.local_verdict().await;
+        let own_addr = loaded
+            .config
+            .node
+            .cluster_address
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut nodes = vec![v1::NodeEntry {
+            name: loaded.config.node.name.clone(),
+            local: true,
+            role: v.role.into(),
+            address: own_addr,
+            hostname: loaded.config.node.name.clone(),
+            health: v.health.into(),
+            message: v.message,
+        }];
+        if let Some((name, addr)) = peer_of(&loaded.config) {
+            let mut row = v1::NodeEntry {
+                name: name.clone(),
+                local: false,
+                address: addr.to_string(),
+                hostname: name,
+                ..Default::default()
+            };
+            match self.shared.peer.status(&self.shared.config).await {
+                Ok(s) => {
+                    row.role = s.role;
+                    row.health = s.health;
+                    row.message = s.message;
+                    if let Some(d) = s.daemon {
+                        row.hostname = d.node_name;
+                    }
+                }
+                Err(e) => {
+                    row.set_role(NodeRole::Unspecified);
+                    row.set_health(NodeHealth::Unreachable);
+                    row.message = e.to_string();
+                }
+            }
+            nodes.push(row);
+        }
+        v1::NodeTable { nodes }
+    }
 }
 
 #[tonic::async_trait]
@@ -16,28 +194,261 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::ClusterManagerStatus>, Status> {
-        let loaded = self.config.current();
-        let mut status = v1::ClusterManagerStatus {
-            daemon: Some(self.config.daemon_info()),
+        let loaded = self.shared.config.current();
+        let (v, st) = self.local_verdict().await;
+        Ok(Response::new(v1::ClusterManagerStatus {
+            daemon: Some(self.shared.config.daemon_info()),
+            role: v.role.into(),
+            health: v.health.into(),
+            message: v.message,
             clustered: loaded.config.cluster.is_some(),
-            ..Default::default()
-        };
-        if loaded.config.cluster.is_none() {
-            status.set_role(NodeRole::Standalone);
-            status.message = "standalone node (no cluster.toml)".into();
-        } else {
-            // Role orchestration is not part of this build: the role is
-            // unknown rather than guessed.
-            status.set_role(NodeRole::Unspecified);
-            status.message = "clustered; role orchestration is not running in this build".into();
-        }
-        Ok(Response::new(status))
+            manifest_hash: st
+                .cfgsync
+                .running()
+                .map(|c| c.manifest_hash.clone())
+                .unwrap_or_default(),
+            address: loaded
+                .config
+                .node
+                .cluster_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn reload(
         &self,
         _: Request<v1::ReloadRequest>,
     ) -> Result<Response<v1::ReloadReply>, Status> {
-        Ok(Response::new(self.config.reload().into()))
+        Ok(Response::new(self.shared.config.reload().into()))
+    }
+
+    async fn create_cluster(
+        &self,
+        req: Request<v1::CreateClusterRequest>,
+    ) -> Result<Response<BoxStream<v1::CreateClusterProgress>>, Status> {
+        let req = req.into_inner();
+        let ctx = self.create.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The creation runs to its end even if the operator's CLI goes away:
+        // stopping half-way would leave the peer half-joined.
+        tokio::spawn(async move { crate::create::create_cluster(&ctx, req, tx).await });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn show_cluster(
+        &self,
+        _: Request<v1::ShowClusterRequest>,
+    ) -> Result<Response<v1::ClusterInfo>, Status> {
+        Ok(Response::new(cluster_info(&self.shared)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::NodeTable>, Status> {
+        Ok(Response::new(self.node_table().await))
+    }
+
+    async fn edit_cluster(
+        &self,
+        req: Request<v1::EditClusterRequest>,
+    ) -> Result<Response<v1::ClusterInfo>, Status> {
+        let req = req.into_inner();
+        let path = self.shared.config_dir.join(tandem_config::CLUSTER_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Status::failed_precondition(format!(
+                "this node is standalone ({}: {e}); create a cluster first",
+                path.display()
+            ))
+        })?;
+        let new =
+            crate::edit::edit_cluster_toml(&text, &req).map_err(Status::failed_precondition)?;
+        let reply = self
+            .apply_change_inner(Change {
+                path: tandem_config::CLUSTER_FILE.into(),
+                content: Some(new.into_bytes()),
+            })
+            .await?;
+        if !reply.applied {
+            return Err(Status::invalid_argument(format!(
+                "the edited cluster.toml would be invalid, nothing changed: {}",
+                reply.errors.join("; ")
+            )));
+        }
+        if !reply.errors.is_empty() || !reply.replication_error.is_empty() {
+            let mut problems = reply.errors.clone();
+            if !reply.replication_error.is_empty() {
+                problems.push(reply.replication_error.clone());
+            }
+            // Written here: the operator must still hear what went wrong.
+            return Err(Status::aborted(format!(
+                "cluster.toml changed on this node, but: {}",
+                problems.join("; ")
+            )));
+        }
+        Ok(Response::new(cluster_info(&self.shared)))
+    }
+
+    async fn destroy_cluster(
+        &self,
+        req: Request<v1::DestroyClusterRequest>,
+    ) -> Result<Response<v1::DestroyClusterReply>, Status> {
+        let _one = self.shared.change_lock.lock().await;
+        crate::destroy::destroy_cluster(&self.create, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))
+    }
+
+    async fn set_node_maintenance(
+        &self,
+        req: Request<v1::SetNodeMaintenanceRequest>,
+    ) -> Result<Response<v1::NodeTable>, Status> {
+        let req = req.into_inner();
+        let loaded = self.shared.config.current();
+        let me = loaded.config.node.name.clone();
+        let word = if req.enabled { "enabled" } else { "disabled" };
+        if req.node.is_empty() || req.node == me {
+            let s = local::set_maintenance(&self.shared.runtime_dir, req.enabled)
+                .await
+                .map_err(Status::unavailable)?;
+            let msg = format!(
+                "maintenance {word} on {me} by the operator (vrrpd now {})",
+                crate::orchestrate::state_word(s.state())
+            );
+            tracing::info!("{msg}");
+            self.shared.event("maintenance", msg);
+        } else if peer_of(&loaded.config).is_some_and(|p| p.0 == req.node) {
+            let fwd = v1::SetNodeMaintenanceRequest {
+                node: String::new(),
+                enabled: req.enabled,
+            };
+            tracing::info!(peer = %req.node, "forwarding maintenance {word} to the peer");
+            self.shared
+                .peer
+                .call(&self.shared.config, |mut c| async move {
+                    c.set_node_maintenance(fwd).await
+                })
+                .await
+                .map_err(|e| match e {
+                    PeerError::Refused { .. } => Status::failed_precondition(e.to_string()),
+                    _ => Status::unavailable(e.to_string()),
+                })?;
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "no node `{}` in this cluster (nodes: {})",
+                req.node,
+                std::iter::once(me)
+                    .chain(peer_of(&loaded.config).map(|p| p.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(Response::new(self.node_table().await))
+    }
+
+    async fn apply_change(
+        &self,
+        req: Request<v1::ConfigChange>,
+    ) -> Result<Response<v1::ApplyChangeReply>, Status> {
+        let req = req.into_inner();
+        let change = Change {
+            path: req.path,
+            content: req.content,
+        };
+        replicate::check_path(&change.path).map_err(Status::invalid_argument)?;
+        Ok(Response::new(self.apply_change_inner(change).await?))
+    }
+
+    async fn replicate_change(
+        &self,
+        req: Request<v1::ConfigChange>,
+    ) -> Result<Response<v1::ApplyChangeReply>, Status> {
+        let req = req.into_inner();
+        // A master never takes a change from its peer (split brain: the
+        // operator's change on this side wins until one side steps down).
+        if let local::Probe::Running(s) = local::vrrpd_status(&self.shared.runtime_dir).await
+            && s.state() == v1::VrrpState::Master
+        {
+            tracing::warn!(from = %req.from_node, file = %req.path, "refused a replicated change: this node is master");
+            return Err(Status::failed_precondition(format!(
+                "{} is master and does not take changes from its peer",
+                self.shared.node_name()
+            )));
+        }
+        let _one = self.shared.change_lock.lock().await;
+        {
+            let mut last = self
+                .shared
+                .peer_sequence
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if req.sequence <= *last {
+                tracing::warn!(from = %req.from_node, file = %req.path, sequence = req.sequence, last = *last, "refused a stale replicated change");
+                return Err(Status::failed_precondition(format!(
+                    "stale change: sequence {} is not after {}",
+                    req.sequence, *last
+                )));
+            }
+            *last = req.sequence;
+        }
+        let change = Change {
+            path: req.path,
+            content: req.content,
+        };
+        let reply = self.apply_here(&change).await?;
+        if reply.applied {
+            tracing::info!(from = %req.from_node, file = %change.path, sequence = req.sequence, "applied a change replicated by the master");
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn preflight(
+        &self,
+        _: Request<v1::PreflightRequest>,
+    ) -> Result<Response<v1::PreflightReply>, Status> {
+        crate::preflight::local_facts(&self.shared.config_dir)
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("{e:#}")))
+    }
+
+    async fn watch_events(
+        &self,
+        _: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<BoxStream<v1::ClusterEvent>>, Status> {
+        let stream = BroadcastStream::new(self.shared.events.subscribe())
+            .map(|e| e.map_err(|e| Status::data_loss(format!("events lost: {e}"))));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn cluster_info(shared: &Shared) -> v1::ClusterInfo {
+    let loaded = shared.config.current();
+    let Some(c) = &loaded.config.cluster else {
+        return v1::ClusterInfo::default();
+    };
+    v1::ClusterInfo {
+        clustered: true,
+        virtual_router_id: u32::from(c.virtual_router_id),
+        interface: loaded
+            .config
+            .node
+            .cluster_interface
+            .clone()
+            .unwrap_or_default(),
+        failback: c.failback.to_string(),
+        check_interval_ms: c.vrrp.advert_interval_ms,
+        tracked_interfaces: c.tracked_interfaces.clone(),
+        floating_ips: c
+            .floating_ips
+            .iter()
+            .map(|f| v1::FloatingIpInfo {
+                address: format!("{}/{}", f.address.addr, f.address.prefix_len),
+                interface: f.interface.clone(),
+            })
+            .collect(),
     }
 }

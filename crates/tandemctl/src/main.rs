@@ -1,5 +1,7 @@
 //! tandemctl — the operator's CLI for a Tandem cluster.
 
+mod cluster;
+mod cluster_create;
 mod completions;
 mod config_check;
 mod farms;
@@ -55,12 +57,81 @@ enum Command {
         #[command(subcommand)]
         command: BackendCommand,
     },
+    /// The cluster: its settings and its two nodes.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// A node of the cluster.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Run on the future master: join the peer over SSH (its root password,
+    /// asked once), check the pair, erase the peer's configuration, sync.
+    Create(cluster_create::CreateArgs),
+    /// Both nodes standalone again; the node that serves keeps the VIPs.
+    Destroy(cluster_create::DestroyArgs),
+    /// Interface, failback, check interval, tracked interfaces, floating IPs.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Both nodes: role, IP, hostname, status (green, orange, grey, red) and why.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change cluster settings on the master; replicated to the backup.
+    Edit {
+        /// `none` or the preferred master's node name.
+        #[arg(long, value_name = "none|NODE")]
+        failback: Option<String>,
+        /// The heartbeat (VRRP advertisement) interval.
+        #[arg(long, value_name = "MS")]
+        check_interval: Option<u32>,
+        /// Interfaces whose loss makes a node give up mastership (comma
+        /// separated; an empty string clears the list).
+        #[arg(long, value_name = "IF,..")]
+        tracked: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Put a node in maintenance (a master hands over first) or take it out.
+    Maintenance {
+        #[command(subcommand)]
+        action: MaintenanceAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MaintenanceAction {
+    Enable {
+        /// The node (default: this node).
+        node: Option<String>,
+    },
+    Disable {
+        /// The node (default: this node).
+        node: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum FarmCommand {
+    /// Add a farm from a farm file (through the master; replicated).
+    Add { file: PathBuf },
+    /// Replace a farm with a farm file (through the master; replicated).
+    Edit { file: PathBuf },
+    /// Delete a farm (through the master; replicated).
+    Delete { name: String },
     /// Farms and backends with state, health and active connections (ipvsadm -L -n).
     List {
         #[arg(long)]
@@ -145,6 +216,46 @@ fn main() -> ExitCode {
                         }
                         FarmCommand::Clear { yes } => {
                             farms::clear(&cli.config_dir, &cli.runtime_dir, yes).await
+                        }
+                        FarmCommand::Add { file } => {
+                            cluster::farm_put(&cli.config_dir, &cli.runtime_dir, &file, false).await
+                        }
+                        FarmCommand::Edit { file } => {
+                            cluster::farm_put(&cli.config_dir, &cli.runtime_dir, &file, true).await
+                        }
+                        FarmCommand::Delete { name } => {
+                            cluster::farm_delete(&cli.config_dir, &cli.runtime_dir, &name).await
+                        }
+                    },
+                    Command::Cluster { command } => match command {
+                        ClusterCommand::Create(args) => {
+                            cluster_create::create(&cli.runtime_dir, &args).await
+                        }
+                        ClusterCommand::Destroy(args) => {
+                            cluster_create::destroy(&cli.runtime_dir, &args).await
+                        }
+                        ClusterCommand::Show { json } => {
+                            cluster::show(&cli.runtime_dir, json).await
+                        }
+                        ClusterCommand::Nodes { json } => {
+                            cluster::nodes(&cli.runtime_dir, json).await
+                        }
+                        ClusterCommand::Edit {
+                            failback,
+                            check_interval,
+                            tracked,
+                        } => {
+                            cluster::edit(&cli.runtime_dir, failback, check_interval, tracked).await
+                        }
+                    },
+                    Command::Node {
+                        command: NodeCommand::Maintenance { action },
+                    } => match action {
+                        MaintenanceAction::Enable { node } => {
+                            cluster::maintenance(&cli.runtime_dir, true, node).await
+                        }
+                        MaintenanceAction::Disable { node } => {
+                            cluster::maintenance(&cli.runtime_dir, false, node).await
                         }
                     },
                     Command::Backend {

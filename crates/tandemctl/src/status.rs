@@ -42,6 +42,7 @@ pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
+        println!("{}", crate::cluster::summary_line(runtime_dir).await);
         print_table(&rows);
     }
     let all_running = rows.iter().all(|r| r.state == "running");

@@ -1,0 +1,381 @@
+//! The node table's rules, pure: the daemons' Status in, a role, a colour
+//! and a message out. Green operational, orange maintenance, grey
+//! unreachable (the peer only), red failure with which daemon and why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::v1::{self, NodeHealth, NodeRole, VrrpState};
+
+use crate::local::{LocalStatuses, Probe};
+use crate::peer::PeerError;
+use crate::state::{Shared, peer_of};
+
+/// This node's role, from vrrpd's state.
+pub fn role_of(state: VrrpState) -> NodeRole {
+    match state {
+        VrrpState::Master => NodeRole::Master,
+        VrrpState::Backup | VrrpState::Initialize | VrrpState::Fault => NodeRole::Backup,
+        VrrpState::Maintenance => NodeRole::Maintenance,
+        VrrpState::Standalone => NodeRole::Standalone,
+        VrrpState::Unspecified => NodeRole::Unspecified,
+    }
+}
+
+/// The local row's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub role: NodeRole,
+    pub health: NodeHealth,
+    pub message: String,
+}
+
+/// Extra facts the daemons' Status does not carry.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The peer's clustermanager answered lately.
+    pub peer_reachable: bool,
+    /// The peer's name, for messages.
+    pub peer_name: String,
+    /// Why clustermanager itself holds vrrpd in maintenance (failback
+    /// gating), if it does.
+    pub held_back: Option<String>,
+}
+
+fn probe_failure<T>(daemon: &str, p: &Probe<T>) -> Option<String> {
+    match p {
+        Probe::Running(_) => None,
+        Probe::NotRunning => Some(format!("{daemon} is not running")),
+        Probe::Failed(why) => Some(format!("{daemon} does not answer: {why}")),
+    }
+}
+
+fn reload_error(daemon: &str, info: Option<&v1::DaemonInfo>) -> Option<String> {
+    info.filter(|i| !i.last_reload_error.is_empty())
+        .map(|i| format!("{daemon}: last reload refused: {}", i.last_reload_error))
+}
+
+/// Judges this node from its daemons' Status. Red wins over orange, orange
+/// over green; every failure found is in the message.
+pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
+    let mut failures: Vec<String> = [
+        probe_failure("vrrpd", &st.vrrpd),
+        probe_failure("lb-forwarder", &st.forwarder),
+        probe_failure("conntrack-syncd", &st.conntrack),
+        probe_failure("cfg-syncd", &st.cfgsync),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let vrrp = st.vrrpd.running();
+    let fwd = st.forwarder.running();
+    let ct = st.conntrack.running();
+    let cfg = st.cfgsync.running();
+    failures.extend(
+        [
+            reload_error("vrrpd", vrrp.and_then(|s| s.daemon.as_ref())),
+            reload_error("lb-forwarder", fwd.and_then(|s| s.daemon.as_ref())),
+            reload_error("conntrack-syncd", ct.and_then(|s| s.daemon.as_ref())),
+            reload_error("cfg-syncd", cfg.and_then(|s| s.daemon.as_ref())),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    if let Some(v) = vrrp
+        && v.state() == VrrpState::Fault
+    {
+        failures.push(format!("vrrpd: fault: {}", v.reason));
+    }
+    if let Some(f) = fwd
+        && f.farms > 0
+        && !f.datapath_loaded
+    {
+        failures.push("lb-forwarder: the datapath is not loaded".into());
+    }
+    if let Some(c) = ct
+        && !c.last_error.is_empty()
+    {
+        failures.push(format!("conntrack-syncd: {}", c.last_error));
+    }
+    let mut notes = Vec::new();
+    if let Some(c) = cfg
+        && !c.last_error.is_empty()
+    {
+        // A master whose pushes fail only because the peer is gone is not
+        // broken itself: the peer's row is grey and says so; cfg-syncd
+        // catches up when it returns.
+        if !ctx.peer_reachable && !c.peer_connected && c.direction() == v1::SyncDirection::Push {
+            notes.push(format!(
+                "configuration changes wait for {} (cfg-syncd: {})",
+                ctx.peer_name, c.last_error
+            ));
+        } else {
+            failures.push(format!("cfg-syncd: {}", c.last_error));
+        }
+    }
+    let role = vrrp.map_or(NodeRole::Unspecified, |v| role_of(v.state()));
+    if !failures.is_empty() {
+        return Verdict {
+            role,
+            health: NodeHealth::Failure,
+            message: failures.join("; "),
+        };
+    }
+    if role == NodeRole::Maintenance {
+        let why = ctx.held_back.clone().unwrap_or_else(|| {
+            vrrp.map(|v| v.reason.clone())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "maintenance".into())
+        });
+        return Verdict {
+            role,
+            health: NodeHealth::Maintenance,
+            message: why,
+        };
+    }
+    if role != NodeRole::Standalone && !ctx.peer_reachable && !ctx.peer_name.is_empty() {
+        notes.push(format!("peer {} unreachable", ctx.peer_name));
+    }
+    let message = if notes.is_empty() {
+        "operational".to_owned()
+    } else {
+        format!("operational; {}", notes.join("; "))
+    };
+    Verdict {
+        role,
+        health: NodeHealth::Operational,
+        message,
+    }
+}
+
+/// The colour word an operator reads for a health.
+pub fn colour(h: NodeHealth) -> &'static str {
+    match h {
+        NodeHealth::Operational => "green",
+        NodeHealth::Maintenance => "orange",
+        NodeHealth::Unreachable => "grey",
+        NodeHealth::Failure => "red",
+        NodeHealth::Unspecified => "unknown",
+    }
+}
+
+/// This node's row: its daemons' Status asked and judged now.
+pub async fn local_verdict(shared: &Shared) -> (Verdict, LocalStatuses) {
+    let st = crate::local::statuses(&shared.runtime_dir).await;
+    let loaded = shared.config.current();
+    let ctx = Context {
+        peer_reachable: shared.peer.seems_reachable().await,
+        peer_name: peer_of(&loaded.config).map(|p| p.0).unwrap_or_default(),
+        held_back: shared.with_orchestrator(|o| o.held_back()),
+    };
+    let mut v = judge(&st, &ctx);
+    if loaded.config.cluster.is_none() {
+        v.role = NodeRole::Standalone;
+    }
+    (v, st)
+}
+
+/// How often this node's health (and the peer's reachability) is checked
+/// for WatchEvents.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes one event, and logs one line, whenever this node's verdict or
+/// the peer's reachability changes. Asking the peer also keeps the SSH
+/// session warm, so the node table answers at once.
+pub async fn watch_health(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
+    let mut last: Option<(NodeHealth, String)> = None;
+    let mut peer_last: Option<Result<(), String>> = None;
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.wait() => return,
+        }
+        let peer = match shared.peer.status(&shared.config).await {
+            Ok(_) => Ok(()),
+            Err(PeerError::Standalone) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if peer_last.as_ref().map(Result::is_ok) != Some(peer.is_ok()) {
+            let msg = match &peer {
+                Ok(()) => "the peer's clustermanager answers".to_owned(),
+                Err(e) => e.clone(),
+            };
+            if peer_last.is_some() || peer.is_err() {
+                shared.event("peer", msg);
+            }
+        }
+        peer_last = Some(peer);
+        let (v, _) = local_verdict(&shared).await;
+        let now = (v.health, v.message.clone());
+        if last.as_ref() != Some(&now) {
+            let msg = format!(
+                "{} {}: {}",
+                colour(v.health),
+                health_word(v.health),
+                v.message
+            );
+            if v.health == NodeHealth::Failure {
+                tracing::error!("node health {msg}");
+            } else {
+                tracing::info!("node health {msg}");
+            }
+            shared.event("health", msg);
+            last = Some(now);
+        }
+    }
+}
+
+/// The word shown next to the colour.
+pub fn health_word(h: NodeHealth) -> &'static str {
+    match h {
+        NodeHealth::Operational => "operational",
+        NodeHealth::Maintenance => "maintenance",
+        NodeHealth::Unreachable => "unreachable",
+        NodeHealth::Failure => "failure",
+        NodeHealth::Unspecified => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str) -> Option<v1::DaemonInfo> {
+        Some(v1::DaemonInfo {
+            daemon: name.into(),
+            node_name: "lb1".into(),
+            ..Default::default()
+        })
+    }
+
+    fn healthy(state: VrrpState) -> LocalStatuses {
+        let mut vrrp = v1::VrrpStatus {
+            daemon: info("vrrpd"),
+            ..Default::default()
+        };
+        vrrp.set_state(state);
+        let mut cfg = v1::CfgSyncStatus {
+            daemon: info("cfg-syncd"),
+            peer_connected: true,
+            ..Default::default()
+        };
+        cfg.set_direction(v1::SyncDirection::Push);
+        LocalStatuses {
+            vrrpd: Probe::Running(vrrp),
+            forwarder: Probe::Running(v1::LbForwarderStatus {
+                daemon: info("lb-forwarder"),
+                farms: 2,
+                datapath_loaded: true,
+                ..Default::default()
+            }),
+            conntrack: Probe::Running(v1::ConntrackSyncStatus {
+                daemon: info("conntrack-syncd"),
+                ..Default::default()
+            }),
+            cfgsync: Probe::Running(cfg),
+        }
+    }
+
+    fn reachable() -> Context {
+        Context {
+            peer_reachable: true,
+            peer_name: "lb2".into(),
+            held_back: None,
+        }
+    }
+
+    #[test]
+    fn all_daemons_well_is_green_with_the_vrrp_role() {
+        let v = judge(&healthy(VrrpState::Master), &reachable());
+        assert_eq!(
+            v,
+            Verdict {
+                role: NodeRole::Master,
+                health: NodeHealth::Operational,
+                message: "operational".into()
+            }
+        );
+        assert_eq!(
+            judge(&healthy(VrrpState::Backup), &reachable()).role,
+            NodeRole::Backup
+        );
+    }
+
+    #[test]
+    fn a_stopped_daemon_is_red_and_named() {
+        let mut st = healthy(VrrpState::Master);
+        st.conntrack = Probe::NotRunning;
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure);
+        assert_eq!(v.message, "conntrack-syncd is not running");
+        assert_eq!(v.role, NodeRole::Master);
+        st.vrrpd = Probe::Failed("no answer within 2 s".into());
+        let v = judge(&st, &reachable());
+        assert_eq!(v.role, NodeRole::Unspecified);
+        assert!(
+            v.message.starts_with("vrrpd does not answer"),
+            "{}",
+            v.message
+        );
+    }
+
+    #[test]
+    fn daemon_errors_are_red_with_the_reason() {
+        let mut st = healthy(VrrpState::Backup);
+        if let Probe::Running(c) = &mut st.conntrack {
+            c.last_error = "no key".into();
+        }
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure);
+        assert_eq!(v.message, "conntrack-syncd: no key");
+        let mut st = healthy(VrrpState::Master);
+        if let Probe::Running(f) = &mut st.forwarder {
+            f.daemon.as_mut().unwrap().last_reload_error = "farms/web.toml:3:8: bad".into();
+        }
+        let v = judge(&st, &reachable());
+        assert!(
+            v.message
+                .contains("lb-forwarder: last reload refused: farms/web.toml:3:8")
+        );
+    }
+
+    #[test]
+    fn maintenance_is_orange_unless_something_failed() {
+        let v = judge(&healthy(VrrpState::Maintenance), &reachable());
+        assert_eq!(v.health, NodeHealth::Maintenance);
+        assert_eq!(v.role, NodeRole::Maintenance);
+        let mut st = healthy(VrrpState::Maintenance);
+        st.cfgsync = Probe::NotRunning;
+        assert_eq!(judge(&st, &reachable()).health, NodeHealth::Failure);
+    }
+
+    #[test]
+    fn a_push_failing_only_because_the_peer_is_gone_is_not_a_local_failure() {
+        let mut st = healthy(VrrpState::Master);
+        if let Probe::Running(c) = &mut st.cfgsync {
+            c.last_error = "peer lb2 (10.0.0.2:22): connecting: timed out".into();
+            c.peer_connected = false;
+        }
+        let gone = Context {
+            peer_reachable: false,
+            ..reachable()
+        };
+        let v = judge(&st, &gone);
+        assert_eq!(v.health, NodeHealth::Operational, "{}", v.message);
+        assert!(v.message.contains("peer lb2 unreachable"), "{}", v.message);
+        // The same error while the peer answers is a real failure.
+        assert_eq!(judge(&st, &reachable()).health, NodeHealth::Failure);
+    }
+
+    #[test]
+    fn a_tracked_interface_fault_is_red() {
+        let mut st = healthy(VrrpState::Fault);
+        if let Probe::Running(v) = &mut st.vrrpd {
+            v.reason = "tracked interface eth2 down".into();
+        }
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure);
+        assert_eq!(v.message, "vrrpd: fault: tracked interface eth2 down");
+    }
+}

@@ -1,0 +1,374 @@
+//! `tandemctl cluster show|nodes|edit`, `tandemctl node maintenance` and
+//! the farm changes that go through clustermanager's ApplyChange (so the
+//! backup receives them at once and a change on the backup is refused).
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use comfy_table::{Table, presets};
+use serde::Serialize;
+use tandem_proto::v1::{self, NodeHealth, NodeRole, cluster_manager_client::ClusterManagerClient};
+use tonic::transport::Channel;
+
+async fn client(runtime_dir: &Path) -> anyhow::Result<ClusterManagerClient<Channel>> {
+    let ch = tandem_runtime::connect(runtime_dir, "clustermanager").await?;
+    Ok(ClusterManagerClient::new(ch))
+}
+
+/// A gRPC error as the operator reads it: the server's message.
+fn rpc(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+pub fn role_word(r: NodeRole) -> &'static str {
+    match r {
+        NodeRole::Master => "master",
+        NodeRole::Backup => "backup",
+        NodeRole::Maintenance => "maintenance",
+        NodeRole::Standalone => "standalone",
+        NodeRole::Unspecified => "unknown",
+    }
+}
+
+pub fn health_words(h: NodeHealth) -> (&'static str, &'static str) {
+    match h {
+        NodeHealth::Operational => ("green", "operational"),
+        NodeHealth::Maintenance => ("orange", "maintenance"),
+        NodeHealth::Unreachable => ("grey", "unreachable"),
+        NodeHealth::Failure => ("red", "failure"),
+        NodeHealth::Unspecified => ("grey", "unknown"),
+    }
+}
+
+/// `● green operational`, the dot coloured when printing to a terminal.
+pub fn health_badge(h: NodeHealth) -> String {
+    let (colour, word) = health_words(h);
+    if !std::io::stdout().is_terminal() {
+        return format!("● {colour} {word}");
+    }
+    let code = match h {
+        NodeHealth::Operational => "32",
+        NodeHealth::Maintenance => "33",
+        NodeHealth::Failure => "31",
+        _ => "90",
+    };
+    format!("\x1b[{code}m●\x1b[0m {colour} {word}")
+}
+
+#[derive(Serialize)]
+struct NodeRow {
+    node: String,
+    local: bool,
+    role: String,
+    address: String,
+    hostname: String,
+    status: String,
+    health: String,
+    message: String,
+}
+
+fn node_rows(t: &v1::NodeTable) -> Vec<NodeRow> {
+    t.nodes
+        .iter()
+        .map(|n| {
+            let (colour, word) = health_words(n.health());
+            NodeRow {
+                node: n.name.clone(),
+                local: n.local,
+                role: role_word(n.role()).into(),
+                address: n.address.clone(),
+                hostname: n.hostname.clone(),
+                status: colour.into(),
+                health: word.into(),
+                message: n.message.clone(),
+            }
+        })
+        .collect()
+}
+
+fn print_nodes(t: &v1::NodeTable, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&node_rows(t))?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_style(presets::UTF8_FULL_CONDENSED);
+    table.set_header(["NODE", "", "ROLE", "IP", "HOSTNAME", "STATUS", "MESSAGE"]);
+    for n in &t.nodes {
+        table.add_row([
+            n.name.clone(),
+            if n.local { "local" } else { "remote" }.to_owned(),
+            role_word(n.role()).to_owned(),
+            n.address.clone(),
+            n.hostname.clone(),
+            health_badge(n.health()),
+            n.message.clone(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+pub async fn nodes(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let t = client(runtime_dir)
+        .await?
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_nodes(&t, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    clustered: bool,
+    virtual_router_id: u32,
+    interface: String,
+    failback: String,
+    check_interval_ms: u32,
+    tracked_interfaces: Vec<String>,
+    floating_ips: Vec<FloatingView>,
+}
+
+#[derive(Serialize)]
+struct FloatingView {
+    address: String,
+    interface: String,
+}
+
+fn print_cluster(c: &v1::ClusterInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        let view = ClusterView {
+            clustered: c.clustered,
+            virtual_router_id: c.virtual_router_id,
+            interface: c.interface.clone(),
+            failback: c.failback.clone(),
+            check_interval_ms: c.check_interval_ms,
+            tracked_interfaces: c.tracked_interfaces.clone(),
+            floating_ips: c
+                .floating_ips
+                .iter()
+                .map(|f| FloatingView {
+                    address: f.address.clone(),
+                    interface: f.interface.clone(),
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    if !c.clustered {
+        println!("standalone node (no cluster.toml)");
+        return Ok(());
+    }
+    let tracked = if c.tracked_interfaces.is_empty() {
+        "none".to_owned()
+    } else {
+        c.tracked_interfaces.join(", ")
+    };
+    println!("interface:          {}", c.interface);
+    println!("virtual router id:  {}", c.virtual_router_id);
+    println!("failback:           {}", c.failback);
+    println!("check interval:     {} ms", c.check_interval_ms);
+    println!("tracked interfaces: {tracked}");
+    println!("floating IPs:");
+    for f in &c.floating_ips {
+        println!("  {} dev {}", f.address, f.interface);
+    }
+    Ok(())
+}
+
+pub async fn show(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let c = client(runtime_dir)
+        .await?
+        .show_cluster(v1::ShowClusterRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_cluster(&c, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn edit(
+    runtime_dir: &Path,
+    failback: Option<String>,
+    check_interval_ms: Option<u32>,
+    tracked: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    if failback.is_none() && check_interval_ms.is_none() && tracked.is_none() {
+        bail!("nothing to change: give --failback, --check-interval or --tracked");
+    }
+    let tracked_list: Vec<String> = tracked
+        .as_deref()
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let c = client(runtime_dir)
+        .await?
+        .edit_cluster(v1::EditClusterRequest {
+            failback,
+            check_interval_ms,
+            set_tracked_interfaces: tracked.is_some(),
+            tracked_interfaces: tracked_list,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    println!("cluster.toml changed and replicated to the peer");
+    print_cluster(&c, false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn maintenance(
+    runtime_dir: &Path,
+    enabled: bool,
+    node: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let t = client(runtime_dir)
+        .await?
+        .set_node_maintenance(v1::SetNodeMaintenanceRequest {
+            node: node.unwrap_or_default(),
+            enabled,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_nodes(&t, false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends one change through ApplyChange and reports it.
+async fn apply(
+    runtime_dir: &Path,
+    path: String,
+    content: Option<Vec<u8>>,
+) -> anyhow::Result<ExitCode> {
+    let r = client(runtime_dir)
+        .await?
+        .apply_change(v1::ConfigChange {
+            path: path.clone(),
+            content,
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    if !r.applied {
+        eprintln!("{path}: refused, nothing changed:");
+        for e in &r.errors {
+            eprintln!("  {e}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut ok = true;
+    for e in &r.errors {
+        eprintln!("warning: {e}");
+        ok = false;
+    }
+    if r.replicated {
+        println!("{path}: applied and replicated to the peer");
+    } else if !r.replication_error.is_empty() {
+        println!(
+            "{path}: applied on this node; not replicated: {}",
+            r.replication_error
+        );
+        ok = false;
+    } else {
+        println!("{path}: applied");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The farm's name in a farm file (the file must be `farms/<name>.toml`).
+fn farm_name(text: &str, file: &Path) -> anyhow::Result<String> {
+    let t: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    t.get("name")
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("{}: no `name = \"...\"` in the farm", file.display()))
+}
+
+/// `farm add FILE` (`must_exist` false) or `farm edit FILE` (true).
+pub async fn farm_put(
+    config_dir: &Path,
+    runtime_dir: &Path,
+    file: &Path,
+    must_exist: bool,
+) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let name = farm_name(&text, file)?;
+    let path = format!("{}/{name}.toml", tandem_config::FARMS_DIR);
+    let exists = config_dir.join(&path).exists();
+    if must_exist && !exists {
+        bail!("farm `{name}` does not exist; use `tandemctl farm add`");
+    }
+    if !must_exist && exists {
+        bail!("farm `{name}` exists already; use `tandemctl farm edit`");
+    }
+    apply(runtime_dir, path, Some(text.into_bytes())).await
+}
+
+pub async fn farm_delete(
+    config_dir: &Path,
+    runtime_dir: &Path,
+    name: &str,
+) -> anyhow::Result<ExitCode> {
+    let path = format!("{}/{name}.toml", tandem_config::FARMS_DIR);
+    if !config_dir.join(&path).exists() {
+        bail!(
+            "farm `{name}` does not exist ({} not found)",
+            config_dir.join(&path).display()
+        );
+    }
+    apply(runtime_dir, path, None).await
+}
+
+/// The first line of `tandemctl status`: `lb1: ● green operational, master`.
+pub async fn summary_line(runtime_dir: &Path) -> String {
+    let status = async {
+        client(runtime_dir)
+            .await?
+            .status(v1::StatusRequest {})
+            .await
+            .map_err(rpc)
+            .map(tonic::Response::into_inner)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), status).await {
+        Ok(Ok(s)) => {
+            let node = s
+                .daemon
+                .as_ref()
+                .map(|d| d.node_name.clone())
+                .unwrap_or_default();
+            let mut line = format!(
+                "{node}: {}, {}",
+                health_badge(s.health()),
+                role_word(s.role())
+            );
+            if s.health() != NodeHealth::Operational && !s.message.is_empty() {
+                line.push_str(&format!(" ({})", s.message));
+            }
+            line
+        }
+        // The table below says why (not running, not responding).
+        Ok(Err(_)) | Err(_) => format!(
+            "this node: {}, role unknown (no answer from clustermanager)",
+            health_badge(NodeHealth::Unspecified)
+        ),
+    }
+}

@@ -1,0 +1,365 @@
+//! The cluster lifecycle on two full nodes (tests/cluster_lab.rs):
+//! `tandemctl cluster create` and `destroy`, and the creation failures that
+//! must change nothing on either node.
+
+use std::time::Duration;
+
+use tandem_e2e::cluster_lab::{ClusterLifecycleLab, ROOT_PASSWORD, SNAT, VIP, diff, text};
+use tandem_proto::v1;
+
+/// The replicated part of a config dir, as docs/cfg-syncd.md lists it.
+fn replicated(dir: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+    tandem_e2e::cfgsync_lab::replicated_tree(dir)
+}
+
+#[test]
+fn create_makes_lb1_master_and_lb2_backup_with_lb1s_configuration() {
+    let lab = ClusterLifecycleLab::new();
+    // Control: before, the trees differ and both nodes are standalone.
+    assert_ne!(replicated(&lab.lb1.config), replicated(&lab.lb2.config));
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Standalone);
+    assert_eq!(
+        lab.ask_vip().as_deref().map(|b| b.starts_with('b')),
+        Some(true)
+    );
+
+    let out = lab.create(ROOT_PASSWORD);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "create failed: {stdout}\n{}\n{}\n{}",
+        text(&out.stderr),
+        lab.lb1.logs(),
+        lab.lb2.logs()
+    );
+    eprintln!("{stdout}");
+    assert!(stdout.contains("lb1 is master, lb2 is backup"), "{stdout}");
+    assert!(
+        stdout.contains("farms/old.toml"),
+        "the erase list: {stdout}"
+    );
+
+    // Roles.
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Master);
+    assert_eq!(lab.vrrp_state("lb2"), v1::VrrpState::Backup);
+    assert!(lab.lb1.holds("eth0", VIP) && lab.lb1.holds("eth1", SNAT));
+    assert!(!lab.lb2.holds("eth0", VIP));
+
+    // Identical replicated trees, and equal cfg-syncd manifests.
+    assert_eq!(replicated(&lab.lb1.config), replicated(&lab.lb2.config));
+    lab.wait_for(
+        "cfg-syncd push/receive with equal manifests",
+        Duration::from_secs(15),
+        |l| {
+            let (a, b) = (l.cfgsync_status("lb1"), l.cfgsync_status("lb2"));
+            a.direction() == v1::SyncDirection::Push
+                && b.direction() == v1::SyncDirection::Receive
+                && a.peer_connected
+                && !a.manifest_hash.is_empty()
+                && a.manifest_hash == b.manifest_hash
+        },
+    );
+    lab.wait_for(
+        "conntrack-syncd sender/receiver",
+        Duration::from_secs(15),
+        |l| {
+            let (a, b) = (l.conntrack_status("lb1"), l.conntrack_status("lb2"));
+            a.role() == v1::SyncRole::Sender && b.role() == v1::SyncRole::Receiver && a.peer_alive
+        },
+    );
+
+    // What creation wrote.
+    let cluster = lab.lb2.read("cluster.toml").expect("cluster.toml on lb2");
+    assert!(cluster.contains("virtual_router_id = 51"), "{cluster}");
+    assert!(
+        cluster.contains("address = \"10.0.0.100/24\"\ninterface = \"eth0\""),
+        "{cluster}"
+    );
+    assert!(
+        cluster.contains("address = \"10.1.0.100/24\"\ninterface = \"eth1\""),
+        "{cluster}"
+    );
+    for n in [&lab.lb1, &lab.lb2] {
+        let node = n.read("node.toml").unwrap();
+        assert!(node.contains("cluster_interface = \"eth2\""), "{node}");
+        assert!(
+            node.contains(&format!("cluster_address = \"{}\"", n.addr)),
+            "{node}"
+        );
+        assert!(
+            node.starts_with(&format!("# {}", n.name)),
+            "comments kept: {node}"
+        );
+        let mode = std::fs::metadata(n.path("ssh/id_ed25519")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        let public = n.read("ssh/id_ed25519.pub").unwrap();
+        let key = public.split_whitespace().nth(1).unwrap().to_owned();
+        for m in [&lab.lb1, &lab.lb2] {
+            let ak = std::fs::read_to_string(m.authorized_keys()).unwrap();
+            assert!(
+                ak.contains(&key),
+                "{}'s authorized_keys has the cluster key",
+                m.name
+            );
+        }
+    }
+    assert_eq!(
+        lab.lb1.read("ssh/id_ed25519"),
+        lab.lb2.read("ssh/id_ed25519")
+    );
+    let pin = lab.lb1.read("ssh/known_hosts").unwrap();
+    let host2 = std::fs::read_to_string(lab.lb2.dir.join("sshd/host_ed25519.pub")).unwrap();
+    assert!(
+        pin.contains(host2.split_whitespace().nth(1).unwrap()),
+        "lb1 pins lb2: {pin}"
+    );
+    let pin = lab.lb2.read("ssh/known_hosts").unwrap();
+    let host1 = std::fs::read_to_string(lab.lb1.dir.join("sshd/host_ed25519.pub")).unwrap();
+    assert!(
+        pin.contains(host1.split_whitespace().nth(1).unwrap()),
+        "lb2 pins lb1: {pin}"
+    );
+    let key = lab.lb2.read("keys/sync.key").unwrap();
+    assert_eq!(key.trim().len(), 64, "{key}");
+    // lb2's previous files: gone from the live tree, kept in backups/, and
+    // node-local ones untouched.
+    assert!(lab.lb2.read("farms/old.toml").is_none());
+    assert_eq!(
+        lab.lb2.read("notes.txt").as_deref(),
+        Some("node-local, never replicated\n")
+    );
+    let backups = std::fs::read_dir(lab.lb2.path("backups")).unwrap().count();
+    assert_eq!(backups, 1);
+
+    // The farm still answers, and a change on the master reaches the backup.
+    assert!(lab.ask_vip().is_some(), "the VIP answers after creation");
+    lab.lb1.write("checks/new.sh", "#!/bin/sh\nexit 0\n");
+    lab.wait_for(
+        "cfg-syncd to carry a new file",
+        Duration::from_secs(10),
+        |l| l.lb2.read("checks/new.sh").is_some(),
+    );
+}
+
+#[test]
+fn destroy_leaves_two_standalone_nodes_and_the_master_keeps_the_vips() {
+    let lab = ClusterLifecycleLab::new();
+    let out = lab.create(ROOT_PASSWORD);
+    assert!(
+        out.status.success(),
+        "create: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let cluster_key = lab.lb1.read("ssh/id_ed25519.pub").unwrap();
+    let cluster_key = cluster_key.split_whitespace().nth(1).unwrap().to_owned();
+    // Control: clustered, lb1 master holding the VIPs.
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Master);
+
+    let out = lab.tandemctl("lb1", &["cluster", "destroy", "--yes"], "");
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "destroy failed: {stdout}{}\n{}\n{}",
+        text(&out.stderr),
+        lab.lb1.logs(),
+        lab.lb2.logs()
+    );
+    assert!(
+        stdout.contains("lb1 and lb2 are standalone again; lb1 keeps the floating IPs"),
+        "{stdout}"
+    );
+    for n in [&lab.lb1, &lab.lb2] {
+        for rel in ["cluster.toml", "keys/sync.key", "ssh"] {
+            assert!(!n.path(rel).exists(), "{} still has {rel}", n.name);
+        }
+        let ak = std::fs::read_to_string(n.authorized_keys()).unwrap();
+        assert!(
+            !ak.contains(&cluster_key),
+            "{}'s authorized_keys still has the cluster key",
+            n.name
+        );
+        // The farms stay.
+        assert!(
+            n.read("farms/web.toml").is_some(),
+            "{} lost its farm",
+            n.name
+        );
+    }
+    lab.wait_for("both vrrpd standalone", Duration::from_secs(10), |l| {
+        l.vrrp_state("lb1") == v1::VrrpState::Standalone
+            && l.vrrp_state("lb2") == v1::VrrpState::Standalone
+    });
+    // A standalone vrrpd holds no VIP: lb1 keeps them as plain addresses.
+    assert!(lab.lb1.holds("eth0", VIP) && lab.lb1.holds("eth1", SNAT));
+    assert!(!lab.lb2.holds("eth0", VIP) && !lab.lb2.holds("eth1", SNAT));
+    assert!(lab.ask_vip().is_some(), "lb1 still serves the farm");
+    lab.wait_for("cfg-syncd idle on both", Duration::from_secs(10), |l| {
+        l.cfgsync_status("lb1").direction() == v1::SyncDirection::None
+            && l.cfgsync_status("lb2").direction() == v1::SyncDirection::None
+    });
+    // Standalone: a second destroy has nothing to do.
+    let again = lab.tandemctl("lb1", &["cluster", "destroy", "--yes"], "");
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("lb1 is standalone"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn destroy_with_the_peer_unreachable_makes_this_node_standalone_and_says_so() {
+    let lab = ClusterLifecycleLab::new();
+    let out = lab.create(ROOT_PASSWORD);
+    assert!(
+        out.status.success(),
+        "create: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The cluster link goes down on lb2's side: neither a new SSH session
+    // nor cfg-syncd's open one reaches it.
+    lab.lb2.ns.set_link("eth2", false).unwrap();
+    let lb2_before = tandem_e2e::cluster_lab::tree(&lab.lb2.config);
+
+    let out = lab.tandemctl("lb1", &["cluster", "destroy", "--yes"], "");
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "destroy: {stdout}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("lb1 is standalone again and keeps the floating IPs; the peer lb2 was NOT changed (cannot reach lb2 (192.168.100.2:22)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("run `tandemctl cluster destroy` on it too"),
+        "{stdout}"
+    );
+    for rel in ["cluster.toml", "keys/sync.key", "ssh"] {
+        assert!(!lab.lb1.path(rel).exists(), "lb1 still has {rel}");
+    }
+    lab.wait_for("lb1's vrrpd standalone", Duration::from_secs(10), |l| {
+        l.vrrp_state("lb1") == v1::VrrpState::Standalone
+    });
+    assert!(lab.lb1.holds("eth0", VIP));
+    // Control: the peer, unreachable, kept everything.
+    assert_eq!(tandem_e2e::cluster_lab::tree(&lab.lb2.config), lb2_before);
+    assert!(lab.lb2.path("cluster.toml").exists());
+}
+
+/// Runs a creation that must fail with `expected` and change nothing; then
+/// the control: `fix` undoes the cause and a preflight-only call passes.
+fn refused_and_nothing_changed(
+    lab: &mut ClusterLifecycleLab,
+    password: &str,
+    expected: &[&str],
+    fix: impl FnOnce(&mut ClusterLifecycleLab),
+) {
+    let before = lab.snapshot();
+    let out = lab.create(password);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "creation must fail: {}{stderr}",
+        text(&out.stdout)
+    );
+    for e in expected {
+        assert!(stderr.contains(e), "the error names `{e}`: {stderr}");
+    }
+    assert!(
+        !stderr.contains(ROOT_PASSWORD),
+        "the password is never echoed"
+    );
+    let after = lab.snapshot();
+    assert!(before == after, "changed: {:?}", diff(&before, &after));
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Standalone);
+    assert_eq!(lab.vrrp_state("lb2"), v1::VrrpState::Standalone);
+    for n in [&lab.lb1, &lab.lb2] {
+        for d in ["clustermanager", "cfg-syncd"] {
+            assert!(
+                !n.log(d).contains(ROOT_PASSWORD),
+                "{} {d} logged the password",
+                n.name
+            );
+        }
+    }
+
+    // Control: with the cause removed, the same request passes preflight
+    // (and, unconfirmed, still changes nothing).
+    fix(lab);
+    let steps = lab.preflight_only(ROOT_PASSWORD);
+    let last = steps.last().expect("a result");
+    assert!(
+        last.ok && last.needs_confirmation,
+        "preflight passes once fixed: {steps:?}"
+    );
+    assert!(
+        last.would_erase.iter().any(|f| f == "farms/old.toml"),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn a_wrong_password_is_refused_with_a_clear_message_and_changes_nothing() {
+    let mut lab = ClusterLifecycleLab::new();
+    refused_and_nothing_changed(
+        &mut lab,
+        "not-the-password",
+        &["the peer 192.168.100.2 refused the root password"],
+        |_| {},
+    );
+}
+
+#[test]
+fn an_unreachable_peer_is_reported_and_nothing_changes() {
+    let mut lab = ClusterLifecycleLab::new();
+    lab.stop_sshd("lb2");
+    refused_and_nothing_changed(
+        &mut lab,
+        ROOT_PASSWORD,
+        &["cannot reach 192.168.100.2:22"],
+        |l| l.start_sshd("lb2"),
+    );
+}
+
+#[test]
+fn a_node_name_clash_is_refused_and_nothing_changes() {
+    let mut lab = ClusterLifecycleLab::new();
+    let original = lab.lb2.read("node.toml").unwrap();
+    lab.lb2.write("node.toml", "name = \"lb1\"\n");
+    refused_and_nothing_changed(
+        &mut lab,
+        ROOT_PASSWORD,
+        &["both nodes are named `lb1`", "nothing was changed"],
+        |l| l.lb2.write("node.toml", &original),
+    );
+}
+
+#[test]
+fn a_nic_name_mismatch_is_refused_and_nothing_changes() {
+    let mut lab = ClusterLifecycleLab::new();
+    let rename = |l: &ClusterLifecycleLab, from: &str, to: &str| {
+        l.lb2.ns.ip(&["link", "set", "dev", from, "down"]).unwrap();
+        l.lb2
+            .ns
+            .ip(&["link", "set", "dev", from, "name", to])
+            .unwrap();
+        l.lb2.ns.ip(&["link", "set", "dev", to, "up"]).unwrap();
+    };
+    rename(&lab, "eth1", "eth5");
+    refused_and_nothing_changed(
+        &mut lab,
+        ROOT_PASSWORD,
+        &[
+            "NIC names differ",
+            "only on lb1: [eth1]; only on lb2: [eth5]",
+        ],
+        |l| rename(l, "eth5", "eth1"),
+    );
+}

@@ -1,0 +1,586 @@
+//! Two full Tandem nodes for the cluster lifecycle: `lb1` and `lb2`, each in
+//! its own network namespace with eth0 (clients, 10.0.0.0/24), eth1
+//! (backends, 10.1.0.0/24) and eth2 (the cluster link, 192.168.100.0/24),
+//! all five daemons, and its own real OpenSSH sshd on its cluster address
+//! (port 22 of its namespace). Two backends answer TCP on :8080 with their
+//! name; a client namespace reaches the farm `web` on 10.0.0.100:80.
+//!
+//! Both nodes start standalone: lb1 serves `web` with the VIP 10.0.0.100 and
+//! the SNAT source 10.1.0.100 as plain addresses (what an operator of a
+//! standalone balancer configures), lb2 has its own farm and files, which
+//! cluster creation erases.
+//!
+//! The root password. Cluster creation logs in to the peer as root with a
+//! password, so each sshd accepts one: `UsePAM no` makes sshd check
+//! /etc/shadow itself, and each sshd runs in a private mount namespace (the
+//! lab's, plus `unshare --mount --propagation private`) where a lab-written
+//! shadow file holding only root's entry, with the hash of
+//! [`ROOT_PASSWORD`], is bind-mounted over /etc/shadow. The machine's root
+//! password and its /etc/shadow are never touched.
+//!
+//! Both nodes share this machine's filesystem, so each clustermanager is
+//! told the other's directories (`--peer-config-dir`, `--peer-runtime-dir`,
+//! `--peer-bin-dir`), the lab's authorized_keys files and host keys, and a
+//! no-op start command (the peer's daemons already run).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_lab::{Lab, LabChild, Netns};
+use tandem_proto::v1;
+
+pub const ROOT_PASSWORD: &str = "lab-root-password";
+pub const VIP: &str = "10.0.0.100";
+pub const SNAT: &str = "10.1.0.100";
+
+/// The daemons of a node, in start order.
+pub const NODE_DAEMONS: [&str; 5] = [
+    "lb-forwarder",
+    "vrrpd",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "clustermanager",
+];
+
+pub const WEB: &str = "name = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nsnat_address = \"10.1.0.100\"\n\
+[health_check]\nkind = \"none\"\n\
+[[backends]]\naddress = \"10.1.0.11\"\nport = 8080\n[[backends]]\naddress = \"10.1.0.12\"\nport = 8080\n";
+/// lb2's own farm before it joins (erased by creation).
+pub const OLD: &str = "name = \"old\"\nvip = \"10.0.0.200\"\nport = 8000\nsnat_address = \"10.1.0.200\"\n\
+[health_check]\nkind = \"none\"\n[[backends]]\naddress = \"10.1.0.11\"\nport = 8080\n";
+
+pub struct LabNode {
+    pub name: String,
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub runtime: PathBuf,
+    /// The cluster link address.
+    pub addr: String,
+    pub daemons: Vec<(&'static str, LabChild)>,
+    pub sshd: Option<LabChild>,
+}
+
+impl LabNode {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.config.join(rel)
+    }
+
+    pub fn read(&self, rel: &str) -> Option<String> {
+        fs::read_to_string(self.path(rel)).ok()
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(&p, text).expect("write");
+    }
+
+    /// root's authorized_keys as this node's sshd reads it.
+    pub fn authorized_keys(&self) -> PathBuf {
+        self.dir.join("authorized_keys")
+    }
+
+    pub fn log(&self, daemon: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{daemon}.log"))).unwrap_or_default()
+    }
+
+    /// Every daemon's log, for assertion messages.
+    pub fn logs(&self) -> String {
+        NODE_DAEMONS
+            .iter()
+            .map(|d| format!("--- {} {d}\n{}", self.name, self.log(d)))
+            .collect()
+    }
+
+    pub fn holds(&self, ifname: &str, ip: &str) -> bool {
+        self.ns
+            .addresses(ifname)
+            .map(|a| a.iter().any(|a| a.split('/').next() == Some(ip)))
+            .unwrap_or(false)
+    }
+}
+
+pub struct ClusterLifecycleLab {
+    pub lab: Lab,
+    pub client: Netns,
+    pub lb1: LabNode,
+    pub lb2: LabNode,
+    pub backends: Vec<Netns>,
+    _tmp: tempfile::TempDir,
+}
+
+fn keygen(path: &Path, comment: &str) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::read_to_string(path.with_extension("pub")).expect("public key")
+}
+
+/// A shadow file with root's entry only, its password `password`.
+fn shadow(password: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["passwd", "-6", "-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(password.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("openssl passwd");
+    assert!(out.status.success(), "openssl passwd failed");
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    format!("root:{hash}:20000:0:99999:7:::\n")
+}
+
+fn tcp_backend(ns: &Netns, name: &str) {
+    let listener = ns
+        .run(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .expect("ns")
+        .expect("bind");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+}
+
+impl ClusterLifecycleLab {
+    /// Both nodes standalone, every daemon and both sshds running.
+    pub fn new() -> ClusterLifecycleLab {
+        let lab = Lab::new().expect("lab");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let lan = lab.bridge("lan").expect("lan");
+        let back = lab.bridge("back").expect("back");
+        let link = lab.bridge("link").expect("link");
+        let client = lab.netns("cl").expect("client");
+        lab.attach(&client, "eth0", &lan, &["10.0.0.50/24"])
+            .expect("client eth0");
+        let mut backends = Vec::new();
+        for i in 1..=2 {
+            let ns = lab.netns(&format!("b{i}")).expect("backend");
+            lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
+                .expect("backend eth0");
+            tcp_backend(&ns, &format!("b{i}"));
+            backends.push(ns);
+        }
+        fs::create_dir_all("/run/sshd").expect("/run/sshd (sshd's privilege separation dir)");
+        let shadow_text = shadow(ROOT_PASSWORD);
+        let mut nodes = Vec::new();
+        for i in 1..=2u8 {
+            let name = format!("lb{i}");
+            let ns = lab.netns(&name).expect("node");
+            lab.attach(&ns, "eth0", &lan, &[&format!("10.0.0.{i}/24")])
+                .expect("eth0");
+            lab.attach(&ns, "eth1", &back, &[&format!("10.1.0.{i}/24")])
+                .expect("eth1");
+            lab.attach(&ns, "eth2", &link, &[&format!("192.168.100.{i}/24")])
+                .expect("eth2");
+            ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+            let dir = tmp.path().join(&name);
+            let node = LabNode {
+                name: name.clone(),
+                ns,
+                config: dir.join("etc"),
+                runtime: dir.join("run"),
+                addr: format!("192.168.100.{i}"),
+                dir,
+                daemons: Vec::new(),
+                sshd: None,
+            };
+            fs::create_dir_all(&node.runtime).expect("runtime dir");
+            node.write(
+                "node.toml",
+                &format!("# {name}, standalone\nname = \"{name}\"\n"),
+            );
+            // sshd: its host key, root's authorized_keys (empty), the shadow.
+            let sshd_dir = node.dir.join("sshd");
+            fs::create_dir_all(&sshd_dir).expect("sshd dir");
+            keygen(&sshd_dir.join("host_ed25519"), &format!("{name}-host"));
+            fs::write(node.authorized_keys(), "").expect("authorized_keys");
+            fs::write(sshd_dir.join("shadow"), &shadow_text).expect("shadow");
+            fs::set_permissions(sshd_dir.join("shadow"), fs::Permissions::from_mode(0o600))
+                .expect("chmod shadow");
+            fs::write(
+                sshd_dir.join("sshd_config"),
+                format!(
+                    "Port 22\nListenAddress {addr}\nHostKey {dir}/host_ed25519\n\
+                     AuthorizedKeysFile {keys}\nPidFile {dir}/sshd.pid\nUsePAM no\n\
+                     StrictModes no\nPermitRootLogin yes\nPasswordAuthentication yes\n\
+                     KbdInteractiveAuthentication no\nAllowStreamLocalForwarding yes\n\
+                     LogLevel VERBOSE\nMaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
+                    addr = node.addr,
+                    dir = sshd_dir.display(),
+                    keys = node.authorized_keys().display()
+                ),
+            )
+            .expect("sshd_config");
+            nodes.push(node);
+        }
+        let lb2 = nodes.pop().expect("lb2");
+        let lb1 = nodes.pop().expect("lb1");
+        // lb1 serves `web` standalone, its VIP and SNAT source configured
+        // as plain addresses.
+        lb1.write("farms/web.toml", WEB);
+        lb1.ns
+            .add_address("eth0", &format!("{VIP}/24"))
+            .expect("vip");
+        lb1.ns
+            .add_address("eth1", &format!("{SNAT}/24"))
+            .expect("snat");
+        // lb2's previous life, to be erased (and kept in backups/).
+        lb2.write("farms/old.toml", OLD);
+        lb2.write("checks/old-check.sh", "#!/bin/sh\nexit 0\n");
+        lb2.write("notes.txt", "node-local, never replicated\n");
+
+        let mut l = ClusterLifecycleLab {
+            lab,
+            client,
+            lb1,
+            lb2,
+            backends,
+            _tmp: tmp,
+        };
+        l.start_sshd("lb1");
+        l.start_sshd("lb2");
+        for node in ["lb1", "lb2"] {
+            for d in NODE_DAEMONS {
+                l.start_daemon(node, d);
+            }
+        }
+        l
+    }
+
+    pub fn node(&self, name: &str) -> &LabNode {
+        if name == "lb1" { &self.lb1 } else { &self.lb2 }
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut LabNode {
+        if name == "lb1" {
+            &mut self.lb1
+        } else {
+            &mut self.lb2
+        }
+    }
+
+    fn other(&self, name: &str) -> &LabNode {
+        if name == "lb1" { &self.lb2 } else { &self.lb1 }
+    }
+
+    pub fn start_sshd(&mut self, name: &str) {
+        let node = self.node(name);
+        let sshd_dir = node.dir.join("sshd");
+        let log = fs::File::create(node.dir.join("sshd.log")).expect("sshd log");
+        // `unshare` keeps the shadow bind mount in a private mount namespace
+        // (the lab's own is a slave of the host's already).
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {dir}/shadow /etc/shadow && exec /usr/sbin/sshd -D -e -f {dir}/sshd_config",
+                dir = sshd_dir.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self.lab.spawn(&node.ns, &mut cmd).expect("spawn sshd");
+        let addr = format!("{}:22", node.addr).parse().expect("addr");
+        self.other(name)
+            .ns
+            .wait_tcp(addr, Duration::from_secs(10))
+            .expect("sshd listening");
+        self.node_mut(name).sshd = Some(child);
+    }
+
+    pub fn stop_sshd(&mut self, name: &str) {
+        if let Some(mut s) = self.node_mut(name).sshd.take() {
+            let _ = s.stop(Duration::from_secs(5));
+        }
+    }
+
+    fn start_daemon(&mut self, name: &str, daemon: &'static str) {
+        let (node, peer) = (self.node(name), self.other(name));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join(format!("{daemon}.log")))
+            .expect("log file");
+        let mut cmd = Command::new(crate::bin(daemon));
+        cmd.arg("--config-dir")
+            .arg(&node.config)
+            .arg("--runtime-dir")
+            .arg(&node.runtime)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if daemon == "cfg-syncd" || daemon == "clustermanager" {
+            cmd.arg("--peer-config-dir")
+                .arg(&peer.config)
+                .arg("--peer-runtime-dir")
+                .arg(&peer.runtime);
+        }
+        if daemon == "clustermanager" {
+            let bin_dir = crate::bin("clustermanager")
+                .parent()
+                .expect("bin dir")
+                .to_owned();
+            cmd.arg("--peer-bin-dir")
+                .arg(bin_dir)
+                .arg("--authorized-keys")
+                .arg(node.authorized_keys())
+                .arg("--peer-authorized-keys")
+                .arg(peer.authorized_keys())
+                .arg("--host-key-pub")
+                .arg(node.dir.join("sshd/host_ed25519.pub"))
+                .arg("--peer-start-command")
+                .arg("true");
+        }
+        let child = self.lab.spawn(&node.ns, &mut cmd).expect("spawn daemon");
+        let sock = node.runtime.join(format!("{daemon}.sock"));
+        if let Err(e) = tandem_lab::wait_for_unix_socket(&sock, Duration::from_secs(10)) {
+            panic!("{name} {daemon} not serving: {e}\n{}", node.log(daemon));
+        }
+        self.node_mut(name).daemons.push((daemon, child));
+    }
+
+    /// `tandemctl ARGS` against a node's daemons, `stdin` fed to it.
+    pub fn tandemctl(&self, name: &str, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let node = self.node(name);
+        let mut child = Command::new(crate::bin("tandemctl"))
+            .arg("--runtime-dir")
+            .arg(&node.runtime)
+            .arg("--config-dir")
+            .arg(&node.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tandemctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("tandemctl")
+    }
+
+    /// `tandemctl cluster create` on lb1 toward lb2, `--yes --password-stdin`.
+    pub fn create(&self, password: &str) -> Output {
+        self.tandemctl(
+            "lb1",
+            &[
+                "cluster",
+                "create",
+                "--local-ip",
+                &self.lb1.addr,
+                "--remote-ip",
+                &self.lb2.addr,
+                "--yes",
+                "--password-stdin",
+            ],
+            &format!("{password}\n"),
+        )
+    }
+
+    fn rpc<T>(
+        &self,
+        name: &str,
+        daemon: &str,
+        f: impl AsyncFnOnce(tonic::transport::Channel) -> T,
+    ) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let dir = self.node(name).runtime.clone();
+        rt.block_on(async move {
+            let ch = tandem_runtime::connect(&dir, daemon)
+                .await
+                .expect("connect");
+            f(ch).await
+        })
+    }
+
+    /// CreateCluster without confirmation (preflight only): every message.
+    pub fn preflight_only(&self, password: &str) -> Vec<v1::CreateClusterProgress> {
+        let req = v1::CreateClusterRequest {
+            local_ip: self.lb1.addr.clone(),
+            remote_ip: self.lb2.addr.clone(),
+            remote_root_password: password.into(),
+            confirmed: false,
+            virtual_router_id: 0,
+        };
+        self.rpc("lb1", "clustermanager", async move |ch| {
+            let mut s = v1::cluster_manager_client::ClusterManagerClient::new(ch)
+                .create_cluster(req)
+                .await
+                .expect("CreateCluster")
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(p) = s.message().await.expect("stream") {
+                out.push(p);
+            }
+            out
+        })
+    }
+
+    pub fn vrrp_state(&self, name: &str) -> v1::VrrpState {
+        self.rpc(name, "vrrpd", async |ch| {
+            v1::vrrpd_client::VrrpdClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .expect("vrrpd status")
+                .into_inner()
+                .state()
+        })
+    }
+
+    pub fn cfgsync_status(&self, name: &str) -> v1::CfgSyncStatus {
+        self.rpc(name, "cfg-syncd", async |ch| {
+            v1::cfg_sync_client::CfgSyncClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .expect("cfg-syncd status")
+                .into_inner()
+        })
+    }
+
+    pub fn conntrack_status(&self, name: &str) -> v1::ConntrackSyncStatus {
+        self.rpc(name, "conntrack-syncd", async |ch| {
+            v1::conntrack_sync_client::ConntrackSyncClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .expect("conntrack-syncd status")
+                .into_inner()
+        })
+    }
+
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&ClusterLifecycleLab) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}\n{}\n{}",
+                self.lb1.logs(),
+                self.lb2.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One request from the client to the farm: the backend's name.
+    pub fn ask_vip(&self) -> Option<String> {
+        self.client
+            .run(|| {
+                use std::io::BufRead;
+                let s = std::net::TcpStream::connect_timeout(
+                    &format!("{VIP}:80").parse().expect("addr"),
+                    Duration::from_secs(2),
+                )
+                .ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                let mut line = String::new();
+                std::io::BufReader::new(s).read_line(&mut line).ok()?;
+                Some(line.trim().to_owned()).filter(|l| !l.is_empty())
+            })
+            .expect("client thread")
+    }
+
+    /// Every file of both nodes' config dirs and authorized_keys, with
+    /// content and mode: "nothing changed" is this staying equal.
+    pub fn snapshot(&self) -> BTreeMap<String, (Vec<u8>, u32)> {
+        let mut out = BTreeMap::new();
+        for n in [&self.lb1, &self.lb2] {
+            for (k, v) in tree(&n.config) {
+                out.insert(format!("{}:{k}", n.name), v);
+            }
+            let ak = fs::read(n.authorized_keys()).unwrap_or_default();
+            out.insert(format!("{}:authorized_keys", n.name), (ak, 0));
+        }
+        out
+    }
+}
+
+impl Default for ClusterLifecycleLab {
+    fn default() -> Self {
+        ClusterLifecycleLab::new()
+    }
+}
+
+/// Every regular file under `dir` (relative path → content, mode).
+pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(entries) = fs::read_dir(dir.join(&rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let r = rel.join(e.file_name());
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(r);
+            } else if let Ok(data) = fs::read(e.path()) {
+                out.insert(
+                    r.display().to_string(),
+                    (data, md.permissions().mode() & 0o7777),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Differences between two snapshots, for assertion messages.
+pub fn diff(
+    a: &BTreeMap<String, (Vec<u8>, u32)>,
+    b: &BTreeMap<String, (Vec<u8>, u32)>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("{k} removed")),
+            Some(w) if w != v => out.push(format!("{k} changed")),
+            _ => {}
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            out.push(format!("{k} added"));
+        }
+    }
+    out
+}
+
+pub fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}

@@ -1,0 +1,517 @@
+//! clustermanager's runtime on two full nodes (tests/cluster_ops_lab.rs):
+//! the node table, `cluster edit`, command replication and its refusal on
+//! the backup, `farm add`, and maintenance moving the master role without
+//! a single failed client request.
+//!
+//! `cargo build -p lb-forwarder -p vrrpd -p conntrack-syncd -p cfg-syncd -p clustermanager -p tandemctl && cargo nextest run -p tandem-e2e --test cluster_ops`
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tandem_e2e::cluster_ops_lab::{OpsLab, VIP, farm, row, text};
+
+#[test]
+fn node_table_is_green_master_backup_then_red_for_a_dead_daemon_and_grey_for_a_lost_peer() {
+    let mut lab = OpsLab::running();
+    for (from, local) in [("lb1", "lb1"), ("lb2", "lb2")] {
+        let t = lab.nodes_json(from);
+        assert_eq!(t.len(), 2, "{t:?}");
+        let me = row(&t, local).expect("local row");
+        assert_eq!(me["local"], true);
+        let other = row(&t, lab.peer(local).name.as_str()).expect("remote row");
+        assert_eq!(other["local"], false);
+        assert_eq!(
+            other["address"],
+            tandem_e2e::cluster_ops_lab::cluster_addr(&lab.peer(local).name)
+        );
+        assert_eq!(other["hostname"], lab.peer(local).name.as_str());
+    }
+    let t = lab.nodes_json("lb2");
+    assert_eq!(row(&t, "lb1").unwrap()["role"], "master", "{t:?}");
+    assert_eq!(row(&t, "lb2").unwrap()["role"], "backup", "{t:?}");
+
+    // `tandemctl status` starts with the local node's summary.
+    let out = lab.node("lb1").tandemctl(&["status"]);
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(first, "lb1: ● green operational, master", "{}", text(&out));
+
+    // A daemon killed on the backup: the master's table shows it red, and why.
+    lab.kill("lb2", "conntrack-syncd");
+    lab.wait_for("lb2 red on lb1's table", Duration::from_secs(10), |l| {
+        let t = l.nodes_json("lb1");
+        row(&t, "lb2").is_some_and(|r| {
+            r["status"] == "red"
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("conntrack-syncd is not running"))
+        }) && row(&t, "lb1").is_some_and(|r| r["status"] == "green")
+    });
+    let out = lab.node("lb2").tandemctl(&["status"]);
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        first.starts_with("lb2: ● red failure, backup (conntrack-syncd is not running"),
+        "{}",
+        text(&out)
+    );
+
+    // The backup's cluster link goes down: its row on the master turns grey.
+    lab.node("lb2")
+        .ns
+        .set_link("eth2", false)
+        .expect("link down");
+    let took = lab.wait_for("lb2 grey on lb1's table", Duration::from_secs(20), |l| {
+        let t = l.nodes_json("lb1");
+        row(&t, "lb2").is_some_and(|r| r["status"] == "grey" && r["health"] == "unreachable")
+    });
+    eprintln!(
+        "peer seen unreachable {} ms after its link went down",
+        took.as_millis()
+    );
+    let t = lab.nodes_json("lb1");
+    assert!(
+        row(&t, "lb2").unwrap()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lb2") && m.contains("unreachable")),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn cluster_edit_on_the_master_reaches_the_backup_and_a_change_on_the_backup_is_refused() {
+    let lab = OpsLab::running();
+    let gen_before = lab.vrrp("lb2").daemon.unwrap().config_generation;
+
+    // (Not --tracked here: vrrpd restarts its instance for a change of
+    // tracked interfaces, and the role moves; see docs/clustermanager.md.)
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["cluster", "edit", "--check-interval", "200"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The explicit replication is synchronous: the backup has the file and
+    // has reloaded when the command returns (no waiting for cfg-syncd).
+    let backup = lab.node("lb2").read("cluster.toml");
+    assert!(backup.contains("advert_interval_ms = 200"), "{backup}");
+    assert!(
+        lab.vrrp("lb2").daemon.unwrap().config_generation > gen_before,
+        "lb2's vrrpd reloaded the edited cluster.toml"
+    );
+    assert_eq!(lab.vrrp("lb1").advert_interval_ms, 200);
+    let show = lab.node("lb2").tandemctl(&["cluster", "show", "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).expect("show json");
+    assert_eq!(show["check_interval_ms"], 200);
+    assert_eq!(show["interface"], "eth2");
+    assert_eq!(show["floating_ips"][0]["address"], format!("{VIP}/24"));
+
+    // On the backup: refused, naming the master; nothing changes anywhere.
+    let before = (
+        lab.node("lb1").read("cluster.toml"),
+        lab.node("lb2").read("cluster.toml"),
+    );
+    let out = lab
+        .node("lb2")
+        .tandemctl(&["cluster", "edit", "--failback", "lb2"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this node is the backup; make changes on the master lb1 (192.168.100.1)"),
+        "{}",
+        text(&out)
+    );
+    let out = lab.node("lb2").tandemctl(&["farm", "delete", "web"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("master lb1"),
+        "{}",
+        text(&out)
+    );
+    assert!(lab.node("lb2").config_dir.join("farms/web.toml").exists());
+
+    // An invalid edit on the master changes nothing on either node.
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["cluster", "edit", "--failback", "lb9"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lb9"),
+        "{}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        before,
+        (
+            lab.node("lb1").read("cluster.toml"),
+            lab.node("lb2").read("cluster.toml")
+        )
+    );
+}
+
+#[test]
+fn farm_add_on_the_master_serves_at_once_and_reaches_the_backup() {
+    let lab = OpsLab::running();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api.toml");
+    std::fs::write(&file, farm("api", 8081)).unwrap();
+
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replicated"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(lab.node("lb2").read("farms/api.toml"), farm("api", 8081));
+    assert_eq!(lab.forwarder("lb1").farms, 2);
+    assert_eq!(
+        lab.forwarder("lb2").farms,
+        2,
+        "the backup reloaded its farms"
+    );
+
+    // The master serves it through the VIP.
+    let name = lab
+        .client
+        .run(|| {
+            let s = TcpStream::connect_timeout(
+                &format!("{VIP}:8081").parse().unwrap(),
+                Duration::from_secs(3),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok::<_, std::io::Error>(line.trim().to_owned())
+        })
+        .expect("client")
+        .expect("farm api answers through the VIP");
+    assert!(name == "b1" || name == "b2", "{name}");
+
+    // Adding it again is refused; an invalid farm changes nothing.
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    std::fs::write(&file, farm("api", 8081).replace("port = 8081", "port = 80")).unwrap();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "edit", file.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "an overlapping farm is refused: {}",
+        text(&out)
+    );
+    assert_eq!(lab.node("lb1").read("farms/api.toml"), farm("api", 8081));
+
+    let out = lab.node("lb1").tandemctl(&["farm", "delete", "api"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!lab.node("lb2").config_dir.join("farms/api.toml").exists());
+    assert_eq!(lab.forwarder("lb2").farms, 1);
+}
+
+/// A client looping requests through the VIP: new connections one after
+/// another (connect, read the greeting) and four established connections
+/// each echoing a line every 20 ms.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    new_ok: Arc<AtomicU64>,
+    echo_ok: Arc<AtomicU64>,
+    fresh: std::thread::JoinHandle<Result<Vec<String>, tandem_lab::LabError>>,
+    established: std::thread::JoinHandle<Result<Vec<String>, tandem_lab::LabError>>,
+}
+
+/// What the client saw: successes and every failure.
+struct Seen {
+    new_ok: u64,
+    echo_ok: u64,
+    new_failed: Vec<String>,
+    echo_failed: Vec<String>,
+}
+
+impl Traffic {
+    fn start(lab: &OpsLab) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let new_ok = Arc::new(AtomicU64::new(0));
+        let echo_ok = Arc::new(AtomicU64::new(0));
+        let dst: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        let fresh = {
+            let (stop, ok) = (stop.clone(), new_ok.clone());
+            lab.client
+                .spawn_thread(move || {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = (|| {
+                            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            let mut line = String::new();
+                            BufReader::new(s).read_line(&mut line)?;
+                            if line.trim().is_empty() {
+                                return Err(std::io::Error::other("no greeting"));
+                            }
+                            Ok::<_, std::io::Error>(())
+                        })();
+                        match r {
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    errors
+                })
+                .expect("client thread")
+        };
+        let established = {
+            let (stop, ok) = (stop.clone(), echo_ok.clone());
+            lab.client
+                .spawn_thread(move || {
+                    let conns: Vec<TcpStream> = (0..4)
+                        .map(|_| {
+                            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+                                .expect("connect");
+                            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                            s.set_nodelay(true).unwrap();
+                            s
+                        })
+                        .collect();
+                    let mut readers: Vec<_> = conns
+                        .iter()
+                        .map(|c| {
+                            let mut r = BufReader::new(c.try_clone().unwrap());
+                            let mut greeting = String::new();
+                            r.read_line(&mut greeting).unwrap();
+                            r
+                        })
+                        .collect();
+                    let mut errors = Vec::new();
+                    let mut broken = vec![false; conns.len()];
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for (k, (c, r)) in conns.iter().zip(readers.iter_mut()).enumerate() {
+                            if broken[k] {
+                                continue;
+                            }
+                            i += 1;
+                            let msg = format!("ping {i}");
+                            let mut w = c;
+                            let mut line = String::new();
+                            let sent = writeln!(w, "{msg}");
+                            let read = r.read_line(&mut line);
+                            if sent.is_ok() && read.is_ok() && line.trim() == msg {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                errors.push(format!(
+                                    "connection {k}, {msg}: {sent:?} {read:?} got {line:?}"
+                                ));
+                                broken[k] = true;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    errors
+                })
+                .expect("client thread")
+        };
+        Traffic {
+            stop,
+            new_ok,
+            echo_ok,
+            fresh,
+            established,
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.new_ok.load(Ordering::Relaxed),
+            self.echo_ok.load(Ordering::Relaxed),
+        )
+    }
+
+    fn stop(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        let new_failed = self.fresh.join().unwrap().unwrap();
+        let echo_failed = self.established.join().unwrap().unwrap();
+        Seen {
+            new_ok: self.new_ok.load(Ordering::Relaxed),
+            echo_ok: self.echo_ok.load(Ordering::Relaxed),
+            new_failed,
+            echo_failed,
+        }
+    }
+}
+
+/// Traffic flows, maintenance is enabled on lb1, the VIP moves to lb2,
+/// traffic keeps flowing 1.5 s more. Returns what the client saw and how
+/// long the VIP took to move.
+fn switch_under_traffic(lab: &OpsLab) -> (Seen, Duration) {
+    let traffic = Traffic::start(lab);
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = traffic.counts();
+    assert!(
+        before.0 > 5 && before.1 > 5,
+        "traffic flows before the switch: {before:?}"
+    );
+    let started = Instant::now();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "enable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.wait_for("lb2 to hold the VIP", Duration::from_secs(5), |l| {
+        l.holds_vip("lb2")
+    });
+    let moved = started.elapsed();
+    assert!(!lab.holds_vip("lb1"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = traffic.counts();
+    let seen = traffic.stop();
+    eprintln!(
+        "role moved in {} ms; new connections ok {} failed {}; echoes ok {} failed {}",
+        moved.as_millis(),
+        seen.new_ok,
+        seen.new_failed.len(),
+        seen.echo_ok,
+        seen.echo_failed.len()
+    );
+    assert!(
+        after.0 > before.0 + 10,
+        "new connections kept succeeding after the switch: {before:?} {after:?}"
+    );
+    (seen, moved)
+}
+
+#[test]
+fn maintenance_on_the_master_moves_the_role_with_zero_failed_client_requests() {
+    let lab = OpsLab::running();
+    let (seen, _) = switch_under_traffic(&lab);
+    assert!(
+        seen.new_failed.is_empty(),
+        "new connections failed: {:?}",
+        seen.new_failed
+    );
+    assert!(
+        seen.echo_failed.is_empty(),
+        "established connections failed: {:?}",
+        seen.echo_failed
+    );
+
+    let t = lab.nodes_json("lb2");
+    assert_eq!(row(&t, "lb2").unwrap()["role"], "master", "{t:?}");
+    let lb1 = row(&t, "lb1").unwrap();
+    assert_eq!(
+        (lb1["role"].as_str(), lb1["status"].as_str()),
+        (Some("maintenance"), Some("orange")),
+        "{t:?}"
+    );
+
+    // Disable: with failback "none" the role stays with lb2.
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "disable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.wait_for("lb1 back as a green backup", Duration::from_secs(10), |l| {
+        let t = l.nodes_json("lb1");
+        row(&t, "lb1").is_some_and(|r| r["role"] == "backup" && r["status"] == "green")
+            && row(&t, "lb2").is_some_and(|r| r["role"] == "master")
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        lab.holds_vip("lb2") && !lab.holds_vip("lb1"),
+        "failback none: the role stays on lb2"
+    );
+
+    // Maintenance of the remote node, asked on lb1, is forwarded to lb2.
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "enable", "lb2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.wait_for("lb1 to take the role back", Duration::from_secs(5), |l| {
+        l.holds_vip("lb1")
+    });
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "disable", "lb2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "enable", "lb7"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no node `lb7`"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// The control: the same switch without conntrack replication (both
+/// conntrack-syncd stopped, tcp_loose=0 on the nodes) breaks the
+/// established connections, so the test above can fail.
+#[test]
+fn without_conntrack_sync_the_same_switch_breaks_established_connections() {
+    let mut lab = OpsLab::running();
+    lab.kill("lb1", "conntrack-syncd");
+    lab.kill("lb2", "conntrack-syncd");
+    let (seen, _) = switch_under_traffic(&lab);
+    assert!(
+        !seen.echo_failed.is_empty(),
+        "without replicated state the established connections should break (echoes ok {})",
+        seen.echo_ok
+    );
+}
+
+/// Failback gating: lb1 is the preferred master. Out of maintenance while
+/// lb2 is master, clustermanager holds it in vrrpd maintenance until its
+/// configuration and conntrack resync are complete, then releases it and
+/// it takes the role back.
+#[test]
+fn a_returning_preferred_master_is_held_until_resynced_then_takes_the_role_back() {
+    let lab = OpsLab::running_with_failback("lb1");
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "enable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.wait_for("lb2 to hold the VIP", Duration::from_secs(5), |l| {
+        l.holds_vip("lb2")
+    });
+
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["node", "maintenance", "disable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let took = lab.wait_for("lb1 to take the role back", Duration::from_secs(15), |l| {
+        l.holds_vip("lb1")
+    });
+    eprintln!(
+        "lb1 master again {} ms after maintenance was disabled",
+        took.as_millis()
+    );
+    let cm = lab.node("lb1").daemon_log("clustermanager");
+    let held = cm
+        .find("holding it in maintenance until its configuration and conntrack resync are complete")
+        .unwrap_or_else(|| panic!("lb1 was never held back:\n{}", lab.node("lb1").log()));
+    let released = cm
+        .find("releasing maintenance, it takes the master role back")
+        .unwrap_or_else(|| panic!("lb1 was never released:\n{cm}"));
+    assert!(held < released, "{cm}");
+    // vrrpd entered maintenance twice: the operator's, then the gate's.
+    let vrrp = lab.node("lb1").daemon_log("vrrpd");
+    assert!(
+        vrrp.matches("-> maintenance").count() >= 2,
+        "the gate held vrrpd in maintenance:\n{vrrp}"
+    );
+    lab.wait_for("lb1 green master", Duration::from_secs(10), |l| {
+        let t = l.nodes_json("lb2");
+        row(&t, "lb1").is_some_and(|r| r["role"] == "master" && r["status"] == "green")
+            && row(&t, "lb2").is_some_and(|r| r["role"] == "backup")
+    });
+}
