@@ -155,10 +155,24 @@ fn tcp_backend(ns: &Netns, name: &str) {
         .expect("ns")
         .expect("bind");
     let name = name.to_owned();
+    // Its name, then an echo of every line until the client closes.
     std::thread::spawn(move || {
-        use std::io::Write;
+        use std::io::{BufRead, Write};
         for mut conn in listener.incoming().flatten() {
-            let _ = conn.write_all(format!("{name}\n").as_bytes());
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let Ok(read) = conn.try_clone() else { return };
+                for line in std::io::BufReader::new(read).lines() {
+                    let Ok(line) = line else { return };
+                    if conn.write_all(format!("{line}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
 }
