@@ -195,9 +195,11 @@ fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
         assert_eq!(words(&d, "CapabilityBoundingSet"), set(caps), "{daemon}");
         assert!(values(&d, "AmbientCapabilities").is_empty(), "{daemon}");
         assert_eq!(words(&d, "ReadWritePaths"), set(rw), "{daemon}");
-        // Five units sharing /run/tandem: RuntimeDirectory= would delete it
-        // whenever one of them stops. tmpfiles.d owns it.
-        assert!(values(&d, "RuntimeDirectory").is_empty(), "{daemon}");
+        // Five units share /run/tandem: each declares it, preserved, or the
+        // first unit to stop would delete it (and the others' sockets).
+        assert_eq!(one("RuntimeDirectory"), "tandem", "{daemon}");
+        assert_eq!(one("RuntimeDirectoryMode"), "0700", "{daemon}");
+        assert_eq!(one("RuntimeDirectoryPreserve"), "yes", "{daemon}");
     }
 
     let after = |daemon: &str| words(&directives(&format!("{daemon}.service")), "After");
