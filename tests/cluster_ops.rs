@@ -515,3 +515,61 @@ fn a_returning_preferred_master_is_held_until_resynced_then_takes_the_role_back(
             && row(&t, "lb2").is_some_and(|r| r["role"] == "backup")
     });
 }
+
+/// A backend's state set on the master is a configuration change: written
+/// into the farm file (comments kept), applied by the master's lb-forwarder
+/// and replicated to the backup, whose lb-forwarder applies it too. On the
+/// backup the same command is refused and names the master.
+#[test]
+fn backend_state_set_on_the_master_is_replicated_to_the_backup() {
+    let lab = OpsLab::running();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api.toml");
+    std::fs::write(&file, format!("# the API farm\n{}", farm("api", 8082))).unwrap();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["backend", "set", "api", "10.1.0.12:8080", "drain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("replicated to the peer"),
+        "{}",
+        text(&out)
+    );
+    for node in ["lb1", "lb2"] {
+        let on_disk = lab.node(node).read("farms/api.toml");
+        assert!(on_disk.starts_with("# the API farm\n"), "{node}: {on_disk}");
+        assert!(on_disk.contains("state = \"drain\""), "{node}: {on_disk}");
+    }
+    // Both datapaths took it: the drained backend is out of rotation.
+    lab.wait_for(
+        "both lb-forwarders to drain 10.1.0.12",
+        Duration::from_secs(5),
+        |l| {
+            ["lb1", "lb2"].iter().all(|n| {
+                let out = l.node(n).tandemctl(&["farm", "list", "--json"]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                v.to_string().contains("\"drain\"")
+            })
+        },
+    );
+
+    let out = lab
+        .node("lb2")
+        .tandemctl(&["backend", "set", "api", "10.1.0.12:8080", "up"]);
+    assert!(!out.status.success(), "the backup refuses: {}", text(&out));
+    assert!(
+        text(&out).contains("lb1"),
+        "names the master: {}",
+        text(&out)
+    );
+    assert!(
+        lab.node("lb2")
+            .read("farms/api.toml")
+            .contains("state = \"drain\"")
+    );
+}

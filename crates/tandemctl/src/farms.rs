@@ -175,9 +175,78 @@ pub async fn list(runtime_dir: &Path, json: bool, stats: bool) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// The farm file of `farm` with the backend's `state` set to `state`,
+/// comments and layout kept: (path relative to the config dir, new text).
+/// `port` 0 matches the backend by address alone, which must then be unique.
+pub fn backend_state_edit(
+    config_dir: &Path,
+    farm: &str,
+    address: &str,
+    port: u32,
+    state: &str,
+) -> anyhow::Result<(String, String)> {
+    let dir = config_dir.join(FARMS_DIR);
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+            continue;
+        };
+        if doc.get("name").and_then(|n| n.as_str()) != Some(farm) {
+            continue;
+        }
+        let rel = format!(
+            "{FARMS_DIR}/{}",
+            file.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let backends = doc
+            .get_mut("backends")
+            .and_then(|b| b.as_array_of_tables_mut())
+            .with_context(|| format!("{rel}: farm `{farm}` has no [[backends]]"))?;
+        let matches: Vec<usize> = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                b.get("address").and_then(|a| a.as_str()) == Some(address)
+                    && (port == 0
+                        || b.get("port").and_then(|p| p.as_integer()) == Some(i64::from(port)))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let i = match matches.as_slice() {
+            [i] => *i,
+            [] => bail!(
+                "{rel}: farm `{farm}` has no backend {address}{}",
+                if port == 0 {
+                    String::new()
+                } else {
+                    format!(":{port}")
+                }
+            ),
+            _ => bail!("{rel}: farm `{farm}` has several backends at {address}: give the port"),
+        };
+        let Some(table) = backends.get_mut(i) else {
+            bail!("{rel}: backend {address} vanished");
+        };
+        table["state"] = toml_edit::value(state);
+        return Ok((rel, doc.to_string()));
+    }
+    bail!("no farm named `{farm}` in {}", dir.display())
+}
+
 /// `backend set FARM ADDRESS[:PORT] STATE`.
 pub async fn set_backend(
     runtime_dir: &Path,
+    config_dir: &Path,
     farm: &str,
     backend: &str,
     state: &str,
@@ -197,6 +266,34 @@ pub async fn set_backend(
         "maintenance" => BackendAdminState::Maintenance,
         other => bail!("unknown state `{other}`: up, down, drain or maintenance"),
     };
+    let word = lower(state.as_str_name(), "BACKEND_ADMIN_STATE_");
+    // Through clustermanager when it runs: the state is written into the
+    // farm file (a configuration change, validated, applied and replicated
+    // to the peer), so it survives restarts and failovers.
+    if let Ok(channel) = tandem_runtime::connect(runtime_dir, "clustermanager").await {
+        let (path, content) = backend_state_edit(config_dir, farm, &address, port, &word)?;
+        let reply = v1::cluster_manager_client::ClusterManagerClient::new(channel)
+            .apply_change(v1::ConfigChange {
+                path: path.clone(),
+                content: Some(content.into_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        if !reply.applied {
+            bail!("{path}: {}", reply.errors.join("; "));
+        }
+        println!("farm {farm}: backend {backend} is now {word} ({path} updated)");
+        if reply.replicated {
+            println!("replicated to the peer");
+        } else if !reply.replication_error.is_empty() {
+            println!("not replicated yet: {}", reply.replication_error);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Standalone without clustermanager: lb-forwarder's runtime override
+    // (not persisted).
     let reply = client(runtime_dir)
         .await?
         .set_backend_state(v1::SetBackendStateRequest {
@@ -209,8 +306,7 @@ pub async fn set_backend(
     match reply {
         Ok(_) => {
             println!(
-                "farm {farm}: backend {backend} is now {}",
-                lower(state.as_str_name(), "BACKEND_ADMIN_STATE_")
+                "farm {farm}: backend {backend} is now {word} (clustermanager is not running: lb-forwarder's runtime override, not kept across a restart)"
             );
             Ok(ExitCode::SUCCESS)
         }

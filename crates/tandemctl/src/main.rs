@@ -265,7 +265,16 @@ fn main() -> ExitCode {
                                 backend,
                                 state,
                             },
-                    } => farms::set_backend(&cli.runtime_dir, &farm, &backend, &state).await,
+                    } => {
+                        farms::set_backend(
+                            &cli.runtime_dir,
+                            &cli.config_dir,
+                            &farm,
+                            &backend,
+                            &state,
+                        )
+                        .await
+                    }
                     Command::Config { .. } | Command::Completions { .. } => {
                         unreachable!("handled above")
                     }
