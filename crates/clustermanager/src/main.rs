@@ -102,6 +102,13 @@ fn main() -> ExitCode {
             ctx.runtime_dir().to_owned(),
             peer,
         ));
+        // Opt-in /metrics (node.toml metrics_listen, port + 4): build info.
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &shared.config,
+            Arc::new(tandem_runtime::metrics::registry("clustermanager")),
+            ctx.shutdown(),
+        );
         tokio::spawn(orchestrate::run(shared.clone(), ctx.shutdown()));
         tokio::spawn(node_table::watch_health(shared.clone(), ctx.shutdown()));
         let served = ctx
