@@ -149,34 +149,6 @@ fn shadow(password: &str) -> String {
     format!("root:{hash}:20000:0:99999:7:::\n")
 }
 
-fn tcp_backend(ns: &Netns, name: &str) {
-    let listener = ns
-        .run(|| std::net::TcpListener::bind("0.0.0.0:8080"))
-        .expect("ns")
-        .expect("bind");
-    let name = name.to_owned();
-    // Its name, then an echo of every line until the client closes.
-    std::thread::spawn(move || {
-        use std::io::{BufRead, Write};
-        for mut conn in listener.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_nodelay(true);
-                if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                let Ok(read) = conn.try_clone() else { return };
-                for line in std::io::BufReader::new(read).lines() {
-                    let Ok(line) = line else { return };
-                    if conn.write_all(format!("{line}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
-
 impl ClusterLifecycleLab {
     /// Both nodes standalone, every daemon and both sshds running.
     pub fn new() -> ClusterLifecycleLab {
@@ -193,7 +165,7 @@ impl ClusterLifecycleLab {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
-            tcp_backend(&ns, &format!("b{i}"));
+            crate::echo_backend(&ns, &format!("b{i}"), 8080);
             backends.push(ns);
         }
         fs::create_dir_all("/run/sshd").expect("/run/sshd (sshd's privilege separation dir)");
@@ -424,17 +396,7 @@ impl ClusterLifecycleLab {
         daemon: &str,
         f: impl AsyncFnOnce(tonic::transport::Channel) -> T,
     ) -> T {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        let dir = self.node(name).runtime.clone();
-        rt.block_on(async move {
-            let ch = tandem_runtime::connect(&dir, daemon)
-                .await
-                .expect("connect");
-            f(ch).await
-        })
+        crate::rpc(&self.node(name).runtime, daemon, f)
     }
 
     /// CreateCluster without confirmation (preflight only): every message.
@@ -461,14 +423,7 @@ impl ClusterLifecycleLab {
     }
 
     pub fn vrrp_state(&self, name: &str) -> v1::VrrpState {
-        self.rpc(name, "vrrpd", async |ch| {
-            v1::vrrpd_client::VrrpdClient::new(ch)
-                .status(v1::StatusRequest {})
-                .await
-                .expect("vrrpd status")
-                .into_inner()
-                .state()
-        })
+        crate::vrrp_state(&self.node(name).runtime)
     }
 
     pub fn cfgsync_status(&self, name: &str) -> v1::CfgSyncStatus {
@@ -482,13 +437,7 @@ impl ClusterLifecycleLab {
     }
 
     pub fn conntrack_status(&self, name: &str) -> v1::ConntrackSyncStatus {
-        self.rpc(name, "conntrack-syncd", async |ch| {
-            v1::conntrack_sync_client::ConntrackSyncClient::new(ch)
-                .status(v1::StatusRequest {})
-                .await
-                .expect("conntrack-syncd status")
-                .into_inner()
-        })
+        crate::conntrack_status(&self.node(name).runtime)
     }
 
     pub fn wait_for(

@@ -353,9 +353,11 @@ impl Traffic {
 }
 
 /// Traffic flows, maintenance is enabled on lb1, the VIP moves to lb2,
-/// traffic keeps flowing 1.5 s more. Returns what the client saw and how
+/// traffic keeps flowing 3.5 s more. Returns what the client saw and how
 /// long the VIP took to move.
-fn switch_under_traffic(lab: &OpsLab) -> (Seen, Duration) {
+/// Also the (new connections, echoes) counts just before the switch and
+/// 3.5 s after it.
+fn switch_under_traffic(lab: &OpsLab) -> (Seen, Duration, (u64, u64), (u64, u64)) {
     let traffic = Traffic::start(lab);
     std::thread::sleep(Duration::from_millis(1000));
     let before = traffic.counts();
@@ -373,7 +375,8 @@ fn switch_under_traffic(lab: &OpsLab) -> (Seen, Duration) {
     });
     let moved = started.elapsed();
     assert!(!lab.holds_vip("lb1"));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Long enough for a SYN lost in the switch to be resent (1 s, then 3 s).
+    std::thread::sleep(Duration::from_millis(3500));
     let after = traffic.counts();
     let seen = traffic.stop();
     eprintln!(
@@ -384,17 +387,17 @@ fn switch_under_traffic(lab: &OpsLab) -> (Seen, Duration) {
         seen.echo_ok,
         seen.echo_failed.len()
     );
-    assert!(
-        after.0 > before.0 + 10,
-        "new connections kept succeeding after the switch: {before:?} {after:?}"
-    );
-    (seen, moved)
+    (seen, moved, before, after)
 }
 
 #[test]
 fn maintenance_on_the_master_moves_the_role_with_zero_failed_client_requests() {
     let lab = OpsLab::running();
-    let (seen, _) = switch_under_traffic(&lab);
+    let (seen, _, before, after) = switch_under_traffic(&lab);
+    assert!(
+        after.0 > before.0 + 10,
+        "new connections kept succeeding after the switch: {before:?} {after:?}"
+    );
     assert!(
         seen.new_failed.is_empty(),
         "new connections failed: {:?}",
@@ -461,7 +464,7 @@ fn without_conntrack_sync_the_same_switch_breaks_established_connections() {
     let mut lab = OpsLab::running();
     lab.kill("lb1", "conntrack-syncd");
     lab.kill("lb2", "conntrack-syncd");
-    let (seen, _) = switch_under_traffic(&lab);
+    let (seen, ..) = switch_under_traffic(&lab);
     assert!(
         !seen.echo_failed.is_empty(),
         "without replicated state the established connections should break (echoes ok {})",

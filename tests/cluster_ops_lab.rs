@@ -13,8 +13,8 @@
 //! on eth2 (VRRP at 100 ms, conntrack sync, SSH on port 2222).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -116,33 +116,6 @@ fn keygen(path: &Path, comment: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     fs::read_to_string(path.with_extension("pub")).expect("public key")
-}
-
-/// A TCP backend: greets with its name, then echoes lines.
-fn tcp_backend(ns: &Netns, name: &str) {
-    let listener = ns
-        .run(|| TcpListener::bind("0.0.0.0:8080"))
-        .expect("ns")
-        .expect("bind");
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_nodelay(true);
-                let Ok(mut w) = conn.try_clone() else { return };
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { return };
-                    if w.write_all(format!("{line}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
 }
 
 impl OpsLab {
@@ -264,7 +237,7 @@ impl OpsLab {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
-            tcp_backend(&ns, &format!("b{i}"));
+            crate::echo_backend(&ns, &format!("b{i}"), 8080);
             backends.push(ns);
         }
         let mut l = OpsLab {

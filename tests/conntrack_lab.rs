@@ -9,7 +9,7 @@
 //! name and echo lines; a UDP datagram with `<name> <payload>`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -46,32 +46,6 @@ const WEB: &str = "name = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nscheduler = 
 [[backends]]\naddress = \"10.1.0.11\"\nport = 8080\n[[backends]]\naddress = \"10.1.0.12\"\nport = 8080\n[[backends]]\naddress = \"10.1.0.13\"\nport = 8080\n";
 const DNS: &str = "name = \"dns\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"rr\"\nsnat_address = \"10.1.0.100\"\n[health_check]\nkind = \"none\"\n\
 [[backends]]\naddress = \"10.1.0.11\"\nport = 5353\n[[backends]]\naddress = \"10.1.0.12\"\nport = 5353\n[[backends]]\naddress = \"10.1.0.13\"\nport = 5353\n";
-
-fn tcp_backend(ns: &Netns, name: &str) {
-    let listener = ns
-        .run(|| TcpListener::bind("0.0.0.0:8080"))
-        .expect("ns")
-        .expect("bind");
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_nodelay(true);
-                let Ok(mut w) = conn.try_clone() else { return };
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { return };
-                    if w.write_all(format!("{line}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
 
 fn udp_backend(ns: &Netns, name: &str) {
     let sock = ns
@@ -152,7 +126,7 @@ impl ClusterLab {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
-            tcp_backend(&ns, &format!("b{i}"));
+            crate::echo_backend(&ns, &format!("b{i}"), 8080);
             udp_backend(&ns, &format!("b{i}"));
             backends.push(ns);
         }
@@ -243,44 +217,12 @@ impl ClusterLab {
             .unwrap_or(false)
     }
 
-    fn rpc<T>(
-        &self,
-        node: &str,
-        daemon: &str,
-        f: impl AsyncFnOnce(tonic::transport::Channel) -> T,
-    ) -> T {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        let dir = self.node(node).runtime_dir.clone();
-        rt.block_on(async move {
-            let ch = tandem_runtime::connect(&dir, daemon)
-                .await
-                .expect("connect");
-            f(ch).await
-        })
-    }
-
     pub fn vrrp_state(&self, node: &str) -> v1::VrrpState {
-        self.rpc(node, "vrrpd", async |ch| {
-            v1::vrrpd_client::VrrpdClient::new(ch)
-                .status(v1::StatusRequest {})
-                .await
-                .expect("vrrpd status")
-                .into_inner()
-                .state()
-        })
+        crate::vrrp_state(&self.node(node).runtime_dir)
     }
 
     pub fn conntrack_status(&self, node: &str) -> v1::ConntrackSyncStatus {
-        self.rpc(node, "conntrack-syncd", async |ch| {
-            v1::conntrack_sync_client::ConntrackSyncClient::new(ch)
-                .status(v1::StatusRequest {})
-                .await
-                .expect("conntrack-syncd status")
-                .into_inner()
-        })
+        crate::conntrack_status(&self.node(node).runtime_dir)
     }
 
     /// The master dies: every daemon of `node` is killed (SIGKILL) and its

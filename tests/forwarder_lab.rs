@@ -4,8 +4,8 @@
 //! then echo lines. lb-forwarder runs in the balancer namespace.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,39 +25,6 @@ pub struct FwdLab {
     /// b1, b2, b3.
     pub backends: Vec<Netns>,
     _tmp: tempfile::TempDir,
-}
-
-/// Each backend answers a connection with its name and a newline, then
-/// echoes every line until the client closes.
-fn backend(ns: &Netns, name: &str, port: u16) {
-    let listener = ns
-        .run(move || TcpListener::bind(("0.0.0.0", port)))
-        .expect("ns")
-        .expect("bind");
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || {
-                // One write per line and no Nagle: a request/response
-                // benchmark must not wait for delayed ACKs.
-                let _ = conn.set_nodelay(true);
-                let mut w = match conn.try_clone() {
-                    Ok(w) => w,
-                    Err(_) => return,
-                };
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { return };
-                    if w.write_all(format!("{line}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
 }
 
 impl FwdLab {
@@ -93,7 +60,7 @@ impl FwdLab {
             let ns = lab.netns(&format!("b{i}")).expect("backend");
             lab.attach(&ns, "eth0", &back, &[&format!("10.1.0.1{i}/24")])
                 .expect("backend eth0");
-            backend(&ns, &format!("b{i}"), 8080);
+            crate::echo_backend(&ns, &format!("b{i}"), 8080);
             if dsr {
                 lab.attach(&ns, "eth1", &lan, &[&format!("10.0.0.1{i}/24")])
                     .expect("backend eth1");
@@ -107,7 +74,7 @@ impl FwdLab {
                 ] {
                     ns.sysctl(k, v).expect("sysctl");
                 }
-                backend(&ns, &format!("b{i}"), 80);
+                crate::echo_backend(&ns, &format!("b{i}"), 80);
             }
             backends.push(ns);
         }

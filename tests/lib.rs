@@ -248,6 +248,80 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
     );
     assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
 }
+/// A TCP backend in `ns` on `port`: it greets each connection with its
+/// name and a newline, then echoes every line until the client closes (one
+/// write per line, no Nagle: request/response tests and benchmarks must not
+/// wait for delayed ACKs).
+pub fn echo_backend(ns: &tandem_lab::Netns, name: &str, port: u16) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = ns
+        .run(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("ns")
+        .expect("bind");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                let Ok(mut w) = conn.try_clone() else { return };
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { return };
+                    if w.write_all(format!("{line}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One call to a daemon of a node, on a runtime of its own.
+pub fn rpc<T>(
+    runtime_dir: &Path,
+    daemon: &str,
+    f: impl AsyncFnOnce(tonic::transport::Channel) -> T,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async move {
+        let ch = tandem_runtime::connect(runtime_dir, daemon)
+            .await
+            .expect("connect");
+        f(ch).await
+    })
+}
+
+/// vrrpd's state on a node.
+pub fn vrrp_state(runtime_dir: &Path) -> tandem_proto::v1::VrrpState {
+    use tandem_proto::v1;
+    rpc(runtime_dir, "vrrpd", async |ch| {
+        v1::vrrpd_client::VrrpdClient::new(ch)
+            .status(v1::StatusRequest {})
+            .await
+            .expect("vrrpd status")
+            .into_inner()
+            .state()
+    })
+}
+
+/// conntrack-syncd's Status on a node.
+pub fn conntrack_status(runtime_dir: &Path) -> tandem_proto::v1::ConntrackSyncStatus {
+    use tandem_proto::v1;
+    rpc(runtime_dir, "conntrack-syncd", async |ch| {
+        v1::conntrack_sync_client::ConntrackSyncClient::new(ch)
+            .status(v1::StatusRequest {})
+            .await
+            .expect("conntrack-syncd status")
+            .into_inner()
+    })
+}
+
 pub mod cfgsync_lab;
 pub mod cluster_lab;
 pub mod cluster_ops_lab;

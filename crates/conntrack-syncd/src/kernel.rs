@@ -139,12 +139,19 @@ impl Replica {
                 return Ok(());
             }
             Err(ConntrackError::NotFound { .. }) => {}
+            // This node's own entry for the flow (it was master a moment
+            // ago): the kernel will not rewrite its NAT status. It already
+            // holds the mapping; keep it.
+            Err(e) if e.errno() == Some(nix::errno::Errno::EBUSY) => return Ok(()),
             Err(e) => return Err(e),
         }
         let entry = with_tcp_info(entry);
         let created = match self.ct.create(&entry, CreateOptions { be_liberal: true }) {
             // Created meanwhile by a packet of the flow itself.
-            Err(ConntrackError::Exists { .. }) => self.ct.update(&entry),
+            Err(ConntrackError::Exists { .. }) => match self.ct.update(&entry) {
+                Err(e) if e.errno() == Some(nix::errno::Errno::EBUSY) => return Ok(()),
+                other => other,
+            },
             other => other,
         };
         if created.is_ok() {
