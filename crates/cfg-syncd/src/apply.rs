@@ -275,16 +275,7 @@ fn validate(
             Ok(_) => Ok(()),
             Err(errors) => Err(ApplyError::Invalid {
                 batch: req.batch.clone(),
-                errors: errors
-                    .iter()
-                    .map(|e| {
-                        let mut e = e.clone();
-                        if let Ok(rel) = e.file.strip_prefix(&view) {
-                            e.file = rel.to_owned();
-                        }
-                        e.to_string()
-                    })
-                    .collect(),
+                errors: errors.relative_to(&view),
             }),
         }
     })();

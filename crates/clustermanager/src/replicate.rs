@@ -82,18 +82,7 @@ pub fn validate(config_dir: &Path, change: &Change) -> Result<Config, Vec<String
                 },
             }
         }
-        Config::load(&view).map_err(|errors| {
-            errors
-                .iter()
-                .map(|e| {
-                    let mut e = e.clone();
-                    if let Ok(rel) = e.file.strip_prefix(&view) {
-                        e.file = rel.to_owned();
-                    }
-                    e.to_string()
-                })
-                .collect()
-        })
+        Config::load(&view).map_err(|errors| errors.relative_to(&view))
     })();
     let _ = fs::remove_dir_all(&view);
     result

@@ -81,6 +81,22 @@ impl ConfigErrors {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Each error as text, its file shown relative to `base` — for a
+    /// configuration validated in a scratch copy whose errors must name the
+    /// live file (`farms/web.toml:3:8: …`).
+    pub fn relative_to(&self, base: &Path) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if let Ok(rel) = e.file.strip_prefix(base) {
+                    e.file = rel.to_owned();
+                }
+                e.to_string()
+            })
+            .collect()
+    }
 }
 
 impl fmt::Display for ConfigErrors {
