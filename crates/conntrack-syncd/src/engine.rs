@@ -28,6 +28,9 @@ use crate::sync::{
 const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
 /// Send and receive buffers of the sync socket.
 const SOCKET_BUFFER: usize = 8 << 20;
+/// Status (and /metrics) lag the engine by at most this much while events
+/// stream in: building it on every event would cost more than the event.
+const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 /// Most kernel events handed to the protocol in one turn of the loop.
 const EVENT_BATCH: usize = 256;
 
@@ -209,11 +212,17 @@ impl Engine {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error = String::new();
         let mut last_resync: Option<SystemTime> = None;
+        // Status is published at most every STATUS_INTERVAL while events
+        // stream in, and at once after a role change or a command; the
+        // protocol's timers (alive every 200 ms) bring a late publish.
+        let mut published: Option<Instant> = None;
+        let mut publish_now = true;
         let mut actions: VecDeque<Action> = VecDeque::new();
         loop {
             // The role: clustermanager's if it set one, else vrrpd's.
             let wanted = override_role.unwrap_or(*self.vrrp_role.borrow_and_update());
             if wanted != role {
+                publish_now = true;
                 let sending = wanted == SyncRole::Sender;
                 tracing::info!(role = role_name(wanted), %peer, "sync direction: {}", if sending { "this node sends its flows" } else { "this node keeps the peer's flows" });
                 if sending && role != SyncRole::Sender {
@@ -303,6 +312,7 @@ impl Engine {
                 }
                 Some(cmd) = self.commands.recv() => {
                     let now = Instant::now();
+                    publish_now = true;
                     match cmd {
                         Command::Resync(done) => {
                             actions.extend(sync.resync_requested_by_operator(now));
@@ -401,7 +411,11 @@ impl Engine {
                     Action::Log(ev) => log_event(&peer, ev),
                 }
             }
-            self.publish(&sync, &replica, role, &peer, &last_error, last_resync);
+            if publish_now || published.is_none_or(|t| now.duration_since(t) >= STATUS_INTERVAL) {
+                self.publish(&sync, &replica, role, &peer, &last_error, last_resync);
+                published = Some(now);
+                publish_now = false;
+            }
         }
     }
 
@@ -416,8 +430,8 @@ impl Engine {
     ) {
         let st = sync.status();
         let c = &st.counters;
+        // The API adds the daemon's own info when it answers.
         let mut status = v1::ConntrackSyncStatus {
-            daemon: Some(self.config.daemon_info()),
             peer: peer.to_string(),
             peer_alive: st.peer == PeerState::Alive,
             tx_sequence: st.tx_next_seq,

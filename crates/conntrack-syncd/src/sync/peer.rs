@@ -981,7 +981,9 @@ impl SyncPeer {
         })
     }
 
-    fn send_reliable(&mut self, message: Message, now: Instant, out: &mut Vec<Action>) {
+    /// `message` as the next datagram (sequence number not consumed); an
+    /// encoding failure (a bug) is reported as a log action.
+    fn encode(&self, message: Message, out: &mut Vec<Action>) -> Option<Vec<u8>> {
         let name = message.name();
         let d = Datagram {
             epoch: self.epoch,
@@ -989,15 +991,21 @@ impl SyncPeer {
             ack: self.ack_info(),
             message,
         };
-        let bytes = match d.encode(&self.key) {
-            Ok(b) => b,
+        match d.encode(&self.key) {
+            Ok(bytes) => Some(bytes),
             Err(e) => {
                 out.push(Action::Log(LogEvent::EncodeFailed {
                     message: name,
                     error: e.to_string(),
                 }));
-                return;
+                None
             }
+        }
+    }
+
+    fn send_reliable(&mut self, message: Message, now: Instant, out: &mut Vec<Action>) {
+        let Some(bytes) = self.encode(message, out) else {
+            return;
         };
         self.next_seq += 1;
         if self.window.len() >= self.config.window {
@@ -1014,19 +1022,8 @@ impl SyncPeer {
     }
 
     fn send_unreliable(&mut self, message: Message, now: Instant, out: &mut Vec<Action>) {
-        let name = message.name();
-        let d = Datagram {
-            epoch: self.epoch,
-            seq: self.next_seq,
-            ack: self.ack_info(),
-            message,
-        };
-        match d.encode(&self.key) {
-            Ok(bytes) => self.sent(bytes, now, out),
-            Err(e) => out.push(Action::Log(LogEvent::EncodeFailed {
-                message: name,
-                error: e.to_string(),
-            })),
+        if let Some(bytes) = self.encode(message, out) {
+            self.sent(bytes, now, out);
         }
     }
 
