@@ -70,20 +70,6 @@ pub struct CfgSyncLab {
     _tmp: tempfile::TempDir,
 }
 
-fn keygen(path: &Path, comment: &str) -> String {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .output()
-        .expect("ssh-keygen (apt-get install openssh-client)");
-    assert!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::read_to_string(path.with_extension("pub")).expect("public key")
-}
-
 /// `[host]:port type base64` for a public key line `type base64 comment`.
 pub fn known_hosts_line(pubkey: &str) -> String {
     let mut f = pubkey.split_whitespace();
@@ -141,22 +127,20 @@ impl CfgSyncLab {
         let ssh_dir = tmp.path().join("sshd");
         fs::create_dir_all(&ssh_dir).expect("sshd dir");
         fs::create_dir_all(master.path("ssh")).expect("ssh dir");
-        let client_pub = keygen(&master.path("ssh/id_ed25519"), "lb1-cfgsync");
-        let host_pub = keygen(&ssh_dir.join("host_ed25519"), "lb2-host");
+        let client_pub = crate::keygen(&master.path("ssh/id_ed25519"), "lb1-cfgsync");
+        let host_pub = crate::keygen(&ssh_dir.join("host_ed25519"), "lb2-host");
         fs::write(ssh_dir.join("authorized_keys"), &client_pub).expect("authorized_keys");
         master.write("ssh/known_hosts", &known_hosts_line(&host_pub));
-        fs::write(
-            ssh_dir.join("sshd_config"),
-            format!(
-                "Port {SSH_PORT}\nListenAddress {BACKUP_ADDR}\nHostKey {dir}/host_ed25519\n\
-                 AuthorizedKeysFile {dir}/authorized_keys\nPidFile {dir}/sshd.pid\nUsePAM no\n\
-                 StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nAllowStreamLocalForwarding yes\nLogLevel ERROR\n\
-                 MaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
-                dir = ssh_dir.display()
+        crate::write_file(
+            &ssh_dir.join("sshd_config"),
+            &crate::sshd_config(
+                BACKUP_ADDR,
+                SSH_PORT,
+                &ssh_dir,
+                &ssh_dir.join("authorized_keys"),
+                crate::RootLogin::KeyOnly,
             ),
-        )
-        .expect("sshd_config");
+        );
         fs::create_dir_all("/run/sshd").expect("/run/sshd (sshd's privilege separation dir)");
         let mut lab = CfgSyncLab {
             lab,

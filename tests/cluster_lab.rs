@@ -114,20 +114,6 @@ pub struct ClusterLifecycleLab {
     _tmp: tempfile::TempDir,
 }
 
-fn keygen(path: &Path, comment: &str) -> String {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .output()
-        .expect("ssh-keygen (apt-get install openssh-client)");
-    assert!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::read_to_string(path.with_extension("pub")).expect("public key")
-}
-
 /// A shadow file with root's entry only, its password `password`.
 fn shadow(password: &str) -> String {
     let out = Command::new("openssl")
@@ -200,25 +186,21 @@ impl ClusterLifecycleLab {
             // sshd: its host key, root's authorized_keys (empty), the shadow.
             let sshd_dir = node.dir.join("sshd");
             fs::create_dir_all(&sshd_dir).expect("sshd dir");
-            keygen(&sshd_dir.join("host_ed25519"), &format!("{name}-host"));
+            crate::keygen(&sshd_dir.join("host_ed25519"), &format!("{name}-host"));
             fs::write(node.authorized_keys(), "").expect("authorized_keys");
             fs::write(sshd_dir.join("shadow"), &shadow_text).expect("shadow");
             fs::set_permissions(sshd_dir.join("shadow"), fs::Permissions::from_mode(0o600))
                 .expect("chmod shadow");
-            fs::write(
-                sshd_dir.join("sshd_config"),
-                format!(
-                    "Port 22\nListenAddress {addr}\nHostKey {dir}/host_ed25519\n\
-                     AuthorizedKeysFile {keys}\nPidFile {dir}/sshd.pid\nUsePAM no\n\
-                     StrictModes no\nPermitRootLogin yes\nPasswordAuthentication yes\n\
-                     KbdInteractiveAuthentication no\nAllowStreamLocalForwarding yes\n\
-                     LogLevel VERBOSE\nMaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
-                    addr = node.addr,
-                    dir = sshd_dir.display(),
-                    keys = node.authorized_keys().display()
+            crate::write_file(
+                &sshd_dir.join("sshd_config"),
+                &crate::sshd_config(
+                    &node.addr,
+                    22,
+                    &sshd_dir,
+                    &node.authorized_keys(),
+                    crate::RootLogin::Password,
                 ),
-            )
-            .expect("sshd_config");
+            );
             nodes.push(node);
         }
         let lb2 = nodes.pop().expect("lb2");

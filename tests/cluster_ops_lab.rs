@@ -15,7 +15,7 @@
 use std::fs;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -98,26 +98,6 @@ pub struct OpsLab {
     _tmp: tempfile::TempDir,
 }
 
-fn write(path: &Path, text: &str) {
-    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    fs::write(path, text).expect("write");
-}
-
-fn keygen(path: &Path, comment: &str) -> String {
-    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .output()
-        .expect("ssh-keygen (apt-get install openssh-client)");
-    assert!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::read_to_string(path.with_extension("pub")).expect("public key")
-}
-
 impl OpsLab {
     /// Namespaces, configuration, keys and sshds; no Tandem daemon yet.
     pub fn new() -> OpsLab {
@@ -153,13 +133,13 @@ impl OpsLab {
                 .expect("tcp_loose");
             let root = tmp.path().join(&name);
             let config_dir = root.join("etc");
-            write(
+            crate::write_file(
                 &config_dir.join("node.toml"),
                 &format!(
                     "name = \"{name}\"\ncluster_interface = \"eth2\"\ncluster_address = \"192.168.100.{i}\"\n"
                 ),
             );
-            write(
+            crate::write_file(
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 71\nfailback = \"{failback}\"\nhash_seed = 0x1234\n\n\
@@ -171,11 +151,11 @@ impl OpsLab {
                      [sync]\nssh_port = {SSH_PORT}\nkey_file = \"keys/sync.key\"\n"
                 ),
             );
-            write(
+            crate::write_file(
                 &config_dir.join("keys/sync.key"),
                 "lab-shared-sync-key-0123456789abcdef\n",
             );
-            write(&config_dir.join("farms/web.toml"), &farm("web", 80));
+            crate::write_file(&config_dir.join("farms/web.toml"), &farm("web", 80));
             nodes.push(OpsNode {
                 name,
                 ns,
@@ -192,7 +172,7 @@ impl OpsLab {
         let client_pubs: Vec<String> = nodes
             .iter()
             .map(|n| {
-                keygen(
+                crate::keygen(
                     &n.config_dir.join("ssh/id_ed25519"),
                     &format!("{}-cluster", n.name),
                 )
@@ -201,7 +181,7 @@ impl OpsLab {
         let host_pubs: Vec<String> = nodes
             .iter()
             .map(|n| {
-                keygen(
+                crate::keygen(
                     &n.sshd_dir.join("host_ed25519"),
                     &format!("{}-host", n.name),
                 )
@@ -211,24 +191,22 @@ impl OpsLab {
             let other = 1 - i;
             let mut f = host_pubs[other].split_whitespace();
             let (alg, b64) = (f.next().expect("type"), f.next().expect("key"));
-            write(
+            crate::write_file(
                 &n.config_dir.join("ssh/known_hosts"),
                 &format!(
                     "[{}]:{SSH_PORT} {alg} {b64}\n",
                     cluster_addr(&nodes[other].name)
                 ),
             );
-            write(&n.sshd_dir.join("authorized_keys"), &client_pubs[other]);
-            write(
+            crate::write_file(&n.sshd_dir.join("authorized_keys"), &client_pubs[other]);
+            crate::write_file(
                 &n.sshd_dir.join("sshd_config"),
-                &format!(
-                    "Port {SSH_PORT}\nListenAddress {addr}\nHostKey {dir}/host_ed25519\n\
-                     AuthorizedKeysFile {dir}/authorized_keys\nPidFile {dir}/sshd.pid\nUsePAM no\n\
-                     StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\nAllowStreamLocalForwarding yes\nLogLevel ERROR\n\
-                     MaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
-                    addr = cluster_addr(&n.name),
-                    dir = n.sshd_dir.display()
+                &crate::sshd_config(
+                    &cluster_addr(&n.name),
+                    SSH_PORT,
+                    &n.sshd_dir,
+                    &n.sshd_dir.join("authorized_keys"),
+                    crate::RootLogin::KeyOnly,
                 ),
             );
         }

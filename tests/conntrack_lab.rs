@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -35,11 +35,6 @@ pub struct ClusterLab {
     pub nodes: Vec<Node>,
     pub backends: Vec<Netns>,
     _tmp: tempfile::TempDir,
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write config");
 }
 
 const WEB: &str = "name = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nscheduler = \"rr\"\nsnat_address = \"10.1.0.100\"\n[health_check]\nkind = \"none\"\n\
@@ -92,13 +87,13 @@ impl ClusterLab {
             ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
             let config_dir = tmp.path().join(&name).join("etc");
             let runtime_dir = tmp.path().join(&name).join("run");
-            write(
+            crate::write_file(
                 &config_dir.join("node.toml"),
                 &format!(
                     "name = \"{name}\"\ncluster_interface = \"eth2\"\ncluster_address = \"192.168.100.{i}\"\n"
                 ),
             );
-            write(
+            crate::write_file(
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 61\nfailback = \"none\"\nhash_seed = 0x1234\n\n\
@@ -111,8 +106,8 @@ impl ClusterLab {
                     tmp.path().join("sync.key").display()
                 ),
             );
-            write(&config_dir.join("farms/web.toml"), WEB);
-            write(&config_dir.join("farms/dns.toml"), DNS);
+            crate::write_file(&config_dir.join("farms/web.toml"), WEB);
+            crate::write_file(&config_dir.join("farms/dns.toml"), DNS);
             nodes.push(Node {
                 name,
                 ns,

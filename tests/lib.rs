@@ -248,6 +248,63 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
     );
     assert!(!err.contains("panicked"), "{daemon} panicked:\n{err}");
 }
+/// Writes `text` to `path`, creating the parent directories.
+pub fn write_file(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    fs::write(path, text).expect("write");
+}
+
+/// A new ed25519 key pair at `path` (and `path.pub`), parent directories
+/// created; returns the public key line.
+pub fn keygen(path: &Path, comment: &str) -> String {
+    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::read_to_string(path.with_extension("pub")).expect("public key")
+}
+
+/// How a lab's sshd lets root in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootLogin {
+    /// Keys only (`PermitRootLogin prohibit-password`).
+    KeyOnly,
+    /// Keys and the password (the cluster-creation labs).
+    Password,
+}
+
+/// An sshd_config for a lab sshd listening on `addr:port`, its host key
+/// `<dir>/host_ed25519`, its pid file in `dir`, root's keys in
+/// `authorized_keys`; no PAM, SFTP and stream-local forwarding on.
+pub fn sshd_config(
+    addr: &str,
+    port: u16,
+    dir: &Path,
+    authorized_keys: &Path,
+    login: RootLogin,
+) -> String {
+    let (permit, password, log) = match login {
+        RootLogin::KeyOnly => ("prohibit-password", "no", "ERROR"),
+        RootLogin::Password => ("yes", "yes", "VERBOSE"),
+    };
+    format!(
+        "Port {port}\nListenAddress {addr}\nHostKey {dir}/host_ed25519\n\
+         AuthorizedKeysFile {keys}\nPidFile {dir}/sshd.pid\nUsePAM no\n\
+         StrictModes no\nPermitRootLogin {permit}\nPasswordAuthentication {password}\n\
+         KbdInteractiveAuthentication no\nAllowStreamLocalForwarding yes\nLogLevel {log}\n\
+         MaxStartups 100\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
+        dir = dir.display(),
+        keys = authorized_keys.display()
+    )
+}
+
 /// A TCP backend in `ns` on `port`: it greets each connection with its
 /// name and a newline, then echoes every line until the client closes (one
 /// write per line, no Nagle: request/response tests and benchmarks must not

@@ -68,11 +68,6 @@ pub struct VrrpLab {
     _tmp: tempfile::TempDir,
 }
 
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write config");
-}
-
 impl VrrpLab {
     pub fn new(opts: &ClusterOptions) -> VrrpLab {
         let lab = Lab::new().expect("lab");
@@ -97,7 +92,7 @@ impl VrrpLab {
                 .expect("eth1");
             let config_dir = tmp.path().join(&name).join("etc");
             let runtime_dir = tmp.path().join(&name).join("run");
-            write(
+            crate::write_file(
                 &config_dir.join("node.toml"),
                 &format!(
                     "name = \"{name}\"\ncluster_interface = \"eth0\"\ncluster_address = \"{}\"\n",
@@ -105,7 +100,7 @@ impl VrrpLab {
                 ),
             );
             let tracked = if opts.tracked { "[\"eth1\"]" } else { "[]" };
-            write(
+            crate::write_file(
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 51\nfailback = \"{}\"\ntracked_interfaces = {tracked}\n\n\
@@ -127,7 +122,7 @@ impl VrrpLab {
                 ),
             );
             whoami(&ns, &name);
-            write(
+            crate::write_file(
                 &config_dir.join("keepalived.conf"),
                 &keepalived_conf(&name, opts, if opts.tracked { Some("eth1") } else { None }),
             );
