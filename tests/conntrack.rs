@@ -128,8 +128,10 @@ fn every_entry_arrives_despite_ten_percent_loss() {
         !text.contains("counter packets 0 "),
         "the loss rule dropped datagrams: {text}"
     );
-    let st = lab.conntrack_status("lb2");
-    assert!(st.entries_injected >= 400, "{st:?}");
+    // Status follows the engine within 20 ms.
+    lab.wait_for("lb2's Status to count them", Duration::from_secs(1), |l| {
+        l.conntrack_status("lb2").entries_injected >= 400
+    });
     let master = lab.conntrack_status("lb1");
     assert!(
         master.retransmissions > 0,

@@ -29,7 +29,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
 /// Send and receive buffers of the sync socket.
 const SOCKET_BUFFER: usize = 8 << 20;
 /// Status (and /metrics) lag the engine by at most this much while events
-/// stream in: building it on every event would cost more than the event.
+/// stream in: building it on every event would cost about as much as
+/// handling the event.
 const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 /// Most kernel events handed to the protocol in one turn of the loop.
 const EVENT_BATCH: usize = 256;
@@ -213,10 +214,11 @@ impl Engine {
         let mut last_error = String::new();
         let mut last_resync: Option<SystemTime> = None;
         // Status is published at most every STATUS_INTERVAL while events
-        // stream in, and at once after a role change or a command; the
-        // protocol's timers (alive every 200 ms) bring a late publish.
+        // stream in (a skipped one is made up when the interval ends), and
+        // at once after a role change or a command.
         let mut published: Option<Instant> = None;
         let mut publish_now = true;
+        let mut publish_due: Option<tokio::time::Instant> = None;
         let mut actions: VecDeque<Action> = VecDeque::new();
         loop {
             // The role: clustermanager's if it set one, else vrrpd's.
@@ -293,6 +295,14 @@ impl Engine {
                         Err(e) => tracing::debug!("sync socket: {e}"),
                     }
                     now
+                }
+                () = async {
+                    if let Some(at) = publish_due {
+                        tokio::time::sleep_until(at).await;
+                    }
+                }, if publish_due.is_some() => {
+                    publish_now = true;
+                    Instant::now()
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
@@ -415,6 +425,10 @@ impl Engine {
                 self.publish(&sync, &replica, role, &peer, &last_error, last_resync);
                 published = Some(now);
                 publish_now = false;
+                publish_due = None;
+            } else if publish_due.is_none() {
+                publish_due =
+                    published.map(|t| tokio::time::Instant::from_std(t + STATUS_INTERVAL));
             }
         }
     }
