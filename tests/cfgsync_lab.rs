@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -412,46 +411,27 @@ fn descendants(root: i32) -> Vec<i32> {
 /// docs/cfg-syncd.md lists them, with content and permission bits. Written
 /// independently of cfg-syncd's code.
 pub fn replicated_tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let Ok(entries) = fs::read_dir(dir.join(&rel)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let r = rel.join(&name);
-            let top = r
-                .components()
-                .next()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned());
-            // The documented lists: cluster.toml, keys/sync.key and the
-            // farms, checks, certs, notifications and routes trees.
-            let path = r.display().to_string();
-            let included = path == "cluster.toml"
-                || path == "keys/sync.key"
-                || path == "keys"
-                || matches!(
-                    top.as_deref(),
-                    Some("farms" | "checks" | "certs" | "notifications" | "routes")
-                );
-            if name.starts_with('.') || name.ends_with(".tmp") || !included {
-                continue;
-            }
-            let Ok(md) = fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(r);
-            } else if let Ok(data) = fs::read(e.path()) {
-                out.insert(
-                    r.display().to_string(),
-                    (data, md.permissions().mode() & 0o7777),
-                );
-            }
-        }
-    }
-    out
+    crate::file_tree(dir, |r| {
+        let name = r
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let top = r
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        // The documented lists: cluster.toml, keys/sync.key and the
+        // farms, checks, certs, notifications and routes trees.
+        let path = r.display().to_string();
+        let included = path == "cluster.toml"
+            || path == "keys/sync.key"
+            || path == "keys"
+            || matches!(
+                top.as_deref(),
+                Some("farms" | "checks" | "certs" | "notifications" | "routes")
+            );
+        !name.starts_with('.') && !name.ends_with(".tmp") && included
+    })
 }
 
 /// Every file under `dir`/.tandem-sync (the backup's staging area).

@@ -159,14 +159,7 @@ impl ClusterLifecycleLab {
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
-            let ns = lab.netns(&name).expect("node");
-            lab.attach(&ns, "eth0", &lan, &[&format!("10.0.0.{i}/24")])
-                .expect("eth0");
-            lab.attach(&ns, "eth1", &back, &[&format!("10.1.0.{i}/24")])
-                .expect("eth1");
-            lab.attach(&ns, "eth2", &link, &[&format!("192.168.100.{i}/24")])
-                .expect("eth2");
-            ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+            let ns = crate::balancer_netns(&lab, &name, i, &lan, &back, &link);
             let dir = tmp.path().join(&name);
             let node = LabNode {
                 name: name.clone(),
@@ -481,28 +474,7 @@ impl Default for ClusterLifecycleLab {
 
 /// Every regular file under `dir` (relative path → content, mode).
 pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let Ok(entries) = fs::read_dir(dir.join(&rel)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let r = rel.join(e.file_name());
-            let Ok(md) = fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(r);
-            } else if let Ok(data) = fs::read(e.path()) {
-                out.insert(
-                    r.display().to_string(),
-                    (data, md.permissions().mode() & 0o7777),
-                );
-            }
-        }
-    }
-    out
+    crate::file_tree(dir, |_| true)
 }
 
 /// Differences between two snapshots, for assertion messages.

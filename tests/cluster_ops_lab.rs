@@ -119,14 +119,7 @@ impl OpsLab {
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
-            let ns = lab.netns(&name).expect("node");
-            lab.attach(&ns, "eth0", &lan, &[&format!("10.0.0.{i}/24")])
-                .expect("eth0");
-            lab.attach(&ns, "eth1", &back, &[&format!("10.1.0.{i}/24")])
-                .expect("eth1");
-            lab.attach(&ns, "eth2", &link, &[&format!("192.168.100.{i}/24")])
-                .expect("eth2");
-            ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+            let ns = crate::balancer_netns(&lab, &name, i, &lan, &back, &link);
             // Without replicated state the backup must not pick flows up
             // mid-stream by itself: a lost sync then shows as broken flows.
             ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
@@ -395,15 +388,7 @@ impl OpsLab {
 
     /// vrrpd's Status on a node.
     pub fn vrrp(&self, node: &str) -> v1::VrrpStatus {
-        let dir = self.node(node).runtime_dir.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            let ch = tandem_runtime::connect(&dir, "vrrpd")
-                .await
-                .expect("connect vrrpd");
+        crate::rpc(&self.node(node).runtime_dir, "vrrpd", async |ch| {
             v1::vrrpd_client::VrrpdClient::new(ch)
                 .status(v1::StatusRequest {})
                 .await
@@ -414,15 +399,7 @@ impl OpsLab {
 
     /// lb-forwarder's Status on a node.
     pub fn forwarder(&self, node: &str) -> v1::LbForwarderStatus {
-        let dir = self.node(node).runtime_dir.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            let ch = tandem_runtime::connect(&dir, "lb-forwarder")
-                .await
-                .expect("connect lb-forwarder");
+        crate::rpc(&self.node(node).runtime_dir, "lb-forwarder", async |ch| {
             v1::lb_forwarder_client::LbForwarderClient::new(ch)
                 .status(v1::StatusRequest {})
                 .await

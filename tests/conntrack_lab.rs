@@ -77,14 +77,7 @@ impl ClusterLab {
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
-            let ns = lab.netns(&name).expect("node");
-            lab.attach(&ns, "eth0", &lan, &[&format!("10.0.0.{i}/24")])
-                .expect("eth0");
-            lab.attach(&ns, "eth1", &back, &[&format!("10.1.0.{i}/24")])
-                .expect("eth1");
-            lab.attach(&ns, "eth2", &link, &[&format!("192.168.100.{i}/24")])
-                .expect("eth2");
-            ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+            let ns = crate::balancer_netns(&lab, &name, i, &lan, &back, &link);
             let config_dir = tmp.path().join(&name).join("etc");
             let runtime_dir = tmp.path().join(&name).join("run");
             crate::write_file(

@@ -305,6 +305,62 @@ pub fn sshd_config(
     )
 }
 
+/// A balancer node `name` (number `i`) of a two-node lab: eth0 on the
+/// clients' LAN (10.0.0.i/24), eth1 on the backends' network (10.1.0.i/24),
+/// eth2 on the cluster link (192.168.100.i/24), IPv4 forwarding on.
+pub fn balancer_netns(
+    lab: &tandem_lab::Lab,
+    name: &str,
+    i: u8,
+    lan: &tandem_lab::Bridge,
+    back: &tandem_lab::Bridge,
+    link: &tandem_lab::Bridge,
+) -> tandem_lab::Netns {
+    let ns = lab.netns(name).expect("node");
+    lab.attach(&ns, "eth0", lan, &[&format!("10.0.0.{i}/24")])
+        .expect("eth0");
+    lab.attach(&ns, "eth1", back, &[&format!("10.1.0.{i}/24")])
+        .expect("eth1");
+    lab.attach(&ns, "eth2", link, &[&format!("192.168.100.{i}/24")])
+        .expect("eth2");
+    ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+    ns
+}
+
+/// The regular files under `dir` (relative path → content, permission
+/// bits), walking only into the entries `include` accepts (relative path).
+pub fn file_tree(
+    dir: &Path,
+    include: impl Fn(&Path) -> bool,
+) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(entries) = fs::read_dir(dir.join(&rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let r = rel.join(e.file_name());
+            if !include(&r) {
+                continue;
+            }
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(r);
+            } else if let Ok(data) = fs::read(e.path()) {
+                out.insert(
+                    r.display().to_string(),
+                    (data, md.permissions().mode() & 0o7777),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// A TCP backend in `ns` on `port`: it greets each connection with its
 /// name and a newline, then echoes every line until the client closes (one
 /// write per line, no Nagle: request/response tests and benchmarks must not
