@@ -4,6 +4,9 @@
 //! and duplicates datagrams, and check that the backup's table ends equal to
 //! the master's, every tuple's changes arriving in order.
 
+mod common;
+
+use common::Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -24,27 +27,6 @@ fn key() -> SyncKey {
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// splitmix64: seeded, so every scenario replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
 }
 
 /// Connection `i`: IPv4 for even, IPv6 for odd numbers; TCP with NAT.

@@ -4,6 +4,9 @@
 //! byte, every malformed case rejected by name, and random bytes, bit flips
 //! and re-signed mutations never panicking.
 
+mod common;
+
+use common::Rng;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use conntrack_syncd::sync::wire::{
@@ -418,23 +421,6 @@ fn encoding_refuses_what_the_format_cannot_say() {
         d(Message::Data(big)).encode(&key()),
         Err(EncodeError::PayloadTooLarge(2 + 2000 * 47))
     );
-}
-
-/// splitmix64: a seeded generator, so a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]
