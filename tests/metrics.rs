@@ -342,8 +342,11 @@ fn conntrack_replication_shows_on_both_nodes_and_the_backup_hears_the_masters_ad
     let master = scrape_until(ns1, sync, "records sent", |b| {
         value(b, "tandem_conntrack_sync_records_sent_total").unwrap_or(0.0) >= 20.0
     });
-    let backup = scrape_until(ns2, sync, "records received", |b| {
+    // Records count changes (a flow's New and its Updates), so wait for the
+    // entries themselves.
+    let backup = scrape_until(ns2, sync, "entries injected", |b| {
         value(b, "tandem_conntrack_sync_records_received_total").unwrap_or(0.0) >= 20.0
+            && value(b, "tandem_conntrack_sync_entries_injected").unwrap_or(0.0) >= 20.0
     });
     assert_eq!(
         expect(&master, "tandem_conntrack_sync_role{role=\"sender\"}"),
