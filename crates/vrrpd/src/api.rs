@@ -49,6 +49,7 @@ impl VrrpdApi {
                 became_backup: snap.counters.became_backup,
                 priority_zero_sent: snap.counters.priority_zero_sent,
                 priority_zero_received: snap.counters.priority_zero_received,
+                ..Default::default()
             }),
             ..Default::default()
         };
