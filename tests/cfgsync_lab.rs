@@ -224,6 +224,8 @@ impl CfgSyncLab {
             .arg(&node.config)
             .arg("--runtime-dir")
             .arg(&node.runtime)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&node.runtime))
             .arg("--direction")
             .arg(direction)
             .arg("--peer-config-dir")

@@ -288,6 +288,8 @@ impl ClusterLifecycleLab {
             .arg(&node.config)
             .arg("--runtime-dir")
             .arg(&node.runtime)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&node.runtime))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())

@@ -317,7 +317,9 @@ impl OpsLab {
         cmd.arg("--config-dir")
             .arg(&n.config_dir)
             .arg("--runtime-dir")
-            .arg(&n.runtime_dir);
+            .arg(&n.runtime_dir)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&n.runtime_dir));
         match daemon {
             "cfg-syncd" => {
                 cmd.arg("--peer-config-dir")

@@ -144,6 +144,8 @@ impl ClusterLab {
             .arg(&n.config_dir)
             .arg("--runtime-dir")
             .arg(&n.runtime_dir)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&n.runtime_dir))
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM");

@@ -104,6 +104,8 @@ impl FwdLab {
             .arg(&self.config)
             .arg("--runtime-dir")
             .arg(&self.runtime)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&self.runtime))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM");
         self.fwd = Some(

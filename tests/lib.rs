@@ -30,6 +30,15 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
+/// The `--state-dir` of a lab node: a `state` directory beside its runtime
+/// directory, so state a daemon keeps across restarts (maintenance, set-aside
+/// configuration) stays inside the test's own temporary tree.
+pub fn state_dir_beside(runtime: &Path) -> PathBuf {
+    runtime
+        .parent()
+        .map_or_else(|| PathBuf::from("state"), |p| p.join("state"))
+}
+
 /// Copies a directory tree (the config examples) into `to`.
 pub fn copy_tree(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("create config dir");
@@ -87,6 +96,8 @@ impl NodeDirs {
             .arg(&self.config)
             .arg("--runtime-dir")
             .arg(&self.runtime)
+            .arg("--state-dir")
+            .arg(state_dir_beside(&self.runtime))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
@@ -237,6 +248,8 @@ pub fn assert_daemon_cli(bin: &Path, daemon: &str) {
         .arg(tmp.path().join("missing"))
         .arg("--runtime-dir")
         .arg(tmp.path().join("run"))
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
         .env_remove("JOURNAL_STREAM")
         .output()
         .expect("run with a missing config dir");

@@ -268,6 +268,8 @@ fn every_daemon_of_a_node_serves_on_its_own_port_offset() {
                 .arg(&config)
                 .arg("--runtime-dir")
                 .arg(&runtime)
+                .arg("--state-dir")
+                .arg(tandem_e2e::state_dir_beside(&runtime))
                 .env("RUST_LOG", "info")
                 .env_remove("JOURNAL_STREAM");
             let child = lab.spawn(&ns, &mut cmd).expect("spawn");
@@ -409,6 +411,8 @@ fn a_taken_port_does_not_stop_the_daemon_and_a_reload_retries_it() {
         .arg(&config)
         .arg("--runtime-dir")
         .arg(&runtime)
+        .arg("--state-dir")
+        .arg(tandem_e2e::state_dir_beside(&runtime))
         .env("RUST_LOG", "info")
         .env_remove("JOURNAL_STREAM");
     let mut vrrpd = lab.spawn(&ns, &mut cmd).expect("spawn");

@@ -627,6 +627,8 @@ fn notifications(daemon: &str, watchdog_usec: Option<u64>, listen: Duration) -> 
         .arg(&node.config)
         .arg("--runtime-dir")
         .arg(&node.runtime)
+        .arg("--state-dir")
+        .arg(tandem_e2e::state_dir_beside(&node.runtime))
         .env("NOTIFY_SOCKET", &path)
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")

@@ -172,6 +172,8 @@ impl VrrpLab {
                     .arg(&node.config_dir)
                     .arg("--runtime-dir")
                     .arg(&node.runtime_dir)
+                    .arg("--state-dir")
+                    .arg(crate::state_dir_beside(&node.runtime_dir))
                     .env("RUST_LOG", "info")
                     .env_remove("JOURNAL_STREAM");
                 cmd

@@ -8,7 +8,7 @@
 //! # use tandem_runtime::{DaemonArgs, Context};
 //! # async fn serve(ctx: Context) -> anyhow::Result<()> { Ok(()) }
 //! fn main() -> std::process::ExitCode {
-//!     let args = DaemonArgs { config_dir: "/etc/tandem".into(), runtime_dir: "/run/tandem".into() };
+//!     let args = DaemonArgs { config_dir: "/etc/tandem".into(), runtime_dir: "/run/tandem".into(), state_dir: "/var/lib/tandem".into() };
 //!     tandem_runtime::run("vrrpd", args, serve)
 //! }
 //! ```
@@ -25,7 +25,8 @@ pub use config_cell::{ConfigCell, Loaded, ReloadOutcome};
 pub use lifecycle::{Context, Shutdown, run};
 pub use logging::init_logging;
 pub use socket::{
-    DEFAULT_RUNTIME_DIR, InstanceLock, RuntimeError, bind_socket, connect, socket_path,
+    DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, InstanceLock, RuntimeError, bind_socket, connect,
+    socket_path,
 };
 
 /// Milliseconds since the Unix epoch, for the `*_unix_ms` fields of replies.

@@ -49,6 +49,11 @@ impl Context {
         &self.args.runtime_dir
     }
 
+    /// `--state-dir`: state that outlives a restart (created on first use).
+    pub fn state_dir(&self) -> &Path {
+        &self.args.state_dir
+    }
+
     pub fn shutdown(&self) -> Shutdown {
         Shutdown(self.shutdown.subscribe())
     }

@@ -7,6 +7,8 @@ use nix::fcntl::{Flock, FlockArg};
 use tonic::transport::{Channel, Endpoint};
 
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/tandem";
+/// Where daemons keep state across restarts (systemd `StateDirectory=tandem`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tandem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

@@ -203,6 +203,8 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
             .arg(&n.config_dir)
             .arg("--runtime-dir")
             .arg(&n.runtime_dir)
+            .arg("--state-dir")
+            .arg(tandem_e2e::state_dir_beside(&n.runtime_dir))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM");
         (cmd, n.runtime_dir.join(format!("{daemon}.sock")))
