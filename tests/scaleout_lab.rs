@@ -712,6 +712,15 @@ pub struct FlowResult {
     pub bytes: u64,
     /// The first error; None while every echo matched.
     pub error: Option<String>,
+    /// When each exchange completed.
+    pub times: Vec<Instant>,
+}
+
+impl FlowResult {
+    /// The first exchange completed after `t`.
+    pub fn first_after(&self, t: Instant) -> Option<Instant> {
+        self.times.iter().copied().find(|x| *x > t)
+    }
 }
 
 impl LongFlows {
@@ -743,6 +752,7 @@ impl LongFlows {
                     exchanges: 0,
                     bytes: 0,
                     error: None,
+                    times: Vec::new(),
                 };
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -759,6 +769,7 @@ impl LongFlows {
                             break;
                         }
                         Ok(_) if echo == line => {
+                            res.times.push(Instant::now());
                             res.exchanges += 1;
                             res.bytes += line.len() as u64;
                         }

@@ -80,6 +80,8 @@ pub struct Engine {
     vips: HashMap<IpAddr, VipState>,
     idle_logged: Option<String>,
     render_error: Option<String>,
+    /// BIRD has answered at least once.
+    bird_seen: bool,
 }
 
 /// The DSR farms of `config`, by name and VIP.
@@ -142,6 +144,7 @@ impl Engine {
             vips: HashMap::new(),
             idle_logged: None,
             render_error: None,
+            bird_seen: false,
         }
     }
 
@@ -332,6 +335,7 @@ impl Engine {
         match result {
             Ok(reply) if !reply.is_error() => {
                 self.pending = false;
+                self.bird_seen = true;
                 tracing::info!(
                     node = %node,
                     vips = %list(announce),
@@ -370,10 +374,12 @@ impl Engine {
 
     fn unreachable(&mut self, node: &str, e: &control::ControlError) {
         let msg = format!("BIRD does not answer: {e}");
-        let was =
-            self.snapshot.borrow().bird_reachable || self.snapshot.borrow().bird_message.is_empty();
-        if was {
-            tracing::warn!(node = %node, socket = %self.control.path().display(), "{msg}; it will take {} when it starts", self.bird_config.display());
+        let first = self.snapshot.borrow().bird_message.is_empty();
+        if self.snapshot.borrow().bird_reachable {
+            tracing::warn!(node = %node, socket = %self.control.path().display(), "{msg}; it will take {} when it starts again", self.bird_config.display());
+        } else if first && !self.bird_seen {
+            // At boot BIRD starts after routed: waiting is normal.
+            tracing::info!(node = %node, socket = %self.control.path().display(), "waiting for BIRD on {}", self.control.path().display());
         }
         // BIRD reads the file when it starts; a running one is told again.
         self.pending = true;
@@ -396,7 +402,12 @@ impl Engine {
             }
         };
         if !self.snapshot.borrow().bird_reachable {
-            tracing::info!(node = %node, socket = %self.control.path().display(), "BIRD answers again");
+            if self.bird_seen {
+                tracing::info!(node = %node, socket = %self.control.path().display(), "BIRD answers again");
+            } else {
+                tracing::info!(node = %node, socket = %self.control.path().display(), "BIRD answers on {}", self.control.path().display());
+            }
+            self.bird_seen = true;
             // A BIRD that (re)started read the file; tell it anyway, cheaply.
             self.pending = true;
             self.last_attempt = None;

@@ -199,3 +199,26 @@ fn nat_farms_stay_on_a_pair() {
         ]
     );
 }
+
+/// The example in docs/scale-out.md is a valid configuration.
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/scale-out.md"
+    ))
+    .expect("docs/scale-out.md");
+    let start = doc
+        .find("```toml\n# /etc/tandem/cluster.toml of an active-active cluster")
+        .expect("the example")
+        + "```toml\n".len();
+    let example = &doc[start..start + doc[start..].find("```").expect("end of the example")];
+    let node = "name = \"lb2\"\ncluster_interface = \"eth0\"\ncluster_address = \"10.2.0.12\"\n";
+    let d = write(&[
+        ("node.toml", node),
+        ("cluster.toml", example),
+        ("farms/web.toml", DSR),
+    ]);
+    let c = Config::load(d.path()).expect("the documented example loads");
+    assert_eq!(c.cluster.expect("clustered").nodes.len(), 3);
+}
