@@ -69,6 +69,7 @@ struct Crash {
 
 fn crash_scenario(lab: &mut ScaleLab, bound: Duration, come_back: bool) -> Crash {
     lab.wait_all_announced();
+    lab.flush_flows(0);
     let flows = LongFlows::start(&lab.client, 100, Duration::from_millis(50));
     std::thread::sleep(Duration::from_secs(1));
     let ports: BTreeSet<u16> = flows.ports.iter().copied().collect();
