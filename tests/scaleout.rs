@@ -355,3 +355,31 @@ fn a_node_withdraws_when_no_backend_is_healthy_or_its_datapath_is_not_ready() {
     lab.start_forwarder(0);
     lab.wait_next_hops(&ALL, Duration::from_secs(15));
 }
+
+/// routed is a daemon like the others (its --help, --version, a clear error
+/// without node.toml), and on a pair it announces nothing and writes no
+/// BIRD configuration.
+#[test]
+fn routed_is_idle_outside_an_active_active_cluster() {
+    tandem_e2e::assert_daemon_cli(&tandem_e2e::bin("routed"), "routed");
+    let node = tandem_e2e::NodeDirs::from_examples();
+    let _routed = node.start_serving("routed");
+    // Its first decision is taken at once; give it a poll or two.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = tandem_e2e::rpc(&node.runtime, "routed", async |ch| {
+        tandem_proto::v1::routed_client::RoutedClient::new(ch)
+            .status(tandem_proto::v1::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    });
+    assert_eq!(status.mode, "active-passive", "{status:?}");
+    assert!(
+        status.vips.is_empty() && status.sessions.is_empty(),
+        "{status:?}"
+    );
+    assert!(
+        !node.runtime.join("bird.conf").exists(),
+        "a pair node got a BIRD configuration"
+    );
+}
