@@ -6,6 +6,7 @@
 
 mod locate;
 mod model;
+mod scaleout;
 mod validate;
 
 use std::fmt;
@@ -16,6 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use model::*;
+pub use scaleout::{
+    MAX_NODES as MAX_ACTIVE_NODES, MIN_NODES as MIN_ACTIVE_NODES, bird_protocol_name,
+};
 
 use locate::Seg::{self, Key};
 use validate::Report;
@@ -212,7 +216,13 @@ impl Config {
         let cluster_src = l.read(dir.join(CLUSTER_FILE), false);
         let cluster = cluster_src.as_ref().and_then(|src| {
             let c: ClusterConfig = l.parse(src)?;
-            l.report(src, validate::cluster(&c));
+            match c.mode {
+                ClusterMode::ActivePassive => {
+                    l.report(src, validate::cluster(&c));
+                    l.report(src, scaleout::pair(&c));
+                }
+                ClusterMode::ActiveActive => l.report(src, scaleout::cluster(&c)),
+            }
             Some(c)
         });
 
@@ -372,6 +382,10 @@ fn cross_check_cluster(
             )),
             Some(_) => {}
         },
+    }
+    if cluster.mode == ClusterMode::ActiveActive {
+        scaleout::cross_check(l, cluster, farms);
+        return;
     }
     let floating: Vec<_> = cluster
         .floating_ips

@@ -88,7 +88,7 @@ fn check_range<T: PartialOrd + std::fmt::Display>(
     }
 }
 
-fn usable_unicast(a: IpAddr) -> bool {
+pub(crate) fn usable_unicast(a: IpAddr) -> bool {
     !(a.is_unspecified()
         || a.is_multicast()
         || a.is_loopback()
