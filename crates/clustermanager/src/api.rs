@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::local;
 use crate::node_table::{self, Verdict};
 use crate::peer::PeerError;
+use crate::peer::peer_of;
 use crate::replicate::{self, Change};
-use crate::state::{Shared, peer_of};
+use crate::state::Shared;
 
 pub struct ClusterManagerApi {
     pub shared: Arc<Shared>,
@@ -409,7 +410,7 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         _: Request<v1::PreflightRequest>,
     ) -> Result<Response<v1::PreflightReply>, Status> {
-        crate::preflight::local_facts(&self.shared.config_dir)
+        crate::create::facts::local_facts(&self.shared.config_dir)
             .await
             .map(Response::new)
             .map_err(|e| Status::internal(format!("{e:#}")))

@@ -1,6 +1,7 @@
 //! clustermanager — the cluster lifecycle, the node table, role orchestration and command replication.
 
 mod api;
+mod conductor;
 mod create;
 mod destroy;
 mod edit;
@@ -8,7 +9,6 @@ mod local;
 mod node_table;
 mod orchestrate;
 mod peer;
-mod preflight;
 mod replicate;
 mod state;
 
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
             Arc::new(tandem_runtime::metrics::registry("clustermanager")),
             ctx.shutdown(),
         );
-        tokio::spawn(orchestrate::run(shared.clone(), ctx.shutdown()));
+        tokio::spawn(conductor::run(shared.clone(), ctx.shutdown()));
         tokio::spawn(node_table::watch_health(shared.clone(), ctx.shutdown()));
         let served = ctx
             .serve(Server::builder().add_service(ClusterManagerServer::new(

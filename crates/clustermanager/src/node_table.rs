@@ -9,7 +9,8 @@ use tandem_proto::v1::{self, NodeHealth, NodeRole, VrrpState};
 
 use crate::local::{LocalStatuses, Probe};
 use crate::peer::PeerError;
-use crate::state::{Shared, peer_of};
+use crate::peer::peer_of;
+use crate::state::Shared;
 
 /// This node's role, from vrrpd's state.
 pub fn role_of(state: VrrpState) -> NodeRole {

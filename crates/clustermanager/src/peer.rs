@@ -71,7 +71,7 @@ impl PeerLink {
         config: &ConfigCell,
     ) -> Result<(String, ClusterManagerClient<Channel>), PeerError> {
         let loaded = config.current();
-        let Some((name, ip)) = crate::state::peer_of(&loaded.config) else {
+        let Some((name, ip)) = peer_of(&loaded.config) else {
             return Err(PeerError::Standalone);
         };
         let port = loaded
@@ -217,4 +217,14 @@ impl PeerLink {
             s.close().await;
         }
     }
+}
+
+/// The other node of cluster.toml: its name and cluster address.
+pub fn peer_of(c: &tandem_config::Config) -> Option<(String, std::net::IpAddr)> {
+    let cluster = c.cluster.as_ref()?;
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != c.node.name)
+        .map(|n| (n.name.clone(), n.address))
 }

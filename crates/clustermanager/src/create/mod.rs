@@ -1,0 +1,254 @@
+//! `CreateCluster`: run on the future master, it joins a standalone peer
+//! over SSH (the peer's root password, used once), checks the pair, installs
+//! the cluster identity and pins both host keys, writes the cluster
+//! configuration on both nodes, makes the peer's replicated trees exactly
+//! this node's and starts the pair, this node as master. Each step is
+//! streamed as a `CreateClusterProgress`, and each has its module, named as
+//! its progress lines are: [`connect`], [`preflight`] (over the node facts
+//! of [`facts`]), [`keys`], [`configure`], [`sync`], [`start`].
+//!
+//! Nothing changes on either node before preflight has passed, the
+//! operator has confirmed what the peer loses, and both configurations
+//! that will be written have been validated.
+
+mod configure;
+mod connect;
+pub mod facts;
+pub mod files;
+pub mod keys;
+mod preflight;
+pub mod start;
+mod sync;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail};
+use tandem_config::Config;
+use tandem_proto::v1;
+use tokio::sync::mpsc;
+
+/// Default VRRP virtual router id of a new cluster.
+pub const DEFAULT_VRID: u8 = 51;
+/// VRRP priorities written to cluster.toml: the creating node is master.
+pub const MASTER_PRIORITY: u8 = 150;
+pub const BACKUP_PRIORITY: u8 = 100;
+/// Every daemon of a node, reloaded after its configuration changed.
+pub const DAEMONS: [&str; 5] = [
+    "lb-forwarder",
+    "vrrpd",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "clustermanager",
+];
+
+/// Where things are on both nodes. The defaults fit a real pair; the tests
+/// (two nodes on one filesystem) override the peer's paths.
+#[derive(Debug, Clone)]
+pub struct CreateContext {
+    /// This node's configuration directory (absolute).
+    pub config_dir: PathBuf,
+    /// This node's runtime directory (the daemons' sockets).
+    pub runtime_dir: PathBuf,
+    /// The peer's configuration directory (default /etc/tandem).
+    pub peer_config_dir: PathBuf,
+    /// The peer's runtime directory (default /run/tandem).
+    pub peer_runtime_dir: PathBuf,
+    /// Where the peer's Tandem binaries are (default /usr/bin).
+    pub peer_bin_dir: PathBuf,
+    /// root's authorized_keys on this node (default /root/.ssh/authorized_keys).
+    pub authorized_keys: PathBuf,
+    /// root's authorized_keys on the peer (default /root/.ssh/authorized_keys).
+    pub peer_authorized_keys: PathBuf,
+    /// This node's sshd host key, public part (default
+    /// /etc/ssh/ssh_host_ed25519_key.pub): pinned on the peer.
+    pub host_key_pub: PathBuf,
+    /// Run on the peer once its configuration is in place (default
+    /// `systemctl start tandem.target`; empty: nothing).
+    pub peer_start_command: String,
+    /// Both sshds' port (`[sync] ssh_port`, default 22).
+    pub ssh_port: u16,
+}
+
+impl CreateContext {
+    /// The production defaults for a node whose directories are given.
+    pub fn new(config_dir: PathBuf, runtime_dir: PathBuf) -> CreateContext {
+        CreateContext {
+            config_dir,
+            runtime_dir,
+            peer_config_dir: tandem_config::DEFAULT_CONFIG_DIR.into(),
+            peer_runtime_dir: "/run/tandem".into(),
+            peer_bin_dir: "/usr/bin".into(),
+            authorized_keys: "/root/.ssh/authorized_keys".into(),
+            peer_authorized_keys: "/root/.ssh/authorized_keys".into(),
+            host_key_pub: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
+            peer_start_command: "systemctl start tandem.target".into(),
+            ssh_port: 22,
+        }
+    }
+
+    pub fn peer_path(&self, rel: &str) -> PathBuf {
+        self.peer_config_dir.join(rel)
+    }
+
+    pub fn local_path(&self, rel: &str) -> PathBuf {
+        self.config_dir.join(rel)
+    }
+}
+
+/// The progress stream's sender, with the step names in one place.
+struct Progress {
+    tx: mpsc::Sender<v1::CreateClusterProgress>,
+}
+
+impl Progress {
+    async fn step(&self, step: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(step, "cluster create: {message}");
+        let _ = self
+            .tx
+            .send(v1::CreateClusterProgress {
+                step: step.into(),
+                ok: true,
+                message,
+                ..Default::default()
+            })
+            .await;
+    }
+
+    async fn send(&self, p: v1::CreateClusterProgress) {
+        let _ = self.tx.send(p).await;
+    }
+}
+
+/// Runs cluster creation, streaming its steps to `progress`. The last
+/// message has `done` set: `ok` with the outcome, or not `ok` with the
+/// error (and what was left changed, if anything).
+pub async fn create_cluster(
+    ctx: &CreateContext,
+    req: v1::CreateClusterRequest,
+    progress: mpsc::Sender<v1::CreateClusterProgress>,
+) {
+    let p = Progress { tx: progress };
+    let mut current = String::from("request");
+    let result = run(ctx, &req, &p, &mut current).await;
+    match result {
+        Ok(last) => p.send(last).await,
+        Err(e) => {
+            let message = format!("{e:#}");
+            tracing::error!(step = %current, "cluster creation failed: {message}");
+            p.send(v1::CreateClusterProgress {
+                step: current,
+                ok: false,
+                message,
+                done: true,
+                ..Default::default()
+            })
+            .await;
+        }
+    }
+}
+
+/// What the request asks, checked.
+struct Plan {
+    local_ip: IpAddr,
+    remote_ip: IpAddr,
+    vrid: u8,
+}
+
+fn parse_request(req: &v1::CreateClusterRequest) -> anyhow::Result<Plan> {
+    let local_ip: IpAddr = req
+        .local_ip
+        .parse()
+        .map_err(|_| anyhow!("local IP `{}` is not an IP address", req.local_ip))?;
+    let remote_ip: IpAddr = req
+        .remote_ip
+        .parse()
+        .map_err(|_| anyhow!("remote IP `{}` is not an IP address", req.remote_ip))?;
+    if local_ip == remote_ip {
+        bail!("the local and remote IPs are the same ({local_ip})");
+    }
+    if local_ip.is_ipv4() != remote_ip.is_ipv4() {
+        bail!("the local and remote IPs must be of the same family ({local_ip}, {remote_ip})");
+    }
+    let vrid = match req.virtual_router_id {
+        0 => DEFAULT_VRID,
+        v @ 1..=255 => v as u8,
+        v => bail!("virtual router id {v} is out of range 1-255"),
+    };
+    if req.remote_root_password.is_empty() {
+        bail!("the peer's root password is empty");
+    }
+    Ok(Plan {
+        local_ip,
+        remote_ip,
+        vrid,
+    })
+}
+
+async fn run(
+    ctx: &CreateContext,
+    req: &v1::CreateClusterRequest,
+    p: &Progress,
+    current: &mut String,
+) -> anyhow::Result<v1::CreateClusterProgress> {
+    let plan = parse_request(req)?;
+    if ctx.local_path(tandem_config::CLUSTER_FILE).exists() {
+        bail!(
+            "this node is already clustered ({} exists); run `tandemctl cluster destroy` first",
+            ctx.local_path(tandem_config::CLUSTER_FILE).display()
+        );
+    }
+    let local_config = Config::load(&ctx.config_dir).map_err(|e| {
+        anyhow!(
+            "this node's configuration is invalid, fix it first: {}",
+            e.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+
+    *current = "connect".into();
+    let ssh = connect::open(ctx, &plan, req, p).await?;
+
+    // Everything after the password login, on the one session.
+    let outcome = async {
+        *current = "preflight".into();
+        let pre = preflight::run(ctx, &plan, &local_config, &ssh, p).await?;
+        if !req.confirmed {
+            return Ok(v1::CreateClusterProgress {
+                step: "confirm".into(),
+                ok: true,
+                message: format!(
+                    "preflight passed; nothing was changed. Creating the cluster erases {} replicated file(s) on {} and replaces them with {}'s",
+                    pre.would_erase.len(),
+                    pre.peer.node_name,
+                    pre.local.node_name
+                ),
+                done: true,
+                would_erase: pre.would_erase,
+                needs_confirmation: true,
+            });
+        }
+        *current = "keys".into();
+        keys::install(ctx, &plan, &ssh, &pre, p).await?;
+        *current = "configure".into();
+        configure::write(ctx, &plan, &ssh, &pre, p).await?;
+        *current = "sync".into();
+        sync::first_sync(ctx, &ssh, &pre, p).await?;
+        *current = "start".into();
+        let message = start::start(ctx, &ssh, &pre, p).await?;
+        tracing::info!("{message}");
+        Ok(v1::CreateClusterProgress {
+            step: "done".into(),
+            ok: true,
+            message,
+            done: true,
+            ..Default::default()
+        })
+    }
+    .await;
+    ssh.close().await;
+    outcome
+}
