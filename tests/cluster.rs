@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tandem_e2e::cluster_lab::{ClusterLifecycleLab, ROOT_PASSWORD, SNAT, VIP, diff, text};
 use tandem_proto::v1;
+use tandem_proto::v1::cluster_manager_client::ClusterManagerClient;
 
 /// The replicated part of a config dir, as docs/cfg-syncd.md lists it.
 fn replicated(dir: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
@@ -70,7 +71,9 @@ fn create_makes_lb1_master_and_lb2_backup_with_lb1s_configuration() {
 
     // What creation wrote.
     let cluster = lab.lb2.read("cluster.toml").expect("cluster.toml on lb2");
-    assert!(cluster.contains("virtual_router_id = 51"), "{cluster}");
+    // The default VRID, derived from the two cluster addresses (never 51,
+    // keepalived's sample value): 1 + (sum of their bytes) mod 255.
+    assert!(cluster.contains("virtual_router_id = 159"), "{cluster}");
     assert!(
         cluster.contains("address = \"10.0.0.100/24\"\ninterface = \"eth0\""),
         "{cluster}"
@@ -361,5 +364,140 @@ fn a_nic_name_mismatch_is_refused_and_nothing_changes() {
             "only on lb1: [eth1]; only on lb2: [eth5]",
         ],
         |l| rename(l, "eth5", "eth1"),
+    );
+}
+
+/// The key lb1's clustermanager shows the operator (PeerHostKey).
+fn shown_host_key(lab: &ClusterLifecycleLab) -> String {
+    let remote = lab.lb2.addr.clone();
+    tandem_e2e::rpc(&lab.lb1.runtime, "clustermanager", async move |ch| {
+        ClusterManagerClient::new(ch)
+            .peer_host_key(v1::PeerHostKeyRequest { remote_ip: remote })
+            .await
+            .expect("PeerHostKey")
+            .into_inner()
+            .fingerprint
+    })
+}
+
+/// Trust before secrets: the root password goes only to the host key the
+/// operator confirmed. After a preflight with lb2's real key, an impostor
+/// takes lb2's address with another key; the confirmed run is refused
+/// before any password is sent, naming both fingerprints, and the
+/// impostor's sshd logs no password attempt. Control: the same impostor,
+/// confirmed, logs the password attempt — its log would have shown one.
+#[test]
+fn a_host_key_swapped_after_preflight_is_refused_before_the_password_is_sent() {
+    let mut lab = ClusterLifecycleLab::new();
+    let real = lab.host_key_fingerprint("lb2");
+    assert_eq!(
+        shown_host_key(&lab),
+        real,
+        "the operator is shown lb2's own key"
+    );
+    let before = lab.snapshot();
+    let steps = lab.create_rpc(ROOT_PASSWORD, &real, false);
+    let last = steps.last().expect("a result");
+    assert!(last.ok && last.needs_confirmation, "{steps:?}");
+    assert!(
+        lab.sshd_log("lb2", false)
+            .contains("Accepted password for root"),
+        "preflight logged in to the real lb2"
+    );
+
+    let impostor = lab.start_impostor_sshd("lb2");
+    assert_ne!(impostor, real);
+    let out = lab.create(ROOT_PASSWORD);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}{stderr}", text(&out.stdout));
+    assert!(
+        stderr.contains(&format!(
+            "presented the host key ssh-ed25519 {impostor}, not the confirmed {real}"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was sent to it"), "{stderr}");
+    let log = lab.sshd_log("lb2", true);
+    assert!(
+        log.contains(&format!("Connection from {}", lab.lb1.addr)),
+        "the impostor was contacted:\n{log}"
+    );
+    assert!(
+        !log.contains("password"),
+        "the impostor saw a password attempt:\n{log}"
+    );
+    let after = lab.snapshot();
+    assert!(before == after, "changed: {:?}", diff(&before, &after));
+
+    // Control: confirmed, the impostor does get the password, and logs it.
+    let steps = lab.create_rpc(ROOT_PASSWORD, &impostor, false);
+    assert!(steps.last().is_some_and(|p| p.ok), "{steps:?}");
+    assert!(
+        lab.sshd_log("lb2", true)
+            .contains("Accepted password for root"),
+        "{}",
+        lab.sshd_log("lb2", true)
+    );
+}
+
+/// Without a confirmed key (a script with --yes but no --host-key, and no
+/// terminal), creation stops before the password is even read, naming the
+/// key the peer presents and how to confirm it. On a terminal, the key is
+/// shown and asked about before the password; "n" cancels. The peer's sshd
+/// saw no login. Control: with the key confirmed, it does.
+#[test]
+fn an_unconfirmed_host_key_stops_creation_before_the_password_is_sent() {
+    let lab = ClusterLifecycleLab::new();
+    let real = lab.host_key_fingerprint("lb2");
+    let before = lab.snapshot();
+    let out = lab.create_with(ROOT_PASSWORD, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}{stderr}", text(&out.stdout));
+    for part in [
+        format!(
+            "the peer's host key was not confirmed: {}:22 presents ssh-ed25519 {real}",
+            lab.lb2.addr
+        ),
+        format!("run again with --host-key {real}"),
+        "nothing was sent to the peer".to_owned(),
+    ] {
+        assert!(stderr.contains(&part), "`{part}` in:\n{stderr}");
+    }
+
+    let out = lab.tandemctl_on_terminal(
+        "lb1",
+        &[
+            "cluster",
+            "create",
+            "--local-ip",
+            &lab.lb1.addr,
+            "--remote-ip",
+            &lab.lb2.addr,
+            "--yes",
+        ],
+        "n\n",
+    );
+    let screen = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{screen}");
+    assert!(screen.contains(&format!("ssh-ed25519 {real}")), "{screen}");
+    assert!(screen.contains("Is this the peer's host key?"), "{screen}");
+    assert!(
+        !screen.contains("root password of"),
+        "the password was asked before the key was confirmed:\n{screen}"
+    );
+    assert!(
+        !lab.sshd_log("lb2", false).contains("password"),
+        "{}",
+        lab.sshd_log("lb2", false)
+    );
+    let after = lab.snapshot();
+    assert!(before == after, "changed: {:?}", diff(&before, &after));
+
+    // Control: the key confirmed, the password reaches lb2.
+    let steps = lab.preflight_only(ROOT_PASSWORD);
+    assert!(steps.last().is_some_and(|p| p.ok), "{steps:?}");
+    assert!(
+        lab.sshd_log("lb2", false)
+            .contains("Accepted password for root")
     );
 }

@@ -270,6 +270,66 @@ impl ClusterLifecycleLab {
         self.node_mut(name).sshd = Some(child);
     }
 
+    /// The SHA-256 fingerprint of a node's sshd host key, as an operator
+    /// reads it on that node (`ssh-keygen -lf`).
+    pub fn host_key_fingerprint(&self, name: &str) -> String {
+        fingerprint_of(&self.node(name).dir.join("sshd/host_ed25519.pub"))
+    }
+
+    /// Replaces a node's sshd by an impostor on the same address: another
+    /// host key, the same root password, its own log (`sshd-impostor.log`,
+    /// every authentication attempt logged). Returns the impostor's
+    /// fingerprint.
+    pub fn start_impostor_sshd(&mut self, name: &str) -> String {
+        self.stop_sshd(name);
+        let node = self.node(name);
+        let dir = node.dir.join("sshd-impostor");
+        fs::create_dir_all(&dir).expect("impostor dir");
+        crate::keygen(&dir.join("host_ed25519"), &format!("{name}-impostor"));
+        crate::write_file(
+            &dir.join("sshd_config"),
+            &crate::sshd_config(
+                &node.addr,
+                22,
+                &dir,
+                &node.authorized_keys(),
+                crate::RootLogin::Password,
+            ),
+        );
+        let log = fs::File::create(node.dir.join("sshd-impostor.log")).expect("log");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {shadow} /etc/shadow && exec /usr/sbin/sshd -D -e -f {dir}/sshd_config",
+                shadow = node.dir.join("sshd/shadow").display(),
+                dir = dir.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self
+            .lab
+            .spawn(&node.ns, &mut cmd)
+            .expect("spawn impostor sshd");
+        let addr = format!("{}:22", node.addr).parse().expect("addr");
+        self.other(name)
+            .ns
+            .wait_tcp(addr, Duration::from_secs(10))
+            .expect("impostor sshd listening");
+        self.node_mut(name).sshd = Some(child);
+        fingerprint_of(&dir.join("host_ed25519.pub"))
+    }
+
+    /// What an sshd of a node logged (`sshd.log`, or the impostor's).
+    pub fn sshd_log(&self, name: &str, impostor: bool) -> String {
+        let file = if impostor {
+            "sshd-impostor.log"
+        } else {
+            "sshd.log"
+        };
+        fs::read_to_string(self.node(name).dir.join(file)).unwrap_or_default()
+    }
+
     pub fn stop_sshd(&mut self, name: &str) {
         if let Some(mut s) = self.node_mut(name).sshd.take() {
             let _ = s.stop(Duration::from_secs(5));
@@ -326,10 +386,14 @@ impl ClusterLifecycleLab {
     }
 
     /// `tandemctl ARGS` against a node's daemons, `stdin` fed to it.
+    /// Runs without a controlling terminal (`setsid`), as a script would:
+    /// whatever tandemctl would ask on the terminal, it cannot.
     pub fn tandemctl(&self, name: &str, args: &[&str], stdin: &str) -> Output {
         use std::io::Write;
         let node = self.node(name);
-        let mut child = Command::new(crate::bin("tandemctl"))
+        let mut child = Command::new("setsid")
+            .arg("--wait")
+            .arg(crate::bin("tandemctl"))
             .arg("--runtime-dir")
             .arg(&node.runtime)
             .arg("--config-dir")
@@ -349,22 +413,61 @@ impl ClusterLifecycleLab {
         child.wait_with_output().expect("tandemctl")
     }
 
-    /// `tandemctl cluster create` on lb1 toward lb2, `--yes --password-stdin`.
+    /// `tandemctl ARGS` on a terminal of its own (`script` gives it a pty):
+    /// `typed` is what the operator types; the output is everything the
+    /// terminal showed.
+    pub fn tandemctl_on_terminal(&self, name: &str, args: &[&str], typed: &str) -> Output {
+        use std::io::Write;
+        let node = self.node(name);
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let mut line = vec![
+            quote(&crate::bin("tandemctl").display().to_string()),
+            "--runtime-dir".into(),
+            quote(&node.runtime.display().to_string()),
+            "--config-dir".into(),
+            quote(&node.config.display().to_string()),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        let mut child = Command::new("script")
+            .args(["--quiet", "--return", "--command"])
+            .arg(line.join(" "))
+            .arg("/dev/null")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn script (util-linux)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(typed.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("script")
+    }
+
+    /// `tandemctl cluster create` on lb1 toward lb2, `--yes --password-stdin`
+    /// and `--host-key` with lb2's real host key (what an operator checked
+    /// on lb2).
     pub fn create(&self, password: &str) -> Output {
-        self.tandemctl(
-            "lb1",
-            &[
-                "cluster",
-                "create",
-                "--local-ip",
-                &self.lb1.addr,
-                "--remote-ip",
-                &self.lb2.addr,
-                "--yes",
-                "--password-stdin",
-            ],
-            &format!("{password}\n"),
-        )
+        self.create_with(password, &["--host-key", &self.host_key_fingerprint("lb2")])
+    }
+
+    /// `tandemctl cluster create --yes --password-stdin` on lb1 toward lb2,
+    /// with `extra` arguments.
+    pub fn create_with(&self, password: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "cluster",
+            "create",
+            "--local-ip",
+            &self.lb1.addr,
+            "--remote-ip",
+            &self.lb2.addr,
+            "--yes",
+            "--password-stdin",
+        ];
+        args.extend_from_slice(extra);
+        self.tandemctl("lb1", &args, &format!("{password}\n"))
     }
 
     fn rpc<T>(
@@ -376,14 +479,27 @@ impl ClusterLifecycleLab {
         crate::rpc(&self.node(name).runtime, daemon, f)
     }
 
-    /// CreateCluster without confirmation (preflight only): every message.
+    /// CreateCluster without confirmation (preflight only), lb2's real host
+    /// key confirmed: every message.
     pub fn preflight_only(&self, password: &str) -> Vec<v1::CreateClusterProgress> {
+        self.create_rpc(password, &self.host_key_fingerprint("lb2"), false)
+    }
+
+    /// CreateCluster on lb1 toward lb2 with `host_key` as the confirmed
+    /// fingerprint: every message of the stream.
+    pub fn create_rpc(
+        &self,
+        password: &str,
+        host_key: &str,
+        confirmed: bool,
+    ) -> Vec<v1::CreateClusterProgress> {
         let req = v1::CreateClusterRequest {
             local_ip: self.lb1.addr.clone(),
             remote_ip: self.lb2.addr.clone(),
             remote_root_password: password.into(),
-            confirmed: false,
+            confirmed,
             virtual_router_id: 0,
+            host_key: host_key.into(),
         };
         self.rpc("lb1", "clustermanager", async move |ch| {
             let mut s = v1::cluster_manager_client::ClusterManagerClient::new(ch)
@@ -498,6 +614,25 @@ pub fn diff(
         }
     }
     out
+}
+
+/// `SHA256:...` of an OpenSSH public key file, from `ssh-keygen -lf`.
+pub fn fingerprint_of(public_key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(public_key)
+        .output()
+        .expect("ssh-keygen -lf");
+    assert!(
+        out.status.success(),
+        "ssh-keygen -lf {}",
+        public_key.display()
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .expect("a SHA256 fingerprint")
+        .to_owned()
 }
 
 pub fn text(o: &[u8]) -> String {

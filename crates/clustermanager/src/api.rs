@@ -87,7 +87,7 @@ impl ClusterManagerApi {
             errors: reloaded.errors,
             replicated: false,
             reloaded: reloaded.reloaded,
-            replication_error: String::new(),
+            ..Default::default()
         })
     }
 
@@ -105,6 +105,7 @@ impl ClusterManagerApi {
             content: change.content.clone(),
             sequence,
             from_node: self.shared.node_name(),
+            files: Vec::new(),
         };
         let peer = self
             .shared
@@ -236,6 +237,28 @@ impl ClusterManager for ClusterManagerApi {
         tokio::spawn(async move { crate::create::create_cluster(&ctx, req, tx).await });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn peer_host_key(
+        &self,
+        req: Request<v1::PeerHostKeyRequest>,
+    ) -> Result<Response<v1::PeerHostKeyReply>, Status> {
+        let req = req.into_inner();
+        let ip: std::net::IpAddr = req.remote_ip.parse().map_err(|_| {
+            Status::invalid_argument(format!("`{}` is not an IP address", req.remote_ip))
+        })?;
+        let addr = std::net::SocketAddr::new(ip, self.create.ssh_port);
+        let key = tandem_ssh::peer_host_key(addr)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let reply = v1::PeerHostKeyReply {
+            address: addr.to_string(),
+            algorithm: key.algorithm().to_string(),
+            fingerprint: tandem_ssh::sha256(&key),
+            public_key: key.to_openssh().unwrap_or_default(),
+        };
+        tracing::info!(peer = %addr, "cluster create: {addr} presents the host key {} {} (to be confirmed by the operator)", reply.algorithm, reply.fingerprint);
+        Ok(Response::new(reply))
     }
 
     async fn show_cluster(

@@ -156,6 +156,7 @@ pub fn colour(h: NodeHealth) -> &'static str {
         NodeHealth::Maintenance => "orange",
         NodeHealth::Unreachable => "grey",
         NodeHealth::Failure => "red",
+        NodeHealth::Degraded => "yellow",
         NodeHealth::Unspecified => "unknown",
     }
 }
@@ -234,6 +235,7 @@ pub fn health_word(h: NodeHealth) -> &'static str {
         NodeHealth::Maintenance => "maintenance",
         NodeHealth::Unreachable => "unreachable",
         NodeHealth::Failure => "failure",
+        NodeHealth::Degraded => "degraded",
         NodeHealth::Unspecified => "unknown",
     }
 }

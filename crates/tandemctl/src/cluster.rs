@@ -38,6 +38,7 @@ pub fn health_words(h: NodeHealth) -> (&'static str, &'static str) {
         NodeHealth::Maintenance => ("orange", "maintenance"),
         NodeHealth::Unreachable => ("grey", "unreachable"),
         NodeHealth::Failure => ("red", "failure"),
+        NodeHealth::Degraded => ("yellow", "degraded"),
         NodeHealth::Unspecified => ("grey", "unknown"),
     }
 }
@@ -52,6 +53,7 @@ pub fn health_badge(h: NodeHealth) -> String {
         NodeHealth::Operational => "32",
         NodeHealth::Maintenance => "33",
         NodeHealth::Failure => "31",
+        NodeHealth::Degraded => "93",
         _ => "90",
     };
     format!("\x1b[{code}m●\x1b[0m {colour} {word}")

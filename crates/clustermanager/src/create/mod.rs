@@ -28,8 +28,6 @@ use tandem_config::Config;
 use tandem_proto::v1;
 use tokio::sync::mpsc;
 
-/// Default VRRP virtual router id of a new cluster.
-pub const DEFAULT_VRID: u8 = 51;
 /// VRRP priorities written to cluster.toml: the creating node is master.
 pub const MASTER_PRIORITY: u8 = 150;
 pub const BACKUP_PRIORITY: u8 = 100;
@@ -154,6 +152,26 @@ struct Plan {
     local_ip: IpAddr,
     remote_ip: IpAddr,
     vrid: u8,
+    /// The peer's host key fingerprint the operator confirmed.
+    host_key: String,
+}
+
+/// The VRRP virtual router id a new cluster gets when the operator names
+/// none: 1 + (the sum of the bytes of both cluster addresses) mod 255,
+/// moved to 52 if that is 51 — keepalived's sample value, which neighbouring
+/// keepalived pairs use by default. Two pairs on one link differ as soon as
+/// their addresses do; preflight refuses a VRID heard on the link anyway.
+pub fn default_vrid(a: IpAddr, b: IpAddr) -> u8 {
+    let bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => v.octets().iter().map(|&x| u32::from(x)).sum::<u32>(),
+        IpAddr::V6(v) => v.octets().iter().map(|&x| u32::from(x)).sum::<u32>(),
+    };
+    let vrid = 1 + (bytes(a) + bytes(b)) % 255;
+    match u8::try_from(vrid) {
+        Ok(51) => 52,
+        Ok(v) => v,
+        Err(_) => 52,
+    }
 }
 
 fn parse_request(req: &v1::CreateClusterRequest) -> anyhow::Result<Plan> {
@@ -172,10 +190,16 @@ fn parse_request(req: &v1::CreateClusterRequest) -> anyhow::Result<Plan> {
         bail!("the local and remote IPs must be of the same family ({local_ip}, {remote_ip})");
     }
     let vrid = match req.virtual_router_id {
-        0 => DEFAULT_VRID,
+        0 => default_vrid(local_ip, remote_ip),
         v @ 1..=255 => v as u8,
         v => bail!("virtual router id {v} is out of range 1-255"),
     };
+    if req.host_key.trim().is_empty() {
+        bail!(
+            "the peer's host key was not confirmed: the root password is sent only to a host key the operator has seen and confirmed (`tandemctl cluster create` shows it, or give --host-key SHA256:...)"
+        );
+    }
+    let host_key = tandem_ssh::parse_fingerprint(&req.host_key)?;
     if req.remote_root_password.is_empty() {
         bail!("the peer's root password is empty");
     }
@@ -183,6 +207,7 @@ fn parse_request(req: &v1::CreateClusterRequest) -> anyhow::Result<Plan> {
         local_ip,
         remote_ip,
         vrid,
+        host_key,
     })
 }
 
@@ -210,7 +235,7 @@ async fn run(
     })?;
 
     *current = "connect".into();
-    let ssh = connect::open(ctx, &plan, req, p).await?;
+    let ssh = connect::open(ctx, &plan, &req.remote_root_password, p).await?;
 
     // Everything after the password login, on the one session.
     let outcome = async {
@@ -251,4 +276,65 @@ async fn run(
     .await;
     ssh.close().await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_vrid_comes_from_the_addresses_and_is_never_51() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // 192+168+100+1 + 192+168+100+2 = 923; 923 mod 255 = 158; + 1.
+        assert_eq!(default_vrid(ip("192.168.100.1"), ip("192.168.100.2")), 159);
+        assert_eq!(
+            default_vrid(ip("192.168.100.2"), ip("192.168.100.1")),
+            159,
+            "the same on both nodes"
+        );
+        assert_ne!(
+            default_vrid(ip("192.168.100.3"), ip("192.168.100.4")),
+            159,
+            "another pair on the link"
+        );
+        // 10.0.0.15 twice sums to 50: 1 + 50 would be 51.
+        assert_eq!(default_vrid(ip("10.0.0.15"), ip("10.0.0.15")), 51 + 1);
+        for last in 0..=255u8 {
+            let v = default_vrid(ip("10.0.0.1"), IpAddr::from([10, 0, 0, last]));
+            assert!((1..=255).contains(&v) && v != 51, "{v}");
+        }
+        assert!(default_vrid(ip("fd00::1"), ip("fd00::2")) != 51);
+    }
+
+    fn req() -> v1::CreateClusterRequest {
+        v1::CreateClusterRequest {
+            local_ip: "192.168.100.1".into(),
+            remote_ip: "192.168.100.2".into(),
+            remote_root_password: "pw".into(),
+            confirmed: false,
+            virtual_router_id: 0,
+            host_key: "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".into(),
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_confirmed_host_key_is_refused() {
+        assert!(parse_request(&req()).is_ok());
+        let e = parse_request(&v1::CreateClusterRequest {
+            host_key: String::new(),
+            ..req()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("host key was not confirmed"), "{e}");
+        let e = parse_request(&v1::CreateClusterRequest {
+            host_key: "yes".into(),
+            ..req()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("not an SSH host key fingerprint"), "{e}");
+    }
 }
