@@ -137,6 +137,19 @@ fn create_makes_lb1_master_and_lb2_backup_with_lb1s_configuration() {
     let backups = std::fs::read_dir(lab.lb2.path("backups")).unwrap().count();
     assert_eq!(backups, 1);
 
+    // clustermanager runs as under a unit that forbids mlock (the lab drops
+    // CAP_IPC_LOCK, RLIMIT_MEMLOCK 0): it noticed, at debug level, and
+    // neither it nor russh logged a warning about it.
+    let cm = lab.lb1.log("clustermanager");
+    assert!(
+        cm.contains("memory locking is not permitted here"),
+        "mlock was refused in this lab: {cm}"
+    );
+    assert!(
+        !cm.contains("Security warning") && !cm.contains("lock/unlock memory"),
+        "{cm}"
+    );
+
     // The farm still answers, and a change on the master reaches the backup.
     assert!(lab.ask_vip().is_some(), "the VIP answers after creation");
     lab.lb1.write("checks/new.sh", "#!/bin/sh\nexit 0\n");
@@ -179,7 +192,7 @@ fn destroy_leaves_two_standalone_nodes_and_the_master_keeps_the_vips() {
         for rel in ["cluster.toml", "keys/sync.key", "ssh"] {
             assert!(!n.path(rel).exists(), "{} still has {rel}", n.name);
         }
-        let ak = std::fs::read_to_string(n.authorized_keys()).unwrap();
+        let ak = std::fs::read_to_string(n.authorized_keys()).unwrap_or_default();
         assert!(
             !ak.contains(&cluster_key),
             "{}'s authorized_keys still has the cluster key",
@@ -499,5 +512,34 @@ fn an_unconfirmed_host_key_stops_creation_before_the_password_is_sent() {
     assert!(
         lab.sshd_log("lb2", false)
             .contains("Accepted password for root")
+    );
+}
+
+#[test]
+fn a_peer_sshd_that_would_not_read_the_cluster_key_is_refused_and_nothing_changes() {
+    let mut lab = ClusterLifecycleLab::new();
+    let config = lab.lb2.dir.join("sshd/sshd_config");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let ak = lab.lb2.authorized_keys().display().to_string();
+    // A stock sshd: root's own authorized_keys only (no Tandem drop-in).
+    std::fs::write(
+        &config,
+        original.replace(
+            &format!("AuthorizedKeysFile {ak}"),
+            "AuthorizedKeysFile .ssh/authorized_keys",
+        ),
+    )
+    .unwrap();
+    refused_and_nothing_changed(
+        &mut lab,
+        ROOT_PASSWORD,
+        &[
+            &format!(
+                "lb2's sshd does not read {ak} (its AuthorizedKeysFile is `.ssh/authorized_keys`)"
+            ),
+            "sshd_config.d/tandem.conf",
+            "nothing was changed",
+        ],
+        |_| std::fs::write(&config, &original).unwrap(),
     );
 }

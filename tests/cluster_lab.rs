@@ -80,9 +80,12 @@ impl LabNode {
         fs::write(&p, text).expect("write");
     }
 
-    /// root's authorized_keys as this node's sshd reads it.
+    /// The authorized_keys this node's sshd reads: Tandem's own,
+    /// `<config>/ssh/authorized_keys` (as the package's sshd drop-in
+    /// points sshd at /etc/tandem/ssh/authorized_keys). Absent until the
+    /// cluster is created.
     pub fn authorized_keys(&self) -> PathBuf {
-        self.dir.join("authorized_keys")
+        self.config.join("ssh/authorized_keys")
     }
 
     pub fn log(&self, daemon: &str) -> String {
@@ -176,11 +179,11 @@ impl ClusterLifecycleLab {
                 "node.toml",
                 &format!("# {name}, standalone\nname = \"{name}\"\n"),
             );
-            // sshd: its host key, root's authorized_keys (empty), the shadow.
+            // sshd: its host key, the shadow; it reads authorized keys from
+            // Tandem's file only (none yet).
             let sshd_dir = node.dir.join("sshd");
             fs::create_dir_all(&sshd_dir).expect("sshd dir");
             crate::keygen(&sshd_dir.join("host_ed25519"), &format!("{name}-host"));
-            fs::write(node.authorized_keys(), "").expect("authorized_keys");
             fs::write(sshd_dir.join("shadow"), &shadow_text).expect("shadow");
             fs::set_permissions(sshd_dir.join("shadow"), fs::Permissions::from_mode(0o600))
                 .expect("chmod shadow");
@@ -343,14 +346,23 @@ impl ClusterLifecycleLab {
             .append(true)
             .open(node.dir.join(format!("{daemon}.log")))
             .expect("log file");
-        let mut cmd = Command::new(crate::bin(daemon));
+        let mut cmd = if daemon == "clustermanager" {
+            // As under a systemd unit that forbids locking memory: no
+            // CAP_IPC_LOCK, RLIMIT_MEMLOCK 0 (mlock fails with EPERM).
+            let mut c = Command::new("setpriv");
+            c.args(["--bounding-set", "-ipc_lock", "prlimit", "--memlock=0:0"])
+                .arg(crate::bin(daemon));
+            c
+        } else {
+            Command::new(crate::bin(daemon))
+        };
         cmd.arg("--config-dir")
             .arg(&node.config)
             .arg("--runtime-dir")
             .arg(&node.runtime)
             .arg("--state-dir")
             .arg(crate::state_dir_beside(&node.runtime))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,clustermanager=debug")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -366,12 +378,14 @@ impl ClusterLifecycleLab {
                 .parent()
                 .expect("bin dir")
                 .to_owned();
+            // The authorized_keys files are the defaults
+            // (<config-dir>/ssh/authorized_keys on both nodes).
             cmd.arg("--peer-bin-dir")
                 .arg(bin_dir)
-                .arg("--authorized-keys")
-                .arg(node.authorized_keys())
-                .arg("--peer-authorized-keys")
-                .arg(peer.authorized_keys())
+                .arg("--sshd-config")
+                .arg(node.dir.join("sshd/sshd_config"))
+                .arg("--peer-sshd-config")
+                .arg(peer.dir.join("sshd/sshd_config"))
                 .arg("--host-key-pub")
                 .arg(node.dir.join("sshd/host_ed25519.pub"))
                 .arg("--peer-start-command")

@@ -191,14 +191,18 @@ impl OpsLab {
                     cluster_addr(&nodes[other].name)
                 ),
             );
-            crate::write_file(&n.sshd_dir.join("authorized_keys"), &client_pubs[other]);
+            // Tandem's own authorized_keys, as `cluster create` writes it.
+            crate::write_file(
+                &n.config_dir.join("ssh/authorized_keys"),
+                &client_pubs[other],
+            );
             crate::write_file(
                 &n.sshd_dir.join("sshd_config"),
                 &crate::sshd_config(
                     &cluster_addr(&n.name),
                     SSH_PORT,
                     &n.sshd_dir,
-                    &n.sshd_dir.join("authorized_keys"),
+                    &n.config_dir.join("ssh/authorized_keys"),
                     crate::RootLogin::KeyOnly,
                 ),
             );

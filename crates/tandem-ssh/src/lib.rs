@@ -822,6 +822,33 @@ fn target(label: &str, addr: SocketAddr) -> String {
     }
 }
 
+/// Whether this process may lock memory (`mlock`), tried on one page.
+///
+/// russh locks the buffers that hold session keys so they are never swapped
+/// out, and the first time the kernel refuses it logs a "Security warning"
+/// at WARN, once per process. A systemd unit that forbids `mlock`
+/// (`SystemCallFilter=` without `@memlock`, a `LimitMEMLOCK=` of 0) makes it
+/// refuse every time, and that warning would read as a fault at every
+/// start. Called before logging starts, this spends russh's one warning
+/// where no one reads it (a first key buffer, locked or not) and tells the
+/// caller the outcome, to say once at the level it deserves. Nothing is
+/// lost: locking pages protects against swap only, and the secrets Tandem
+/// handles (the root password of cluster creation, the cluster key read
+/// from its file) live in ordinary memory before they reach russh anyway.
+pub fn probe_memory_lock() -> Result<(), std::io::Error> {
+    drop(russh::CryptoVec::new_zeroed(1));
+    let page = vec![0u8; 4096];
+    // SAFETY: the range is one live allocation of `page.len()` bytes, owned
+    // here and unlocked before it is freed.
+    let locked = unsafe { libc::mlock(page.as_ptr().cast(), page.len()) };
+    if locked != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the same range, locked just above.
+    unsafe { libc::munlock(page.as_ptr().cast(), page.len()) };
+    Ok(())
+}
+
 /// Reads an OpenSSH private key file.
 pub fn load_identity(path: &Path) -> Result<PrivateKey, SshError> {
     let err = |why: String| SshError::Identity {

@@ -17,17 +17,25 @@ pub mod facts;
 pub mod files;
 pub mod keys;
 mod preflight;
+mod sshd;
 pub mod start;
 mod sync;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail};
 use tandem_config::Config;
 use tandem_proto::v1;
 use tokio::sync::mpsc;
 
+/// Where the cluster key is authorized, relative to the configuration
+/// directory, on both nodes: node-local (never replicated), and not in
+/// /root/.ssh, which the units cannot write (`ProtectHome=yes`). sshd reads
+/// it through the drop-in /etc/ssh/sshd_config.d/tandem.conf
+/// (`AuthorizedKeysFile .ssh/authorized_keys /etc/tandem/ssh/authorized_keys`);
+/// preflight checks that it does.
+pub const AUTHORIZED_KEYS: &str = "ssh/authorized_keys";
 /// VRRP priorities written to cluster.toml: the creating node is master.
 pub const MASTER_PRIORITY: u8 = 150;
 pub const BACKUP_PRIORITY: u8 = 100;
@@ -54,10 +62,16 @@ pub struct CreateContext {
     pub peer_runtime_dir: PathBuf,
     /// Where the peer's Tandem binaries are (default /usr/bin).
     pub peer_bin_dir: PathBuf,
-    /// root's authorized_keys on this node (default /root/.ssh/authorized_keys).
+    /// The authorized_keys this node's sshd reads the cluster key from
+    /// (default <config_dir>/ssh/authorized_keys).
     pub authorized_keys: PathBuf,
-    /// root's authorized_keys on the peer (default /root/.ssh/authorized_keys).
+    /// The same on the peer (default <peer_config_dir>/ssh/authorized_keys).
     pub peer_authorized_keys: PathBuf,
+    /// This node's sshd configuration (`sshd -T -f`), default
+    /// /etc/ssh/sshd_config.
+    pub sshd_config: PathBuf,
+    /// The peer's, default /etc/ssh/sshd_config.
+    pub peer_sshd_config: PathBuf,
     /// This node's sshd host key, public part (default
     /// /etc/ssh/ssh_host_ed25519_key.pub): pinned on the peer.
     pub host_key_pub: PathBuf,
@@ -72,13 +86,16 @@ impl CreateContext {
     /// The production defaults for a node whose directories are given.
     pub fn new(config_dir: PathBuf, runtime_dir: PathBuf) -> CreateContext {
         CreateContext {
+            authorized_keys: config_dir.join(AUTHORIZED_KEYS),
             config_dir,
             runtime_dir,
             peer_config_dir: tandem_config::DEFAULT_CONFIG_DIR.into(),
             peer_runtime_dir: "/run/tandem".into(),
             peer_bin_dir: "/usr/bin".into(),
-            authorized_keys: "/root/.ssh/authorized_keys".into(),
-            peer_authorized_keys: "/root/.ssh/authorized_keys".into(),
+            peer_authorized_keys: Path::new(tandem_config::DEFAULT_CONFIG_DIR)
+                .join(AUTHORIZED_KEYS),
+            sshd_config: "/etc/ssh/sshd_config".into(),
+            peer_sshd_config: "/etc/ssh/sshd_config".into(),
             host_key_pub: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
             peer_start_command: "systemctl start tandem.target".into(),
             ssh_port: 22,

@@ -14,8 +14,9 @@ use tandem_proto::v1;
 use tandem_ssh::SshSession;
 
 use super::configure::{cluster_toml, with_cluster_link};
-use super::facts::{self, Facts, sh_quote};
+use super::facts::{self, Facts, Refusal, sh_quote};
 use super::keys::sync_key;
+use super::sshd;
 use super::{CreateContext, Plan, Progress};
 
 /// What preflight found, and the files the confirmed run will write.
@@ -41,8 +42,43 @@ pub async fn run(
 ) -> anyhow::Result<Prepared> {
     let local = facts::gather_local(&ctx.config_dir, Some(plan.remote_ip)).await?;
     let (peer, skew_ms, peer_node_toml) = gather_peer(ctx, ssh, plan.local_ip).await?;
-    let cluster_if = facts::check(&local, &peer, plan.local_ip, plan.remote_ip, skew_ms)
-        .map_err(|r| anyhow!("{r}; nothing was changed"))?;
+    // Each sshd must let the other node in with the cluster key.
+    let mut problems = Vec::new();
+    match sshd::local(
+        &ctx.sshd_config,
+        plan.remote_ip,
+        plan.local_ip,
+        ctx.ssh_port,
+    )
+    .await
+    {
+        Ok(f) => problems.extend(sshd::problems(&local.node_name, &f, &ctx.authorized_keys)),
+        Err(e) => problems.push(format!("{}: {e}", local.node_name)),
+    }
+    match sshd::peer(
+        ssh,
+        &ctx.peer_sshd_config,
+        plan.local_ip,
+        plan.remote_ip,
+        ctx.ssh_port,
+    )
+    .await
+    {
+        Ok(f) => problems.extend(sshd::problems(
+            &peer.node_name,
+            &f,
+            &ctx.peer_authorized_keys,
+        )),
+        Err(e) => problems.push(format!("{}: {e}", peer.node_name)),
+    }
+    let cluster_if = match facts::check(&local, &peer, plan.local_ip, plan.remote_ip, skew_ms) {
+        Ok(i) if problems.is_empty() => i,
+        Ok(_) => return Err(anyhow!("{}; nothing was changed", Refusal(problems))),
+        Err(mut r) => {
+            r.0.extend(problems);
+            return Err(anyhow!("{r}; nothing was changed"));
+        }
+    };
     let floating = floating_ips(local_config, &local)?;
     let would_erase: Vec<String> = ssh
         .exec_ok(&facts::list_replicated_command(&ctx.peer_config_dir))
