@@ -543,3 +543,107 @@ fn a_peer_sshd_that_would_not_read_the_cluster_key_is_refused_and_nothing_change
         |_| std::fs::write(&config, &original).unwrap(),
     );
 }
+
+/// A creation that fails after its first write is rolled back on both
+/// nodes: first in [keys] (the peer cannot take the cluster identity: its
+/// `ssh` is a file), then in [start] (the peer's start command fails, after
+/// every file was written and both nodes' daemons took the cluster
+/// configuration). Each time both config trees and authorized_keys are
+/// exactly as before, both vrrpd are standalone again and lb1 serves the
+/// VIP as before. Control: with the cause removed, the same creation
+/// succeeds.
+#[test]
+fn a_creation_failing_after_its_first_write_is_rolled_back_on_both_nodes() {
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let marker_path = marker.path().display().to_string();
+    let lab = ClusterLifecycleLab::with_peer_start_command(&format!(
+        "test ! -e {marker_path} || {{ echo lab: start refused >&2; exit 3; }}"
+    ));
+    let before = lab.snapshot();
+
+    // [keys]: lb2's config dir has a file where the cluster's ssh/ goes.
+    lab.lb2.write("ssh", "not a directory\n");
+    let before_keys = lab.snapshot();
+    let out = lab.create(ROOT_PASSWORD);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}{stderr}", text(&out.stdout));
+    assert!(stderr.contains("[keys] FAILED"), "{stderr}");
+    assert!(
+        stderr
+            .contains("rolled back: lb1 and lb2 have their configuration from before the creation"),
+        "{stderr}"
+    );
+    let after = lab.snapshot();
+    assert!(
+        before_keys == after,
+        "changed: {:?}",
+        diff(&before_keys, &after)
+    );
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Standalone);
+    std::fs::remove_file(lab.lb2.path("ssh")).unwrap();
+    assert!(lab.snapshot() == before);
+
+    // [start]: everything is written and both nodes reloaded, then the
+    // peer's start command fails.
+    let out = lab.create(ROOT_PASSWORD);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("[sync]"),
+        "the run got past its writes: {stdout}"
+    );
+    assert!(stdout.contains("lb2 reloaded"), "{stdout}");
+    assert!(stderr.contains("[start] FAILED"), "{stderr}");
+    assert!(stderr.contains("lab: start refused"), "{stderr}");
+    assert!(
+        stderr
+            .contains("rolled back: lb1 and lb2 have their configuration from before the creation"),
+        "{stderr}"
+    );
+    let after = lab.snapshot();
+    assert!(before == after, "changed: {:?}", diff(&before, &after));
+    lab.wait_for("both vrrpd standalone", Duration::from_secs(10), |l| {
+        l.vrrp_state("lb1") == v1::VrrpState::Standalone
+            && l.vrrp_state("lb2") == v1::VrrpState::Standalone
+    });
+    assert!(lab.lb1.holds("eth0", VIP) && lab.lb1.holds("eth1", SNAT));
+    assert!(!lab.lb2.holds("eth0", VIP));
+    assert!(lab.ask_vip().is_some(), "lb1 serves as before");
+    // Nothing of the run is left in either node's temporary files.
+    let undo_left: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("tandem-create-undo.")
+        })
+        .filter(|e| tar_mentions(&e.path().join("undo.tar"), &lab.lb1.config))
+        .map(|e| e.path())
+        .collect();
+    assert!(undo_left.is_empty(), "{undo_left:?}");
+
+    // Control: the cause removed, the same creation succeeds.
+    std::fs::remove_file(marker.path()).unwrap();
+    let out = lab.create(ROOT_PASSWORD);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Master);
+}
+
+/// Whether a tar archive holds files of `dir`.
+fn tar_mentions(archive: &std::path::Path, dir: &std::path::Path) -> bool {
+    std::process::Command::new("tar")
+        .arg("--list")
+        .arg("--absolute-names")
+        .arg("--file")
+        .arg(archive)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&dir.display().to_string()))
+        .unwrap_or(false)
+}

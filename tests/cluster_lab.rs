@@ -114,6 +114,9 @@ pub struct ClusterLifecycleLab {
     pub lb1: LabNode,
     pub lb2: LabNode,
     pub backends: Vec<Netns>,
+    /// What each clustermanager runs on the peer once its configuration is
+    /// in place (`--peer-start-command`; the daemons already run: `true`).
+    peer_start_command: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -141,6 +144,12 @@ fn shadow(password: &str) -> String {
 impl ClusterLifecycleLab {
     /// Both nodes standalone, every daemon and both sshds running.
     pub fn new() -> ClusterLifecycleLab {
+        ClusterLifecycleLab::with_peer_start_command("true")
+    }
+
+    /// As `new`, each clustermanager running `command` on the peer at the
+    /// end of a creation (e.g. one that fails, to see it rolled back).
+    pub fn with_peer_start_command(command: &str) -> ClusterLifecycleLab {
         let lab = Lab::new().expect("lab");
         let tmp = tempfile::tempdir().expect("tempdir");
         let lan = lab.bridge("lan").expect("lan");
@@ -221,6 +230,7 @@ impl ClusterLifecycleLab {
             lb1,
             lb2,
             backends,
+            peer_start_command: command.to_owned(),
             _tmp: tmp,
         };
         l.start_sshd("lb1");
@@ -389,7 +399,7 @@ impl ClusterLifecycleLab {
                 .arg("--host-key-pub")
                 .arg(node.dir.join("sshd/host_ed25519.pub"))
                 .arg("--peer-start-command")
-                .arg("true");
+                .arg(&self.peer_start_command);
         }
         let child = self.lab.spawn(&node.ns, &mut cmd).expect("spawn daemon");
         let sock = node.runtime.join(format!("{daemon}.sock"));

@@ -575,6 +575,15 @@ impl SshSession {
     /// (existing ones are fine).
     pub async fn mkdir_p(&self, dir: &str) -> Result<(), SshError> {
         let sftp = self.sftp().await?;
+        // Usually the directory is there already: one round trip, not one
+        // per path component.
+        if sftp
+            .lstat(dir.to_owned())
+            .await
+            .is_ok_and(|a| a.attrs.is_dir())
+        {
+            return Ok(());
+        }
         let mut path = String::new();
         for part in dir.split('/').filter(|p| !p.is_empty()) {
             path.push('/');

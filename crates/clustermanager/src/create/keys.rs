@@ -30,8 +30,8 @@ pub(super) async fn install(
     let own_pin = tandem_ssh::known_hosts_line(plan.local_ip, ctx.ssh_port, own_host_key.trim());
     let sync_key = sync_key()?;
 
-    // Local side first: if the peer then fails, `tandemctl cluster destroy`
-    // on this node cleans both.
+    // Local side first. If anything fails from here on, the run puts both
+    // nodes back as they were (undo.rs).
     write_atomic(&ctx.local_path("ssh/id_ed25519"), private.as_bytes(), 0o600)?;
     write_atomic(
         &ctx.local_path("ssh/id_ed25519.pub"),

@@ -20,6 +20,7 @@ mod preflight;
 mod sshd;
 pub mod start;
 mod sync;
+mod undo;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -273,14 +274,34 @@ async fn run(
                 needs_confirmation: true,
             });
         }
+        // From here on the run writes: what it may change is saved on
+        // both nodes first, and put back if any later step fails.
         *current = "keys".into();
-        keys::install(ctx, &plan, &ssh, &pre, p).await?;
-        *current = "configure".into();
-        configure::write(ctx, &plan, &ssh, &pre, p).await?;
-        *current = "sync".into();
-        sync::first_sync(ctx, &ssh, &pre, p).await?;
-        *current = "start".into();
-        let message = start::start(ctx, &ssh, &pre, p).await?;
+        let mut undo = undo::Undo::save(ctx, &ssh, undo::held(&pre.floating, &pre.local)).await?;
+        let steps = async {
+            *current = "keys".into();
+            keys::install(ctx, &plan, &ssh, &pre, p).await?;
+            *current = "configure".into();
+            configure::write(ctx, &plan, &ssh, &pre, p).await?;
+            *current = "sync".into();
+            sync::first_sync(ctx, &ssh, &pre, p).await?;
+            *current = "start".into();
+            start::start(ctx, &ssh, &pre, p, &mut undo).await
+        }
+        .await;
+        let message = match steps {
+            Ok(m) => {
+                undo.discard(&ssh).await;
+                m
+            }
+            Err(e) => {
+                let names = (pre.local.node_name.as_str(), pre.peer.node_name.as_str());
+                let report = undo
+                    .roll_back(ctx, &plan, &req.remote_root_password, &ssh, names)
+                    .await;
+                bail!("{e:#}; {report}");
+            }
+        };
         tracing::info!("{message}");
         Ok(v1::CreateClusterProgress {
             step: "done".into(),

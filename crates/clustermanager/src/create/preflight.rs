@@ -25,6 +25,8 @@ pub struct Prepared {
     pub peer: Facts,
     /// The cluster link's interface (the same name on both nodes).
     pub cluster_if: String,
+    /// The floating IPs, each on this node's interface whose subnet holds it.
+    pub floating: Vec<(IpNet, String)>,
     /// The peer's replicated files, which the creation erases.
     pub would_erase: Vec<String>,
     pub cluster_toml: String,
@@ -41,7 +43,8 @@ pub async fn run(
     p: &Progress,
 ) -> anyhow::Result<Prepared> {
     let local = facts::gather_local(&ctx.config_dir, Some(plan.remote_ip)).await?;
-    let (peer, skew_ms, peer_node_toml) = gather_peer(ctx, ssh, plan.local_ip).await?;
+    let answers = gather_peer(ctx, ssh, plan).await?;
+    let (peer, skew_ms) = (answers.facts, answers.skew_ms);
     // Each sshd must let the other node in with the cluster key.
     let mut problems = Vec::new();
     match sshd::local(
@@ -55,18 +58,10 @@ pub async fn run(
         Ok(f) => problems.extend(sshd::problems(&local.node_name, &f, &ctx.authorized_keys)),
         Err(e) => problems.push(format!("{}: {e}", local.node_name)),
     }
-    match sshd::peer(
-        ssh,
-        &ctx.peer_sshd_config,
-        plan.local_ip,
-        plan.remote_ip,
-        ctx.ssh_port,
-    )
-    .await
-    {
+    match &answers.sshd {
         Ok(f) => problems.extend(sshd::problems(
             &peer.node_name,
-            &f,
+            f,
             &ctx.peer_authorized_keys,
         )),
         Err(e) => problems.push(format!("{}: {e}", peer.node_name)),
@@ -80,14 +75,7 @@ pub async fn run(
         }
     };
     let floating = floating_ips(local_config, &local)?;
-    let would_erase: Vec<String> = ssh
-        .exec_ok(&facts::list_replicated_command(&ctx.peer_config_dir))
-        .await?
-        .stdout_text()
-        .lines()
-        .map(|l| l.trim_start_matches("./").to_owned())
-        .filter(|l| facts::is_replicated(l))
-        .collect();
+    let would_erase = answers.replicated;
     let summary = format!(
         "{me} and {other}: Tandem {v}, NICs [{nics}], cluster link {cluster_if}, clock skew {skew_ms} ms; floating IPs {fl}; {n} replicated file(s) on {other} will be erased",
         me = local.node_name,
@@ -130,7 +118,7 @@ pub async fn run(
         &cluster_if,
         plan.local_ip,
     );
-    let peer_node_toml = with_cluster_link(&peer_node_toml, &cluster_if, plan.remote_ip);
+    let peer_node_toml = with_cluster_link(&answers.node_toml, &cluster_if, plan.remote_ip);
     validate(
         &ctx.config_dir,
         &local_node_toml,
@@ -147,6 +135,7 @@ pub async fn run(
         local,
         peer,
         cluster_if,
+        floating,
         would_erase,
         cluster_toml,
         local_node_toml,
@@ -154,49 +143,86 @@ pub async fn run(
     })
 }
 
-/// The peer's facts, its clock skew (ms, peer minus us) and its node.toml.
+/// What the peer told preflight, in one SSH round trip (its clock in a
+/// second, short one).
+struct PeerAnswers {
+    facts: Facts,
+    /// Its clock minus ours, ms.
+    skew_ms: i64,
+    node_toml: String,
+    /// Its replicated files (relative paths): what the creation erases.
+    replicated: Vec<String>,
+    /// Its sshd (`sshd -T`), or why it could not be read.
+    sshd: Result<sshd::SshdFacts, String>,
+}
+
 async fn gather_peer(
     ctx: &CreateContext,
     ssh: &SshSession,
-    local_ip: IpAddr,
-) -> anyhow::Result<(Facts, i64, String)> {
+    plan: &Plan,
+) -> anyhow::Result<PeerAnswers> {
     let bin = ctx.peer_bin_dir.join("clustermanager");
-    let version_out = ssh
-        .exec(&format!(
-            "{} --version",
-            sh_quote(&bin.display().to_string())
-        ))
-        .await?;
-    if !version_out.success() {
+    let node_file = ctx.peer_path(tandem_config::NODE_FILE);
+    let sshd_cmd: Vec<String> = sshd::command(
+        &ctx.peer_sshd_config,
+        plan.local_ip,
+        plan.remote_ip,
+        ctx.ssh_port,
+    )
+    .iter()
+    .map(|a| sh_quote(a))
+    .collect();
+    let script = facts::sections_script(&[
+        (
+            "version",
+            format!("{} --version", sh_quote(&bin.display().to_string())),
+        ),
+        (
+            "node",
+            format!("cat {}", sh_quote(&node_file.display().to_string())),
+        ),
+        ("link", "ip -o link show".into()),
+        ("addr", "ip -o addr show".into()),
+        ("route", format!("ip -o route get {}", plan.local_ip)),
+        (
+            "replicated",
+            facts::list_replicated_command(&ctx.peer_config_dir),
+        ),
+        ("sshd", sshd_cmd.join(" ")),
+    ]);
+    let out = ssh.exec_ok(&script).await?.stdout_text();
+    let sections = facts::parse_sections(&out);
+    let section = |name: &str| sections.get(name).cloned().unwrap_or((String::new(), -1));
+    let (version, rc) = section("version");
+    if rc != 0 {
         bail!(
             "the peer has no working {} ({}): install Tandem there first",
             bin.display(),
-            version_out.stderr_text().trim()
+            version.trim()
         );
     }
-    let node_file = ctx.peer_path(tandem_config::NODE_FILE);
-    let node_out = ssh
-        .exec(&format!(
-            "cat {}",
-            sh_quote(&node_file.display().to_string())
-        ))
-        .await?;
-    if !node_out.success() {
+    let (node_toml, rc) = section("node");
+    if rc != 0 {
         bail!(
             "the peer has no readable {} ({}): configure its node name first",
             node_file.display(),
-            node_out.stderr_text().trim()
+            node_toml.trim()
         );
     }
-    let node_toml = node_out.stdout_text();
     let node_name = facts::parse_node_name(&node_toml)
         .map_err(|e| anyhow!("the peer's {}: {e}", node_file.display()))?;
-    let links = ssh.exec_ok("ip -o link show").await?.stdout_text();
-    let addrs = ssh.exec_ok("ip -o addr show").await?.stdout_text();
-    let route = ssh
-        .exec(&format!("ip -o route get {local_ip}"))
-        .await?
-        .stdout_text();
+    for name in ["link", "addr"] {
+        let (text, rc) = section(name);
+        if rc != 0 {
+            bail!("the peer's `ip -o {name} show` failed: {}", text.trim());
+        }
+    }
+    let (sshd_out, rc) = section("sshd");
+    let sshd = if rc == 0 {
+        Ok(sshd::parse(&sshd_out))
+    } else {
+        Err(format!("`sshd -T` failed on the peer: {}", sshd_out.trim()))
+    };
     // The peer's clock against the middle of the round trip.
     let before = tandem_runtime::unix_ms(SystemTime::now());
     let date = ssh.exec_ok("date +%s%3N").await?.stdout_text();
@@ -205,15 +231,24 @@ async fn gather_peer(
         .trim()
         .parse()
         .map_err(|_| anyhow!("the peer's `date +%s%3N` answered `{}`", date.trim()))?;
-    let skew = peer_ms - (before + after) / 2;
-    let facts = Facts {
-        version: facts::parse_version(&version_out.stdout_text()).unwrap_or_default(),
-        node_name,
-        interfaces: facts::parse_ip_link(&links),
-        addresses: facts::parse_ip_addr(&addrs),
-        route_dev: facts::parse_route_dev(&route),
-    };
-    Ok((facts, skew, node_toml))
+    Ok(PeerAnswers {
+        facts: Facts {
+            version: facts::parse_version(&version).unwrap_or_default(),
+            node_name,
+            interfaces: facts::parse_ip_link(&section("link").0),
+            addresses: facts::parse_ip_addr(&section("addr").0),
+            route_dev: facts::parse_route_dev(&section("route").0),
+        },
+        skew_ms: peer_ms - (before + after) / 2,
+        node_toml,
+        replicated: section("replicated")
+            .0
+            .lines()
+            .map(|l| l.trim_start_matches("./").to_owned())
+            .filter(|l| facts::is_replicated(l))
+            .collect(),
+        sshd,
+    })
 }
 
 /// The floating IPs: every farm VIP and SNAT address, each on the local

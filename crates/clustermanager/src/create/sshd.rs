@@ -9,9 +9,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use tandem_ssh::SshSession;
-
-use super::facts::{run_local, sh_quote};
+use super::facts::run_local;
 
 /// The sshd settings the pair depends on, from `sshd -T`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,7 +101,7 @@ pub fn problems(node: &str, f: &SshdFacts, authorized_keys: &Path) -> Vec<String
 
 /// The `sshd -T` command for `config`, evaluating `Match` blocks for a root
 /// login from `from` to `to:port`.
-fn command(config: &Path, from: IpAddr, to: IpAddr, port: u16) -> Vec<String> {
+pub fn command(config: &Path, from: IpAddr, to: IpAddr, port: u16) -> Vec<String> {
     vec![
         "/usr/sbin/sshd".into(),
         "-T".into(),
@@ -127,28 +125,6 @@ pub async fn local(
         .await
         .map(|out| parse(&out))
         .map_err(|e| format!("reading this node's sshd configuration: {e:#}"))
-}
-
-/// The peer's sshd, as this node (at `from`) will find it.
-pub async fn peer(
-    ssh: &SshSession,
-    config: &Path,
-    from: IpAddr,
-    to: IpAddr,
-    port: u16,
-) -> Result<SshdFacts, String> {
-    let cmd: Vec<String> = command(config, from, to, port)
-        .iter()
-        .map(|a| sh_quote(a))
-        .collect();
-    let out = ssh.exec(&cmd.join(" ")).await.map_err(|e| e.to_string())?;
-    if !out.success() {
-        return Err(format!(
-            "`sshd -T` failed on the peer: {}",
-            out.stderr_text().trim()
-        ));
-    }
-    Ok(parse(&out.stdout_text()))
 }
 
 #[cfg(test)]

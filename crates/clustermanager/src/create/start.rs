@@ -12,6 +12,7 @@ use tandem_proto::v1;
 use tandem_ssh::SshSession;
 
 use super::preflight::Prepared;
+use super::undo::Undo;
 use super::{CreateContext, DAEMONS, Progress};
 
 /// How long a vrrpd may take to reach the expected state after a reload
@@ -24,8 +25,10 @@ pub(super) async fn start(
     ssh: &SshSession,
     pre: &Prepared,
     p: &Progress,
+    undo: &mut Undo,
 ) -> anyhow::Result<String> {
     let (local, peer) = (&pre.local, &pre.peer);
+    undo.local_reloaded = true;
     let reloaded = reload_local(&ctx.runtime_dir).await;
     p.step(
         "start",
@@ -42,6 +45,7 @@ pub(super) async fn start(
     }
     p.step("start", format!("{} is master", local.node_name))
         .await;
+    undo.peer_reloaded = true;
     let reloaded = reload_peer(ssh, &ctx.peer_runtime_dir).await;
     p.step(
         "start",

@@ -19,8 +19,10 @@ pub async fn first_sync(
     pre: &Prepared,
     p: &Progress,
 ) -> anyhow::Result<()> {
-    let backup = backup_peer_tree(ctx, ssh, &pre.would_erase).await?;
-    erase_peer_tree(ctx, ssh).await?;
+    // Backed up, then erased, in one round trip.
+    let (backup, keep) = backup_command(ctx, &pre.would_erase);
+    ssh.exec_ok(&format!("{keep}{}", erase_command(ctx)))
+        .await?;
     let files = facts::replicated_files(&ctx.config_dir)
         .with_context(|| format!("listing {}", ctx.config_dir.display()))?;
     let mut bytes = 0usize;
@@ -46,38 +48,35 @@ pub async fn first_sync(
     Ok(())
 }
 
-/// Copies the peer's replicated files into `backups/cluster-create-<ms>/`
-/// (never replicated) before they are erased; returns that directory.
-async fn backup_peer_tree(
-    ctx: &CreateContext,
-    ssh: &SshSession,
-    files: &[String],
-) -> anyhow::Result<Option<String>> {
+/// The shell command copying the peer's replicated files into
+/// `backups/cluster-create-<ms>/` (never replicated) before they are
+/// erased, ending with `&& ` (empty with nothing to keep); and that
+/// directory.
+fn backup_command(ctx: &CreateContext, files: &[String]) -> (Option<String>, String) {
     if files.is_empty() {
-        return Ok(None);
+        return (None, String::new());
     }
     let rel = format!(
         "backups/cluster-create-{}",
         tandem_runtime::unix_ms(SystemTime::now())
     );
     let list: Vec<String> = files.iter().map(|f| sh_quote(f)).collect();
-    ssh.exec_ok(&format!(
-        "cd {} && mkdir -p {rel} && cp -a --parents -- {} {rel}/",
-        sh_quote(&ctx.peer_config_dir.display().to_string()),
-        list.join(" ")
-    ))
-    .await?;
-    Ok(Some(ctx.peer_path(&rel).display().to_string()))
+    (
+        Some(ctx.peer_path(&rel).display().to_string()),
+        format!(
+            "( cd {} && mkdir -p {rel} && cp -a --parents -- {} {rel}/ ) && ",
+            sh_quote(&ctx.peer_config_dir.display().to_string()),
+            list.join(" ")
+        ),
+    )
 }
 
-/// Removes the peer's replicated trees.
-async fn erase_peer_tree(ctx: &CreateContext, ssh: &SshSession) -> anyhow::Result<()> {
+/// The shell command removing the peer's replicated trees.
+fn erase_command(ctx: &CreateContext) -> String {
     let targets: Vec<String> = facts::REPLICATED_FILES
         .iter()
         .chain(facts::REPLICATED_DIRS.iter())
         .map(|p| sh_quote(&ctx.peer_path(p).display().to_string()))
         .collect();
-    ssh.exec_ok(&format!("rm -rf -- {}", targets.join(" ")))
-        .await?;
-    Ok(())
+    format!("rm -rf -- {}", targets.join(" "))
 }
