@@ -647,3 +647,53 @@ fn tar_mentions(archive: &std::path::Path, dir: &std::path::Path) -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(&dir.display().to_string()))
         .unwrap_or(false)
 }
+
+/// A VRID another router advertises on the cluster link is refused before
+/// anything changes, naming the source: a neighbouring keepalived (VRRPv2,
+/// password authentication) on the pair's default VRID 159, then on a VRID
+/// chosen with --vrid. Control: a VRID nobody advertises passes while the
+/// neighbour still runs, and without the neighbour the default passes.
+#[test]
+fn a_vrid_in_use_on_the_cluster_link_is_refused_naming_the_source() {
+    let mut lab = ClusterLifecycleLab::new();
+    lab.start_keepalived(159);
+    let before = lab.snapshot();
+    let out = lab.create(ROOT_PASSWORD);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}{stderr}", text(&out.stdout));
+    for part in [
+        "virtual router id 159 (the default) is in use on the cluster link: 192.168.100.9 advertises it (VRRPv2, priority 254,",
+        "choose another with --vrid (free: 160)",
+        "nothing was changed",
+    ] {
+        assert!(stderr.contains(part), "`{part}` in:\n{stderr}");
+    }
+    let fp = lab.host_key_fingerprint("lb2");
+    let steps = lab.create_rpc_vrid(ROOT_PASSWORD, &fp, false, 159);
+    let last = steps.last().expect("a result");
+    assert!(!last.ok, "{steps:?}");
+    assert!(
+        last.message
+            .contains("virtual router id 159 is in use on the cluster link: 192.168.100.9"),
+        "{}",
+        last.message
+    );
+    let after = lab.snapshot();
+    assert!(before == after, "changed: {:?}", diff(&before, &after));
+
+    // Control: a free VRID passes, and the neighbour shows in the summary.
+    let steps = lab.create_rpc_vrid(ROOT_PASSWORD, &fp, false, 160);
+    let last = steps.last().expect("a result");
+    assert!(last.ok && last.needs_confirmation, "{steps:?}");
+    assert!(
+        steps.iter().any(|p| p.step == "preflight"
+            && p.message.contains("virtual router id 160 free (other VRRP routers on the link: VRID 159 from 192.168.100.9)")),
+        "{steps:?}"
+    );
+    lab.stop_keepalived();
+    let steps = lab.preflight_only(ROOT_PASSWORD);
+    assert!(
+        steps.last().is_some_and(|p| p.ok && p.needs_confirmation),
+        "{steps:?}"
+    );
+}

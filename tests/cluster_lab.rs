@@ -114,6 +114,10 @@ pub struct ClusterLifecycleLab {
     pub lb1: LabNode,
     pub lb2: LabNode,
     pub backends: Vec<Netns>,
+    /// The cluster link, for a third router on it.
+    link: tandem_lab::Bridge,
+    /// A neighbouring keepalived router on the cluster link, when started.
+    pub keepalived: Option<(Netns, LabChild)>,
     /// What each clustermanager runs on the peer once its configuration is
     /// in place (`--peer-start-command`; the daemons already run: `true`).
     peer_start_command: String,
@@ -230,6 +234,8 @@ impl ClusterLifecycleLab {
             lb1,
             lb2,
             backends,
+            link,
+            keepalived: None,
             peer_start_command: command.to_owned(),
             _tmp: tmp,
         };
@@ -281,6 +287,59 @@ impl ClusterLifecycleLab {
             .wait_tcp(addr, Duration::from_secs(10))
             .expect("sshd listening");
         self.node_mut(name).sshd = Some(child);
+    }
+
+    /// A neighbouring keepalived router on the cluster link (192.168.100.9,
+    /// Debian's keepalived, VRRPv2 as keepalived defaults to, simple
+    /// password authentication), master at once, advertising `vrid` every
+    /// second with priority 254.
+    pub fn start_keepalived(&mut self, vrid: u8) {
+        let ns = self.lab.netns("ka").expect("keepalived namespace");
+        self.lab
+            .attach(&ns, "eth0", &self.link, &["192.168.100.9/24"])
+            .expect("keepalived eth0");
+        let dir = self._tmp.path().join("keepalived");
+        crate::write_file(
+            &dir.join("keepalived.conf"),
+            &format!(
+                "global_defs {{\n  router_id neighbour\n}}\n\
+                 vrrp_instance NEIGHBOUR {{\n  state MASTER\n  interface eth0\n  virtual_router_id {vrid}\n  \
+                 priority 254\n  advert_int 1\n  authentication {{\n    auth_type PASS\n    auth_pass secret\n  }}\n  \
+                 virtual_ipaddress {{\n    192.168.100.99/24 dev eth0\n  }}\n}}\n"
+            ),
+        );
+        let log = fs::File::create(dir.join("keepalived.log")).expect("log");
+        let mut cmd = Command::new("keepalived");
+        cmd.args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+            .arg(dir.join("keepalived.conf"))
+            .arg("--pid")
+            .arg(dir.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(dir.join("keepalived-vrrp.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived");
+        // Master at once: it holds its address within a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ns
+            .addresses("eth0")
+            .map(|a| a.iter().any(|a| a.starts_with("192.168.100.99/")))
+            .unwrap_or(false)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "keepalived did not become master"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.keepalived = Some((ns, child));
+    }
+
+    pub fn stop_keepalived(&mut self) {
+        if let Some((_, mut child)) = self.keepalived.take() {
+            let _ = child.stop(Duration::from_secs(5));
+        }
     }
 
     /// The SHA-256 fingerprint of a node's sshd host key, as an operator
@@ -517,12 +576,23 @@ impl ClusterLifecycleLab {
         host_key: &str,
         confirmed: bool,
     ) -> Vec<v1::CreateClusterProgress> {
+        self.create_rpc_vrid(password, host_key, confirmed, 0)
+    }
+
+    /// As `create_rpc`, with a virtual router id (0: the default).
+    pub fn create_rpc_vrid(
+        &self,
+        password: &str,
+        host_key: &str,
+        confirmed: bool,
+        vrid: u32,
+    ) -> Vec<v1::CreateClusterProgress> {
         let req = v1::CreateClusterRequest {
             local_ip: self.lb1.addr.clone(),
             remote_ip: self.lb2.addr.clone(),
             remote_root_password: password.into(),
             confirmed,
-            virtual_router_id: 0,
+            virtual_router_id: vrid,
             host_key: host_key.into(),
         };
         self.rpc("lb1", "clustermanager", async move |ch| {

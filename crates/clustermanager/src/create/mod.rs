@@ -21,6 +21,7 @@ mod sshd;
 pub mod start;
 mod sync;
 mod undo;
+mod vrid;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -170,6 +171,8 @@ struct Plan {
     local_ip: IpAddr,
     remote_ip: IpAddr,
     vrid: u8,
+    /// The operator named the VRID (`--vrid`); otherwise it is the default.
+    vrid_chosen: bool,
     /// The peer's host key fingerprint the operator confirmed.
     host_key: String,
 }
@@ -225,6 +228,7 @@ fn parse_request(req: &v1::CreateClusterRequest) -> anyhow::Result<Plan> {
         local_ip,
         remote_ip,
         vrid,
+        vrid_chosen: req.virtual_router_id != 0,
         host_key,
     })
 }
@@ -252,13 +256,18 @@ async fn run(
         )
     })?;
 
+    // Preflight's ear on the cluster link starts first: it must listen for
+    // more than three advert intervals, while the rest goes on.
+    let listening =
+        vrid::start_listening(&plan, local_config.node.cluster_interface.as_deref()).await;
+
     *current = "connect".into();
     let ssh = connect::open(ctx, &plan, &req.remote_root_password, p).await?;
 
     // Everything after the password login, on the one session.
     let outcome = async {
         *current = "preflight".into();
-        let pre = preflight::run(ctx, &plan, &local_config, &ssh, p).await?;
+        let pre = preflight::run(ctx, &plan, &local_config, &ssh, p, listening).await?;
         if !req.confirmed {
             return Ok(v1::CreateClusterProgress {
                 step: "confirm".into(),

@@ -17,6 +17,7 @@ use super::configure::{cluster_toml, with_cluster_link};
 use super::facts::{self, Facts, Refusal, sh_quote};
 use super::keys::sync_key;
 use super::sshd;
+use super::vrid;
 use super::{CreateContext, Plan, Progress};
 
 /// What preflight found, and the files the confirmed run will write.
@@ -41,6 +42,7 @@ pub async fn run(
     local_config: &Config,
     ssh: &SshSession,
     p: &Progress,
+    listening: Option<vrid::Listening>,
 ) -> anyhow::Result<Prepared> {
     let local = facts::gather_local(&ctx.config_dir, Some(plan.remote_ip)).await?;
     let answers = gather_peer(ctx, ssh, plan).await?;
@@ -66,6 +68,27 @@ pub async fn run(
         )),
         Err(e) => problems.push(format!("{}: {e}", peer.node_name)),
     }
+    // Nobody else may advertise our VRID on the cluster link.
+    let mut routers = Vec::new();
+    // (No listener: no interface holds the local address; the pair check
+    // says so.)
+    if let Some(l) = listening {
+        match l.handle.await {
+            Ok(Ok(heard)) => {
+                if let Err(e) =
+                    vrid::judge(plan.vrid, plan.vrid_chosen, &heard, plan.remote_ip, l.duration)
+                {
+                    problems.push(e);
+                }
+                routers = vrid::others(plan.vrid, &heard);
+            }
+            Ok(Err(e)) => problems.push(format!(
+                "cannot listen for VRRP adverts on {} (to check that virtual router id {} is free): {e}",
+                l.ifname, plan.vrid
+            )),
+            Err(e) => problems.push(format!("listening for VRRP adverts: {e}")),
+        }
+    }
     let cluster_if = match facts::check(&local, &peer, plan.local_ip, plan.remote_ip, skew_ms) {
         Ok(i) if problems.is_empty() => i,
         Ok(_) => return Err(anyhow!("{}; nothing was changed", Refusal(problems))),
@@ -77,7 +100,7 @@ pub async fn run(
     let floating = floating_ips(local_config, &local)?;
     let would_erase = answers.replicated;
     let summary = format!(
-        "{me} and {other}: Tandem {v}, NICs [{nics}], cluster link {cluster_if}, clock skew {skew_ms} ms; floating IPs {fl}; {n} replicated file(s) on {other} will be erased",
+        "{me} and {other}: Tandem {v}, NICs [{nics}], cluster link {cluster_if}, virtual router id {vrid} free{routers}, clock skew {skew_ms} ms; floating IPs {fl}; {n} replicated file(s) on {other} will be erased",
         me = local.node_name,
         other = peer.node_name,
         v = local.version,
@@ -93,6 +116,12 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join(", "),
         n = would_erase.len(),
+        vrid = plan.vrid,
+        routers = if routers.is_empty() {
+            String::new()
+        } else {
+            format!(" (other VRRP routers on the link: {})", routers.join(", "))
+        },
     );
     tracing::info!(step = "preflight", "cluster create: {summary}");
     p.send(v1::CreateClusterProgress {
