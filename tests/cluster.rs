@@ -697,3 +697,89 @@ fn a_vrid_in_use_on_the_cluster_link_is_refused_naming_the_source() {
         "{steps:?}"
     );
 }
+
+/// Every log line of both nodes' daemons, counted per file.
+fn log_lines(lab: &ClusterLifecycleLab) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for n in [&lab.lb1, &lab.lb2] {
+        for d in tandem_e2e::cluster_lab::NODE_DAEMONS {
+            out.push((format!("{} {d}", n.name), n.log(d).lines().count()));
+        }
+    }
+    out
+}
+
+/// `tandemctl status` on a node: its first line and exit status.
+fn status(lab: &ClusterLifecycleLab, node: &str) -> (String, Option<i32>) {
+    let out = lab.tandemctl(node, &["status"], "");
+    let first = text(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    (first, out.status.code())
+}
+
+/// A healthy standalone node is green in `tandemctl status` (exit 0) and
+/// quiet: over 10 s idle, no daemon of either node logs a line. Maintenance
+/// there says there is no peer and fails. Red makes `tandemctl status` exit
+/// 4 (a farm file lb-forwarder refuses); fixed, it is green and 0 again.
+#[test]
+fn a_standalone_node_is_green_and_quiet_and_has_no_maintenance() {
+    let lab = ClusterLifecycleLab::new();
+    lab.wait_for("lb1 green and standalone", Duration::from_secs(20), |l| {
+        status(l, "lb1") == ("lb1: ● green operational, standalone".to_owned(), Some(0))
+    });
+    // Whatever the daemons say while starting has been said.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = log_lines(&lab);
+    std::thread::sleep(Duration::from_secs(10));
+    let after = log_lines(&lab);
+    let grew: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| format!("{}: {} new line(s)", b.0, a.1 - b.1))
+        .collect();
+    assert!(
+        grew.is_empty(),
+        "idle standalone nodes logged: {grew:?}\n{}\n{}",
+        lab.lb1.logs(),
+        lab.lb2.logs()
+    );
+    assert_eq!(
+        status(&lab, "lb1"),
+        ("lb1: ● green operational, standalone".to_owned(), Some(0))
+    );
+
+    let out = lab.tandemctl("lb1", &["node", "maintenance", "enable"], "");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(
+            "lb1 is standalone (no cluster.toml): there is no peer to hand the traffic to"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(lab.vrrp_state("lb1"), v1::VrrpState::Standalone);
+
+    // Red, every daemon running: exit 4.
+    lab.lb1
+        .write("farms/bad.toml", "name = \"bad\"\nvip = \"10.0.0.100\"\n");
+    let out = lab.tandemctl("lb1", &["reload", "lb-forwarder"], "");
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    lab.wait_for("lb1 red", Duration::from_secs(10), |l| {
+        status(l, "lb1").1 == Some(4)
+    });
+    let (line, _) = status(&lab, "lb1");
+    assert!(
+        line.starts_with("lb1: ● red failure, standalone (lb-forwarder: last reload refused: "),
+        "{line}"
+    );
+    std::fs::remove_file(lab.lb1.path("farms/bad.toml")).unwrap();
+    let out = lab.tandemctl("lb1", &["reload", "lb-forwarder"], "");
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    lab.wait_for("lb1 green again", Duration::from_secs(10), |l| {
+        status(l, "lb1") == ("lb1: ● green operational, standalone".to_owned(), Some(0))
+    });
+}

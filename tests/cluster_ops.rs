@@ -576,3 +576,72 @@ fn backend_state_set_on_the_master_is_replicated_to_the_backup() {
             .contains("state = \"drain\"")
     );
 }
+
+/// `tandemctl status` on a node: its first line and exit status.
+fn status(lab: &OpsLab, node: &str) -> (String, Option<i32>) {
+    let out = lab.node(node).tandemctl(&["status"]);
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    (first, out.status.code())
+}
+
+/// A deaf peer is never green. lb2 stops hearing (and answering) the
+/// conntrack sync (nft drops UDP 3780 both ways in lb2's namespace; SSH and
+/// VRRP still flow): both rows turn red naming conntrack-syncd, and
+/// `tandemctl status` exits 4 on both nodes. Control: before the drop and
+/// after it is lifted, both are green and `tandemctl status` exits 0.
+#[test]
+fn a_deaf_peer_turns_both_rows_red_and_tandemctl_status_fails() {
+    let lab = OpsLab::running();
+    for node in ["lb1", "lb2"] {
+        assert_eq!(status(&lab, node).1, Some(0), "{:?}", status(&lab, node));
+    }
+    let ns = &lab.node("lb2").ns;
+    let rules = "table inet lab_deaf {\n\
+                 chain input { type filter hook input priority -10; udp dport 3780 drop; udp sport 3780 drop; }\n\
+                 chain output { type filter hook output priority -10; udp dport 3780 drop; udp sport 3780 drop; }\n}\n";
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), rules).unwrap();
+    ns.exec("nft", &["-f", file.path().to_str().unwrap()])
+        .expect("nft drop rules");
+    let took = lab.wait_for(
+        "both rows red naming conntrack-syncd",
+        Duration::from_secs(30),
+        |l| {
+            let t = l.nodes_json("lb1");
+            ["lb1", "lb2"].iter().all(|n| {
+                row(&t, n).is_some_and(|r| {
+                    r["status"] == "red"
+                        && r["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("conntrack-syncd"))
+                })
+            })
+        },
+    );
+    eprintln!("red {} ms after the peer went deaf", took.as_millis());
+    for node in ["lb1", "lb2"] {
+        let (line, code) = status(&lab, node);
+        assert_eq!(code, Some(4), "{line}");
+        assert!(
+            line.starts_with(&format!("{node}: ● red failure, "))
+                && line.contains("conntrack-syncd"),
+            "{line}"
+        );
+    }
+
+    ns.exec("nft", &["delete", "table", "inet", "lab_deaf"])
+        .expect("lift the drop");
+    lab.wait_for("both green again", Duration::from_secs(30), |l| {
+        let t = l.nodes_json("lb1");
+        ["lb1", "lb2"]
+            .iter()
+            .all(|n| row(&t, n).is_some_and(|r| r["status"] == "green"))
+    });
+    for node in ["lb1", "lb2"] {
+        assert_eq!(status(&lab, node).1, Some(0), "{:?}", status(&lab, node));
+    }
+}

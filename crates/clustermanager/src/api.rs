@@ -334,6 +334,12 @@ impl ClusterManager for ClusterManagerApi {
         let loaded = self.shared.config.current();
         let me = loaded.config.node.name.clone();
         let word = if req.enabled { "enabled" } else { "disabled" };
+        if loaded.config.cluster.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{me} is standalone (no cluster.toml): there is no peer to hand the traffic to, so there is no maintenance to {}; a standalone node serves until it is stopped",
+                if req.enabled { "enter" } else { "leave" }
+            )));
+        }
         if req.node.is_empty() || req.node == me {
             let s = local::set_maintenance(&self.shared.runtime_dir, req.enabled)
                 .await

@@ -20,6 +20,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// Follows the local vrrpd until shutdown, reconnecting every 200 ms.
 pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
     let mut waiting_logged = false;
+    let mut retries = Retries::default();
     loop {
         let stream = match tandem_runtime::connect(&shared.runtime_dir, "vrrpd").await {
             Ok(ch) => VrrpdClient::new(ch)
@@ -51,7 +52,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
                                     );
                                 }
                                 let actions = shared.with_orchestrator(|o| o.on_state(change.new_state(), peer_master));
-                                pending = perform(&shared, merge(pending, actions)).await;
+                                pending = perform(&shared, &mut retries, merge(pending, actions)).await;
                             }
                             Some(Err(s)) => {
                                 tracing::warn!("vrrpd's state stream failed: {}", s.message());
@@ -75,7 +76,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
                                 }
                                 actions.extend(shared.with_orchestrator(|o| o.on_progress(p)));
                             }
-                            pending = perform(&shared, merge(pending, actions)).await;
+                            pending = perform(&shared, &mut retries, merge(pending, actions)).await;
                         }
                         () = shutdown.wait() => return,
                     }
@@ -104,8 +105,24 @@ fn peer_is_master(shared: &Shared, master_address: &str) -> bool {
     !master_address.is_empty() && Some(master_address) != own.as_deref()
 }
 
+/// The reason each kind of action last failed, so a failure retried every
+/// tick is logged once, again only when its reason changes, and its
+/// recovery once.
+#[derive(Default)]
+struct Retries(std::collections::HashMap<&'static str, String>);
+
+fn what(a: &Action) -> &'static str {
+    match a {
+        Action::SetConntrackRole(_) => "setting conntrack-syncd's role",
+        Action::SetCfgDirection(_) => "setting cfg-syncd's direction",
+        Action::SetMaintenance(_) => "setting vrrpd's maintenance",
+        Action::ResyncConntrack => "asking conntrack-syncd for a resync",
+        Action::Decision { .. } => "",
+    }
+}
+
 /// Performs actions in order; returns those that failed (to retry).
-async fn perform(shared: &Shared, actions: Vec<Action>) -> Vec<Action> {
+async fn perform(shared: &Shared, retries: &mut Retries, actions: Vec<Action>) -> Vec<Action> {
     let dir = &shared.runtime_dir;
     let mut failed = Vec::new();
     for a in actions {
@@ -126,9 +143,24 @@ async fn perform(shared: &Shared, actions: Vec<Action>) -> Vec<Action> {
                 crate::local::resync_conntrack(dir).await
             }
         };
-        if let Err(why) = result {
-            tracing::warn!("{why}; retrying in {} ms", TICK.as_millis());
-            failed.push(a);
+        let what = what(&a);
+        match result {
+            Err(why) => {
+                if retries.0.get(what) != Some(&why) {
+                    tracing::warn!(
+                        node = %shared.node_name(),
+                        "{what} failed: {why}; retrying every {} ms (logged again if the reason changes)",
+                        TICK.as_millis()
+                    );
+                    retries.0.insert(what, why);
+                }
+                failed.push(a);
+            }
+            Ok(()) => {
+                if retries.0.remove(what).is_some() {
+                    tracing::info!(node = %shared.node_name(), "{what} succeeded after retries");
+                }
+            }
         }
     }
     failed

@@ -122,10 +122,20 @@ impl Orchestrator {
         let changed = state != self.state;
         self.state = state;
         self.peer_is_master = peer_is_master;
-        if changed {
+        if changed && state == VrrpState::Standalone {
+            // Without a cluster the sync daemons have nothing to replicate
+            // and follow their own (standalone) configuration: nothing to
+            // tell them, nothing to retry.
+            out.push(Action::Decision {
+                kind: "role",
+                message: format!(
+                    "{} is standalone: conntrack-syncd and cfg-syncd have no peer to replicate to",
+                    self.node
+                ),
+            });
+        } else if changed {
             let (role, dir) = match state {
                 VrrpState::Master => (SyncRole::Sender, SyncDirection::Push),
-                VrrpState::Standalone => (SyncRole::Standalone, SyncDirection::None),
                 _ => (SyncRole::Receiver, SyncDirection::Receive),
             };
             out.push(Action::Decision {
@@ -334,6 +344,15 @@ mod tests {
         assert_eq!(o.gate(), Gate::Released);
         o.vrrpd_restarted();
         assert_eq!(maint(&o.on_state(VrrpState::Backup, true)), Some(true));
+    }
+
+    #[test]
+    fn a_standalone_node_tells_the_sync_daemons_nothing() {
+        let mut o = Orchestrator::new("lb1", false);
+        let a = o.on_state(VrrpState::Standalone, false);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(matches!(&a[0], Action::Decision { kind: "role", .. }));
+        assert!(o.on_state(VrrpState::Standalone, false).is_empty());
     }
 
     #[test]

@@ -340,8 +340,9 @@ pub async fn farm_delete(
     apply(runtime_dir, path, None).await
 }
 
-/// The first line of `tandemctl status`: `lb1: ● green operational, master`.
-pub async fn summary_line(runtime_dir: &Path) -> String {
+/// This node's clustermanager Status (5 s timeout), None when it does not
+/// answer.
+pub async fn node_status(runtime_dir: &Path) -> Option<v1::ClusterManagerStatus> {
     let status = async {
         client(runtime_dir)
             .await?
@@ -351,7 +352,15 @@ pub async fn summary_line(runtime_dir: &Path) -> String {
             .map(tonic::Response::into_inner)
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), status).await {
-        Ok(Ok(s)) => {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// The first line of `tandemctl status`: `lb1: ● green operational, master`.
+pub fn summary_line(status: Option<&v1::ClusterManagerStatus>) -> String {
+    match status {
+        Some(s) => {
             let node = s
                 .daemon
                 .as_ref()
@@ -368,7 +377,7 @@ pub async fn summary_line(runtime_dir: &Path) -> String {
             line
         }
         // The table below says why (not running, not responding).
-        Ok(Err(_)) | Err(_) => format!(
+        None => format!(
             "this node: {}, role unknown (no answer from clustermanager)",
             health_badge(NodeHealth::Unspecified)
         ),
