@@ -123,16 +123,19 @@ impl Orchestrator {
         self.state = state;
         self.peer_is_master = peer_is_master;
         if changed && state == VrrpState::Standalone {
-            // Without a cluster the sync daemons have nothing to replicate
-            // and follow their own (standalone) configuration: nothing to
-            // tell them, nothing to retry.
+            // Without a cluster there is nothing to replicate. cfg-syncd
+            // drops a direction set while clustered (after a destroy it
+            // would still push); conntrack-syncd is standalone by its own
+            // configuration and refuses orders then: nothing to tell it,
+            // nothing to retry.
             out.push(Action::Decision {
                 kind: "role",
                 message: format!(
-                    "{} is standalone: conntrack-syncd and cfg-syncd have no peer to replicate to",
+                    "{} is standalone: nothing to replicate, cfg-syncd none",
                     self.node
                 ),
             });
+            out.push(Action::SetCfgDirection(SyncDirection::None));
         } else if changed {
             let (role, dir) = match state {
                 VrrpState::Master => (SyncRole::Sender, SyncDirection::Push),
@@ -347,11 +350,13 @@ mod tests {
     }
 
     #[test]
-    fn a_standalone_node_tells_the_sync_daemons_nothing() {
+    fn a_standalone_node_orders_no_conntrack_role() {
         let mut o = Orchestrator::new("lb1", false);
+        o.on_state(VrrpState::Master, false);
         let a = o.on_state(VrrpState::Standalone, false);
-        assert_eq!(a.len(), 1, "{a:?}");
         assert!(matches!(&a[0], Action::Decision { kind: "role", .. }));
+        assert_eq!(a[1..], [Action::SetCfgDirection(SyncDirection::None)]);
+        assert!(!a.iter().any(|a| matches!(a, Action::SetConntrackRole(_))));
         assert!(o.on_state(VrrpState::Standalone, false).is_empty());
     }
 
