@@ -150,10 +150,11 @@ enum FarmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace every farm with those of a saved document (FILE or stdin);
-    /// the whole configuration is validated first, nothing changes if invalid.
+    /// Replace every farm with those of a saved document (FILE or stdin),
+    /// through the master, replicated; the whole configuration is validated
+    /// first, nothing changes if invalid; unchanged farm files are kept.
     Restore { file: Option<PathBuf> },
-    /// Remove every farm (ipvsadm -C).
+    /// Remove every farm (ipvsadm -C), through the master, replicated.
     Clear {
         /// Confirm.
         #[arg(long)]
