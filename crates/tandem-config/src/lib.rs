@@ -250,6 +250,7 @@ impl Config {
         });
 
         cross_check_farms(&mut l, &farms);
+        cross_check_backends(&mut l, node.as_ref(), cluster.as_ref(), &farms);
         if let (Some(node_src), Some(node), Some(cluster_src), Some(cluster)) =
             (&node_src, &node, &cluster_src, &cluster)
         {
@@ -332,6 +333,73 @@ fn cross_check_farms(l: &mut Loader, farms: &[(Source, Farm)]) {
                         proto.as_str(),
                         other.name,
                         other_src.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A backend must be a real server, never an address of the balancer
+/// itself: another farm's VIP or SNAT source, a floating IP, a node's
+/// cluster address (the farm's own VIP and SNAT address are refused with
+/// the farm). Forwarding there loops back into the balancer.
+fn cross_check_backends(
+    l: &mut Loader,
+    node: Option<&NodeConfig>,
+    cluster: Option<&ClusterConfig>,
+    farms: &[(Source, Farm)],
+) {
+    use locate::Seg::Index;
+    for (i, (src, farm)) in farms.iter().enumerate() {
+        for (b, backend) in farm.backends.iter().enumerate() {
+            let a = backend.address;
+            if a == farm.vip || farm.snat_address == Some(a) {
+                continue;
+            }
+            let mut why = None;
+            for (j, (other_src, other)) in farms.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let what = if other.vip == a {
+                    "VIP"
+                } else if other.snat_address == Some(a) {
+                    "SNAT address"
+                } else {
+                    continue;
+                };
+                why = Some(format!(
+                    "is the {what} of farm `{}` ({})",
+                    other.name,
+                    other_src.path.display()
+                ));
+                break;
+            }
+            if why.is_none()
+                && let Some(c) = cluster
+            {
+                if let Some(n) = c.nodes.iter().find(|n| n.address == a) {
+                    why = Some(format!("is the cluster address of node `{}`", n.name));
+                } else if c.floating_ips.iter().any(|f| f.address.addr == a) {
+                    why = Some("is a floating IP of the cluster".to_owned());
+                }
+            }
+            if why.is_none()
+                && let Some(n) = node
+                && n.cluster_address == Some(a)
+            {
+                why = Some(format!(
+                    "is this node's cluster address (node `{}`)",
+                    n.name
+                ));
+            }
+            if let Some(why) = why {
+                l.errors.push(src.error_at(
+                    &[Key("backends"), Index(b), Key("address")],
+                    format!(
+                        "farm `{}`: backend {a} {why}: the balancer would forward to itself",
+                        farm.name
                     ),
                 ));
             }
