@@ -96,13 +96,24 @@ fn to_json(f: &v1::FarmState) -> FarmJson<'_> {
 
 /// `farm list`: like `ipvsadm -L -n`.
 pub async fn list(runtime_dir: &Path, json: bool, stats: bool) -> anyhow::Result<ExitCode> {
-    let farms = client(runtime_dir)
-        .await?
-        .list_farms(v1::ListFarmsRequest {})
-        .await
-        .context("asking lb-forwarder for its farms")?
-        .into_inner()
-        .farms;
+    let farms = if crate::remote::get().is_some() {
+        crate::remote::cluster_manager(runtime_dir)
+            .await?
+            .list_farms(v1::ListFarmsRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            .context("asking the remote node for its farms")?
+            .into_inner()
+            .farms
+    } else {
+        client(runtime_dir)
+            .await?
+            .list_farms(v1::ListFarmsRequest {})
+            .await
+            .context("asking lb-forwarder for its farms")?
+            .into_inner()
+            .farms
+    };
     if json {
         let out: Vec<FarmJson<'_>> = farms.iter().map(to_json).collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
