@@ -32,7 +32,8 @@ pub fn run(shell: Shell) -> ExitCode {
 }
 
 /// Bash: farm and node names come from the node itself (`tandemctl
-/// __complete farms|nodes`); everything else from the generated script.
+/// __complete farms|nodes`), backend states and daemon names from the same
+/// helper; everything else from the generated script.
 const BASH_DYNAMIC: &str = r#"
 _tandemctl_names() {
     local cur=${COMP_WORDS[COMP_CWORD]} kind= i sub=() w
@@ -47,6 +48,8 @@ _tandemctl_names() {
     case "${sub[0]} ${sub[1]} ${#sub[@]}" in
         "farm delete 2"|"backend set 2") kind=farms ;;
         "node maintenance 3") kind=nodes ;;
+        "backend set 4") kind=states ;;
+        reload\ *\ 1) kind=daemons ;;
     esac
     if [[ -n $kind && $cur != -* ]]; then
         COMPREPLY=( $(compgen -W "$("${COMP_WORDS[0]}" __complete "$kind" 2>/dev/null)" -- "$cur") )

@@ -32,6 +32,17 @@ struct DaemonRow {
     detail: String,
     /// The last configuration reload error, if the last reload was refused.
     reload_error: Option<String>,
+    /// clustermanager's row: the control API's address and the SHA-256
+    /// fingerprint of its certificate (for `--remote … --fingerprint`),
+    /// when node.toml has `control_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_api: Option<ControlApi>,
+}
+
+#[derive(Debug, Serialize)]
+struct ControlApi {
+    listen: String,
+    fingerprint: String,
 }
 
 pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -44,11 +55,27 @@ pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
         (rows, crate::cluster::node_status(runtime_dir).await)
     };
+    let mut rows = rows;
+    if let Some(n) = &node
+        && !n.control_listen.is_empty()
+        && let Some(r) = rows.iter_mut().find(|r| r.daemon == "clustermanager")
+    {
+        r.control_api = Some(ControlApi {
+            listen: n.control_listen.clone(),
+            fingerprint: n.control_fingerprint.clone(),
+        });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!("{}", crate::cluster::summary_line(node.as_ref()));
         print_table(&rows);
+        if let Some(c) = rows.iter().find_map(|r| r.control_api.as_ref()) {
+            println!(
+                "control API on {} (certificate {})",
+                c.listen, c.fingerprint
+            );
+        }
     }
     let all_running = rows.iter().all(|r| r.state == "running");
     Ok(ExitCode::from(exit_code(
@@ -132,6 +159,7 @@ async fn remote_rows(
                 config_generation: info.as_ref().map(|i| i.config_generation),
                 detail,
                 reload_error: info.map(|i| i.last_reload_error).filter(|e| !e.is_empty()),
+                control_api: None,
             }
         })
         .collect();
@@ -195,6 +223,7 @@ async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
         config_generation: None,
         detail: String::new(),
         reload_error: None,
+        control_api: None,
     };
     let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
         Ok(c) => c,
