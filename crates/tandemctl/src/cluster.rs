@@ -464,3 +464,30 @@ pub fn summary_line(status: Option<&v1::ClusterManagerStatus>) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_node_shows_its_last_role_and_age() {
+        let mut n = v1::NodeEntry {
+            name: "lb2".into(),
+            ..Default::default()
+        };
+        n.set_role(NodeRole::Backup);
+        n.set_health(NodeHealth::Operational);
+        assert_eq!(row_role(&n, 0), "backup");
+        n.set_health(NodeHealth::Unreachable);
+        n.last_seen_unix_ms = 1_000_000;
+        assert_eq!(row_role(&n, 1_042_000), "unreachable (was backup 42 s ago)");
+        assert_eq!(
+            row_role(&n, 1_000_000 + 600_000),
+            "unreachable (was backup 10 min ago)"
+        );
+        // Never heard: no role to claim.
+        n.set_role(NodeRole::Unspecified);
+        n.last_seen_unix_ms = 0;
+        assert_eq!(row_role(&n, 5), "unreachable");
+    }
+}
