@@ -113,7 +113,11 @@ fn failures_say_what_to_do() {
         (&["reload"], "no daemon is running"),
         (&["reload", "vrrpd"], "vrrpd"),
         (&["cluster", "nodes"], "is it running?"),
-        (&["farm", "list"], "lb-forwarder"),
+        (
+            &["farm", "list"],
+            "is it running? `systemctl start tandem.target`",
+        ),
+        (&["farm", "stats"], "is it running?"),
         (
             &["--remote", "192.0.2.1:9443", "status"],
             "--remote needs --api-key-file",

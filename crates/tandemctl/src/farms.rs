@@ -15,7 +15,14 @@ use tandem_proto::v1::{self, BackendAdminState, lb_forwarder_client::LbForwarder
 use tonic::transport::Channel;
 
 async fn client(runtime_dir: &Path) -> anyhow::Result<LbForwarderClient<Channel>> {
-    let ch = tandem_runtime::connect(runtime_dir, "lb-forwarder").await?;
+    let ch = tandem_runtime::connect(runtime_dir, "lb-forwarder")
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to lb-forwarder in {} (is it running? `systemctl start tandem.target`)",
+                runtime_dir.display()
+            )
+        })?;
     Ok(LbForwarderClient::new(ch))
 }
 
