@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
-use lb_forwarder::nft::{count_marks, parse_counters};
 use lb_forwarder::ruleset::{
-    BackendKey, Count, Inputs, SH_BUCKETS, backend_counter, plan, render, sh_owners,
+    BackendKey, Count, Inputs, SH_BUCKETS, backend_in_counter, plan, render, sh_owners,
 };
+use lb_forwarder::sched::Load;
 use tandem_config::{BackendState, Farm};
 
 fn farm(text: &str) -> Farm {
@@ -87,9 +87,11 @@ fn wrr_spreads_by_weight_over_backends_in_rotation() {
         script.contains("ct status dnat meta l4proto tcp ct original ip daddr 10.0.0.100 ct original proto-dst 80 snat ip to 10.1.0.100"),
         "SNAT to the floating address: {script}"
     );
-    // The draining backend keeps counting its established connections.
+    // The draining backend keeps counting its established connections,
+    // each way.
     assert!(
-        script.contains(&format!("{b3:#x} : be_web_10_1_0_13_8080")),
+        script.contains(&format!("{b3:#x} . original : in_web_10_1_0_13_8080"))
+            && script.contains(&format!("{b3:#x} . reply : out_web_10_1_0_13_8080")),
         "{script}"
     );
 }
@@ -152,24 +154,34 @@ fn source_hash_moves_only_the_sources_of_a_backend_that_leaves() {
 }
 
 #[test]
-fn least_connections_weights_favour_the_idle_backends() {
+fn least_connections_fills_the_idle_backends_first() {
     let lc = farm(
         &WEB.replace("scheduler = \"wrr\"", "scheduler = \"lc\"")
-            .replace("state = \"drain\"", "")
-            .replace("weight = 3", "weight = 1")
-            .replace("weight = 2", "weight = 1"),
+            .replace("state = \"drain\"", ""),
     );
     let mut inputs = Inputs::default();
-    inputs.loads.insert(key("web", "10.1.0.11", Some(8080)), 19);
+    inputs.loads.insert(
+        key("web", "10.1.0.11", Some(8080)),
+        Load {
+            active: 19,
+            inactive: 0,
+        },
+    );
     let p = plan(&lc, &inputs);
     let w: HashMap<String, u64> = p
         .rotation
         .iter()
         .map(|(k, w)| (k.address.to_string(), *w))
         .collect();
-    assert_eq!(w["10.1.0.11"], 50, "busy: 1000 / (19 + 1)");
-    assert_eq!(w["10.1.0.12"], 1000);
-    assert_eq!(w["10.1.0.13"], 1000);
+    // The next 1,024 connections: 19 each to b2 and b3 to catch up with
+    // b1, then the three in turn (ties to the first listed): 986 = 3 × 328
+    // + 2.
+    assert_eq!(
+        (w["10.1.0.11"], w["10.1.0.12"], w["10.1.0.13"]),
+        (329, 19 + 329, 19 + 328),
+        "{w:?}"
+    );
+    assert!(!p.finite, "no threshold: the schedule repeats");
 }
 
 #[test]
@@ -294,7 +306,7 @@ fn marks_are_stable_and_counters_carry_over() {
     let web = farm(WEB);
     let mut inputs = Inputs::default();
     inputs.counters.insert(
-        backend_counter(&k),
+        backend_in_counter(&k),
         Count {
             packets: 7,
             bytes: 700,
@@ -302,7 +314,7 @@ fn marks_are_stable_and_counters_carry_over() {
     );
     let (script, _) = render(std::slice::from_ref(&web), &inputs);
     assert!(
-        script.contains("counter be_web_10_1_0_11_8080 {\n    packets 7 bytes 700\n  }"),
+        script.contains("counter in_web_10_1_0_11_8080 {\n    packets 7 bytes 700\n  }"),
         "{script}"
     );
     assert_eq!(
@@ -310,24 +322,6 @@ fn marks_are_stable_and_counters_carry_over() {
         script,
         "deterministic"
     );
-}
-
-#[test]
-fn kernel_outputs_parse() {
-    let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "inet", "name": "farm_web", "table": "tandem", "handle": 11, "packets": 12, "bytes": 3400}}]}"#;
-    assert_eq!(
-        parse_counters(json).expect("parse")["farm_web"],
-        Count {
-            packets: 12,
-            bytes: 3400
-        }
-    );
-    let listing = "tcp      6 431999 ESTABLISHED src=10.0.0.50 dst=10.0.0.100 sport=40000 dport=80 src=10.1.0.11 dst=10.1.0.100 sport=8080 dport=40000 [ASSURED] mark=7 use=1\n\
-                   tcp      6 119 TIME_WAIT src=10.0.0.50 dst=10.0.0.100 sport=40001 dport=80 src=10.1.0.11 dst=10.1.0.100 sport=8080 dport=40001 [ASSURED] mark=7 use=1\n\
-                   udp      17 29 src=10.0.0.50 dst=10.0.0.100 sport=5353 dport=53 src=10.1.0.21 dst=10.1.0.100 sport=53 dport=5353 mark=9 use=1\n";
-    let m = count_marks(listing);
-    assert_eq!(m.get(&7), Some(&1), "TIME_WAIT does not count");
-    assert_eq!(m.get(&9), Some(&1));
 }
 
 /// The rendered script is accepted by the real nft, twice in a row (atomic
@@ -374,10 +368,10 @@ fn the_kernel_accepts_the_script_and_refuses_a_broken_one_without_change() {
         .expect("ns thread");
     let (counters, broken, after) = result.expect("nft");
     assert!(
-        counters.contains_key("be_web_10_1_0_11_8080")
-            && counters.contains_key("be_v6_fd01__11")
-            && counters.contains_key("be_d4_10_1_0_11")
-            && counters.contains_key("be_d6_fd01__11"),
+        counters.contains_key("in_web_10_1_0_11_8080")
+            && counters.contains_key("out_v6_fd01__11")
+            && counters.contains_key("in_d4_10_1_0_11")
+            && counters.contains_key("in_d6_fd01__11"),
         "{counters:?}"
     );
     assert!(
@@ -429,7 +423,7 @@ fn a_rotation_change_rewrites_only_the_farm_chain_and_keeps_counters() {
         .expect("rt");
     let mut seeded = Inputs::default();
     seeded.counters.insert(
-        "be_web_10_1_0_12_8080".into(),
+        "in_web_10_1_0_12_8080".into(),
         Count {
             packets: 5,
             bytes: 500,
@@ -447,7 +441,7 @@ fn a_rotation_change_rewrites_only_the_farm_chain_and_keeps_counters() {
         .expect("ns thread")
         .expect("nft");
     assert_eq!(
-        result["be_web_10_1_0_12_8080"],
+        result["in_web_10_1_0_12_8080"],
         Count {
             packets: 5,
             bytes: 500
@@ -489,11 +483,11 @@ fn backends_added_or_removed_are_updated_in_place() {
     );
     let update = after.update_from(&before);
     assert!(
-        update.contains("delete counter inet tandem be_web_10_1_0_11_8080"),
+        update.contains("delete counter inet tandem in_web_10_1_0_11_8080"),
         "{update}"
     );
     assert!(
-        update.contains("add counter inet tandem be_web_10_1_0_14"),
+        update.contains("add counter inet tandem in_web_10_1_0_14"),
         "{update}"
     );
     assert!(
@@ -509,7 +503,7 @@ fn backends_added_or_removed_are_updated_in_place() {
         .expect("rt");
     let mut seeded = HashMap::new();
     seeded.insert(
-        "be_web_10_1_0_12_8080".to_owned(),
+        "in_web_10_1_0_12_8080".to_owned(),
         Count {
             packets: 7,
             bytes: 700,
@@ -533,15 +527,15 @@ fn backends_added_or_removed_are_updated_in_place() {
         .expect("nft");
     let updated = list(&ns);
     assert_eq!(
-        counters["be_web_10_1_0_12_8080"],
+        counters["in_web_10_1_0_12_8080"],
         Count {
             packets: 7,
             bytes: 700
         },
         "a backend that stays keeps its counter"
     );
-    assert!(counters.contains_key("be_web_10_1_0_14"));
-    assert!(!counters.contains_key("be_web_10_1_0_11_8080"));
+    assert!(counters.contains_key("in_web_10_1_0_14"));
+    assert!(!counters.contains_key("in_web_10_1_0_11_8080"));
     // The same as a table built from scratch (counter values aside).
     let fresh = ns
         .run(|| rt.block_on(lb_forwarder::nft::apply(&after.full(&counters))))
