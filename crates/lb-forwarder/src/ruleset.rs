@@ -429,21 +429,25 @@ pub fn sh_owners(farm: &Farm, inputs: &Inputs) -> Vec<BackendKey> {
 
 /// Maglev hashing: the owner of each slot of a table of
 /// [`sched::maglev_size`] slots (a prime ≥ 100 × the configured backends),
-/// built over the backends that can take connections, with the cluster's
-/// hash seed. Empty when none can.
+/// built over the configured backends with the cluster's hash seed; the
+/// slots of those that cannot take connections go to the others
+/// ([`sched::maglev_with_absent`]). Empty when none can.
 pub fn mh_owners(farm: &Farm, inputs: &Inputs) -> Vec<BackendKey> {
-    let up: Vec<(BackendKey, u64)> = farm
+    let all: Vec<(BackendKey, u64, bool)> = farm
         .backends
         .iter()
-        .map(|b| (BackendKey::of(farm, b), b))
-        .filter(|(k, b)| inputs.available(k, b.state))
-        .map(|(k, b)| (k, u64::from(b.weight)))
+        .map(|b| {
+            let k = BackendKey::of(farm, b);
+            let up = inputs.available(&k, b.state);
+            (k, u64::from(b.weight), up)
+        })
         .collect();
-    let keys: Vec<(String, u64)> = up.iter().map(|(k, w)| (k.maglev_key(), *w)).collect();
+    let keys: Vec<(String, u64)> = all.iter().map(|(k, w, _)| (k.maglev_key(), *w)).collect();
+    let available: Vec<bool> = all.iter().map(|(_, _, up)| *up).collect();
     let size = sched::maglev_size(farm.backends.len());
-    sched::maglev(&keys, size, inputs.hash_seed)
+    sched::maglev_with_absent(&keys, &available, size, inputs.hash_seed)
         .into_iter()
-        .map(|i| up[i].0.clone())
+        .map(|i| all[i].0.clone())
         .collect()
 }
 
@@ -600,6 +604,10 @@ struct FarmShape {
     addr_ty: &'static str,
     /// A firewall-mark farm SNATs by the marks of its members.
     by_mark: bool,
+    /// Connection caps (mark, most connections): the kernel's own count in
+    /// the dynamic set `live_<f>` keeps each elements' cap from its
+    /// creation, so a change of caps recreates the set.
+    caps: Vec<(u32, u64)>,
     /// Its configured backends (and sorry server) by mark: elements of the
     /// named maps.
     backends: BTreeMap<u32, ShapeBackend>,
@@ -737,6 +745,7 @@ impl Structure {
                     && a.chains == b.chains
                     && a.addr_ty == b.addr_ty
                     && a.by_mark == b.by_mark
+                    && a.caps == b.caps
             })
     }
 }
@@ -946,6 +955,28 @@ fn named_map(out: &mut String, kind: &str, name: &str, ty: &str, elements: &[Str
     let _ = writeln!(out, "  }}");
 }
 
+/// The most connections each backend may hold: its upper threshold, and
+/// under `ovf` its weight (the smaller of the two).
+fn caps(farm: &Farm) -> Vec<(u32, u64)> {
+    if farm.forwarding != Forwarding::Nat {
+        return Vec::new();
+    }
+    let mut out: Vec<(u32, u64)> = farm
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let ovf = (farm.scheduler == Scheduler::Ovf).then_some(u64::from(b.weight));
+            let cap = match (b.upper_threshold.map(u64::from), ovf) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            cap.map(|c| (BackendKey::of(farm, b).mark(), c))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The statements that replace a persistent farm's map with `seeds`
 /// (client, masked → backend mark), each for the farm's whole timeout: what
 /// a node that does not hold the VIP derives from the connections its peer
@@ -1057,6 +1088,12 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
                 addr_type(farm.vip)
             );
         }
+        if !caps(farm).is_empty() {
+            let _ = writeln!(
+                decl,
+                "  set live_{name} {{\n    type mark\n    flags dynamic\n  }}"
+            );
+        }
         let mut farm_chains = vec![format!("farm_{name}"), format!("nat_{name}")];
         if persistent {
             farm_chains.push(format!("persist_{name}"));
@@ -1093,6 +1130,7 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
             chains: farm_chains,
             addr_ty: addr_type(farm.vip),
             by_mark: farm.fwmark.is_some(),
+            caps: caps(farm),
             backends: BTreeMap::new(),
         };
         // What depends on the configured backends only: their counters and
@@ -1199,7 +1237,22 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
         }
         // nat_<f>: count the connection, then DNAT it. A port in a DNAT
         // target needs a transport match in the rule.
-        let mut nat = vec![format!("counter name ct mark map @conn_{name}")];
+        // A backend at its cap (upper threshold; ovf: its weight) takes no
+        // connection beyond it, whatever the schedule says: the kernel
+        // counts its open connections (nf_conncount) and drops the first
+        // packet of one more — the client resends its SYN a second later
+        // and finds the schedule refreshed. The schedule keeps this rare:
+        // it gives a backend only the room its loads leave.
+        let mut nat: Vec<String> = shape
+            .caps
+            .iter()
+            .map(|(m, cap)| {
+                format!(
+                    "ct mark {m:#x} add @live_{name} {{ ct mark ct count over {cap} }} drop comment \"at its connection limit\""
+                )
+            })
+            .collect();
+        nat.push(format!("counter name ct mark map @conn_{name}"));
         if any_ported {
             nat.push(format!(
                 "ct mark @ported_{name} meta l4proto {proto} dnat {fam} to ct mark map @dnat_{name}"

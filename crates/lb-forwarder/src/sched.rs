@@ -57,8 +57,8 @@ pub struct Candidate {
 /// - `wlc`: the least overhead / weight;
 /// - `sed`: the least (active + 1) / weight;
 /// - `nq`: the first idle backend (no active connection), else as `sed`;
-/// - `ovf`: the highest weight with fewer active connections than its
-///   weight;
+/// - `ovf`: the highest weight with fewer open connections (active and
+///   being opened or closed) than its weight;
 /// - `fo`: the highest weight;
 /// - hash schedulers do not schedule in sequence: they get nothing.
 pub fn greedy(scheduler: Scheduler, candidates: &[Candidate], max: usize) -> (Vec<usize>, bool) {
@@ -108,11 +108,12 @@ pub fn greedy(scheduler: Scheduler, candidates: &[Candidate], max: usize) -> (Ve
                         (u128::from(c[i].load.active + 1), u128::from(c[i].weight))
                     })
                 }),
+            // Connections being opened count: they are about to be active.
             Scheduler::Ovf => max_weight(
                 &open
                     .iter()
                     .copied()
-                    .filter(|&i| c[i].load.active < c[i].weight)
+                    .filter(|&i| c[i].load.total() < c[i].weight)
                     .collect::<Vec<_>>(),
                 &c,
             ),
@@ -270,6 +271,74 @@ pub fn maglev(backends: &[(String, u64)], size: u64, seed: u32) -> Vec<usize> {
     table.into_iter().map(|s| s.unwrap_or(0)).collect()
 }
 
+/// Maglev for backends leaving the rotation: the table of every
+/// configured backend ([`maglev`]), in which each slot of a backend that
+/// cannot take connections (`available[i]` false) goes to the available
+/// backend whose permutation reaches that slot first (its rank divided by
+/// its weight). No other slot changes, so a backend leaving the rotation
+/// moves only its own clients, and the same set of absent backends gives
+/// the same table whatever the order they left in. Empty when none is
+/// available.
+pub fn maglev_with_absent(
+    backends: &[(String, u64)],
+    available: &[bool],
+    size: u64,
+    seed: u32,
+) -> Vec<usize> {
+    let up: Vec<usize> = (0..backends.len())
+        .filter(|&i| available.get(i).copied().unwrap_or(false))
+        .collect();
+    if up.is_empty() {
+        return Vec::new();
+    }
+    let base = maglev(backends, size, seed);
+    // Slot c is step k of backend j's walk when offset + k × skip ≡ c
+    // (mod size): k = (c - offset) × skip⁻¹, size being prime.
+    let walks: Vec<(u64, u64, u64)> = up
+        .iter()
+        .map(|&j| {
+            let key = &backends[j].0;
+            let offset = hash64(seed, 1, key) % size;
+            let skip = hash64(seed, 2, key) % (size - 1) + 1;
+            (offset, inverse_mod(skip, size), backends[j].1.max(1))
+        })
+        .collect();
+    base.into_iter()
+        .enumerate()
+        .map(|(c, owner)| {
+            if available.get(owner).copied().unwrap_or(false) {
+                return owner;
+            }
+            let c = c as u64;
+            let mut best: Option<(usize, u128, u128)> = None;
+            for (n, (offset, inv, w)) in walks.iter().enumerate() {
+                let rank =
+                    u128::from((c + size - offset) % size) * u128::from(*inv) % u128::from(size);
+                let w = u128::from(*w);
+                // rank / w, compared exactly.
+                if best.is_none_or(|(_, r, bw)| rank * bw < r * w) {
+                    best = Some((n, rank, w));
+                }
+            }
+            best.map_or(up[0], |(n, _, _)| up[n])
+        })
+        .collect()
+}
+
+/// a⁻¹ modulo the prime p (Fermat: a^(p-2)).
+fn inverse_mod(a: u64, p: u64) -> u64 {
+    let (mut base, mut exp, mut acc) = (u128::from(a % p), p - 2, 1u128);
+    let m = u128::from(p);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc = acc * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    acc as u64
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -295,6 +364,13 @@ mod tests {
         assert_eq!(prime_at_least(100), 101);
         assert_eq!(maglev_size(5), 503);
         assert_eq!(maglev_size(0), 101);
+    }
+
+    #[test]
+    fn modular_inverse() {
+        for a in [1, 2, 100, 502] {
+            assert_eq!(a * inverse_mod(a, 503) % 503, 1);
+        }
     }
 
     #[test]

@@ -554,3 +554,268 @@ fn backends_added_or_removed_are_updated_in_place() {
     };
     assert_eq!(norm(&updated), norm(&replaced));
 }
+
+const FULL: &str = r#"
+name = "full"
+vip = "10.0.0.100"
+port = 80
+scheduler = "wlc"
+snat_address = "10.1.0.100"
+persistence_timeout_s = 300
+persistence_netmask = "255.255.255.0"
+on_backend_failure = "reset"
+[sorry_server]
+address = "10.1.0.99"
+port = 8080
+[timeouts]
+tcp_s = 900
+tcp_fin_s = 30
+[[backends]]
+address = "10.1.0.11"
+port = 8080
+weight = 2
+upper_threshold = 100
+lower_threshold = 50
+[[backends]]
+address = "10.1.0.12"
+port = 8080
+"#;
+
+const DNS: &str = r#"
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+scheduler = "mh"
+hash_source_port = true
+one_packet = true
+snat_address = "10.1.0.100"
+[health_check]
+kind = "none"
+[timeouts]
+udp_s = 5
+[[backends]]
+address = "10.1.0.11"
+[[backends]]
+address = "10.1.0.12"
+"#;
+
+const MARKED: &str = r#"
+name = "marked"
+vip = "10.0.0.100"
+port = "80-443"
+fwmark = 7
+scheduler = "dh"
+snat_address = "10.1.0.100"
+[[backends]]
+address = "10.1.0.21"
+[[backends]]
+address = "10.1.0.22"
+"#;
+
+#[test]
+fn persistence_timeouts_and_the_sorry_server_render() {
+    let full = farm(FULL);
+    let (script, plans) = render(std::slice::from_ref(&full), &Inputs::default());
+    let b1 = key("full", "10.1.0.11", Some(8080)).mark();
+    let b2 = key("full", "10.1.0.12", Some(8080)).mark();
+    let sorry = key("full", "10.1.0.99", Some(8080)).mark();
+    for want in [
+        // The kernel's timeouts for the farm's connections, set as each
+        // one is created.
+        "ct timeout timeouts_full_tcp {\n    protocol tcp; l3proto ip;\n    policy = { established : 900, fin_wait : 30, close_wait : 30, last_ack : 30, time_wait : 30 }",
+        "meta l4proto tcp ct timeout set \"timeouts_full_tcp\"",
+        // The persistence map: the masked client → its backend.
+        "map persist_full {\n    type ipv4_addr : mark\n    size 262144\n    flags dynamic,timeout\n    timeout 300s",
+        "update @persist_full { ip saddr and 255.255.255.0 : ct mark }",
+    ] {
+        assert!(script.contains(want), "{want}\n{script}");
+    }
+    // A persistent client keeps its backend only while it is in rotation.
+    let lookup = format!(
+        "ct mark set ip saddr and 255.255.255.0 map @persist_full ct mark {{ {b1:#x}, {b2:#x} }} goto persist_full"
+    );
+    let lookup_other_order = format!(
+        "ct mark set ip saddr and 255.255.255.0 map @persist_full ct mark {{ {b2:#x}, {b1:#x} }} goto persist_full"
+    );
+    assert!(
+        script.contains(&lookup) || script.contains(&lookup_other_order),
+        "{script}"
+    );
+    // The sorry server: last, after the scheduler, and counted like a backend.
+    assert!(
+        script.contains(&format!(
+            "ct mark set {sorry:#x} goto nat_full comment \"sorry server"
+        )),
+        "{script}"
+    );
+    assert!(
+        script.contains(&format!("{sorry:#x} : 10.1.0.99 . 8080")),
+        "{script}"
+    );
+    assert!(plans[0].sorry.is_none(), "backends are in rotation");
+
+    // Every backend out: the sorry server takes the new connections.
+    let mut inputs = Inputs::default();
+    for b in ["10.1.0.11", "10.1.0.12"] {
+        inputs.failing.insert(key("full", b, Some(8080)));
+    }
+    let p = plan(&full, &inputs);
+    assert!(p.rotation.is_empty());
+    assert_eq!(p.sorry, Some(key("full", "10.1.0.99", Some(8080))));
+    let (script, _) = render(std::slice::from_ref(&full), &inputs);
+    assert!(
+        !script.contains("map @persist_full ct mark"),
+        "no persistent client is sent to a backend out of rotation: {script}"
+    );
+}
+
+#[test]
+fn thresholds_end_the_schedule_and_rewrite_it_at_each_refresh() {
+    let full = farm(FULL);
+    let b1 = key("full", "10.1.0.11", Some(8080));
+    let b2 = key("full", "10.1.0.12", Some(8080));
+    let mut inputs = Inputs::default();
+    inputs.loads.insert(
+        b1.clone(),
+        Load {
+            active: 97,
+            inactive: 0,
+        },
+    );
+    let p = plan(&full, &inputs);
+    let shares: HashMap<_, _> = p.rotation.iter().cloned().collect();
+    assert_eq!(shares[&b1], 3, "3 more to reach its threshold of 100");
+    assert!(shares[&b2] > 900, "{shares:?}");
+    assert!(!p.finite, "b2 has no threshold: the schedule repeats");
+    // b1 over its threshold: out, until it is down to 50.
+    inputs.overloaded.insert(b1.clone());
+    let p = plan(&full, &inputs);
+    assert_eq!(p.rotation, vec![(b2.clone(), 1024)]);
+    // Both with thresholds and nearly full: a finite schedule, rewritten at
+    // each refresh so its counter starts again from the new loads.
+    let two = farm(&FULL.replace(
+        "[[backends]]\naddress = \"10.1.0.12\"\nport = 8080\n",
+        "[[backends]]\naddress = \"10.1.0.12\"\nport = 8080\nupper_threshold = 5\n",
+    ));
+    inputs.overloaded.clear();
+    inputs.refresh = 7;
+    let p = plan(&two, &inputs);
+    assert!(p.finite);
+    assert_eq!(
+        p.rotation.iter().map(|(_, n)| n).sum::<u64>(),
+        3 + 5,
+        "{:?}",
+        p.rotation
+    );
+    let (script, _) = render(std::slice::from_ref(&two), &inputs);
+    assert!(
+        script.contains("ct mark set numgen inc mod 2147483648 map {"),
+        "{script}"
+    );
+    assert!(script.contains("comment \"refresh 7\""), "{script}");
+}
+
+#[test]
+fn one_packet_hashing_and_marks_render() {
+    let dns = farm(DNS);
+    let marked = farm(MARKED);
+    let inputs = Inputs {
+        hash_seed: 0x5eed,
+        ..Inputs::default()
+    };
+    let (script, plans) = render(&[dns.clone(), marked.clone()], &inputs);
+    for want in [
+        // Each datagram its own conntrack zone, before conntrack sees it.
+        "type filter hook prerouting priority raw; policy accept;\n    ip daddr 10.0.0.100 meta l4proto udp th dport 53 ct original zone set numgen inc mod 65535",
+        "policy = { unreplied : 5, replied : 5 }",
+        // Maglev over a prime-sized table, source address and port.
+        "ct mark set jhash ip saddr . th sport mod 211 seed 0x5eed map {",
+        // The mark set by the operator's own rules selects the farm; dh
+        // hashes the destination.
+        "meta nfproto ipv4 meta mark 0x7 meta l4proto tcp jump farm_marked",
+        "ct mark set jhash ip daddr mod 1024 seed 0x5eed map {",
+        "ct status dnat meta nfproto ipv4 ct mark @members_marked snat ip to 10.1.0.100",
+    ] {
+        assert!(script.contains(want), "{want}\n{script}");
+    }
+    let mh = &plans[0];
+    assert_eq!(mh.rotation.iter().map(|(_, n)| n).sum::<u64>(), 211);
+}
+
+#[test]
+fn fo_and_ovf_order_by_weight() {
+    let fo = farm(&WEB.replace("scheduler = \"wrr\"", "scheduler = \"fo\""));
+    let p = plan(&fo, &Inputs::default());
+    assert_eq!(p.rotation, vec![(key("web", "10.1.0.11", Some(8080)), 1)]);
+    let mut inputs = Inputs::default();
+    inputs.failing.insert(key("web", "10.1.0.11", Some(8080)));
+    let p = plan(&fo, &inputs);
+    assert_eq!(
+        p.rotation,
+        vec![(key("web", "10.1.0.12", Some(8080)), 1)],
+        "the next heaviest; the draining one never"
+    );
+    let ovf = farm(
+        &WEB.replace("scheduler = \"wrr\"", "scheduler = \"ovf\"")
+            .replace("state = \"drain\"", ""),
+    );
+    let p = plan(&ovf, &Inputs::default());
+    assert!(p.finite, "3 + 2 + 1 connections, then none");
+    let shares: Vec<u64> = p.rotation.iter().map(|(_, n)| *n).collect();
+    assert_eq!(shares, [3, 2, 1]);
+}
+
+/// Every feature's script is accepted by the real kernel, twice (atomic
+/// replace), and a persistence seed script applies on top.
+#[test]
+fn the_kernel_accepts_every_feature() {
+    let lab = tandem_lab::Lab::new().expect("lab");
+    let ns = lab.netns("fw").expect("netns");
+    let farms = [farm(FULL), farm(DNS), farm(MARKED)];
+    let mut inputs = Inputs {
+        hash_seed: 7,
+        ..Inputs::default()
+    };
+    inputs.loads.insert(
+        key("full", "10.1.0.11", Some(8080)),
+        Load {
+            active: 99,
+            inactive: 1,
+        },
+    );
+    let (script, _) = render(&farms, &inputs);
+    let seeds = lb_forwarder::ruleset::persistence_seed_script(
+        &farms[0],
+        &[(
+            "10.0.0.0".parse().expect("ip"),
+            key("full", "10.1.0.12", Some(8080)).mark(),
+        )],
+        300,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let counters = ns
+        .run(|| {
+            rt.block_on(async {
+                lb_forwarder::nft::apply(&script).await?;
+                lb_forwarder::nft::apply(&script).await?;
+                lb_forwarder::nft::apply(&seeds).await?;
+                lb_forwarder::nft::read_counters().await
+            })
+        })
+        .expect("ns thread")
+        .unwrap_or_else(|e| panic!("{e}\n{script}"));
+    assert!(
+        counters.contains_key("in_full_10_1_0_99_8080"),
+        "{counters:?}"
+    );
+    assert!(counters.contains_key("conn_dns_10_1_0_11"), "{counters:?}");
+    let map = ns
+        .exec("nft", &["list", "map", "inet", "tandem", "persist_full"])
+        .expect("list");
+    let text = String::from_utf8_lossy(&map.stdout);
+    assert!(text.contains("10.0.0.0 expires"), "{text}");
+}
