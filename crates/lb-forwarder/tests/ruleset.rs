@@ -772,7 +772,19 @@ fn fo_and_ovf_order_by_weight() {
 fn the_kernel_accepts_every_feature() {
     let lab = tandem_lab::Lab::new().expect("lab");
     let ns = lab.netns("fw").expect("netns");
-    let farms = [farm(FULL), farm(DNS), farm(MARKED)];
+    let dsr_of = |name: &str, sched: &str, vip: &str| {
+        farm(&format!(
+            "name = \"{name}\"\nvip = \"{vip}\"\nport = 80\nforwarding = \"dsr\"\nscheduler = \"{sched}\"\n[[backends]]\naddress = \"10.1.0.11\"\nweight = 2\n[[backends]]\naddress = \"10.1.0.12\"\n"
+        ))
+    };
+    let farms = [
+        farm(FULL),
+        farm(DNS),
+        farm(MARKED),
+        dsr_of("dmh", "mh", "10.0.0.101"),
+        dsr_of("ddh", "dh", "10.0.0.102"),
+        dsr_of("dfo", "fo", "10.0.0.103"),
+    ];
     let mut inputs = Inputs {
         hash_seed: 7,
         ..Inputs::default()
@@ -813,6 +825,13 @@ fn the_kernel_accepts_every_feature() {
         "{counters:?}"
     );
     assert!(counters.contains_key("conn_dns_10_1_0_11"), "{counters:?}");
+    assert!(counters.contains_key("in_dmh_10_1_0_11"), "{counters:?}");
+    let dsr = ns
+        .exec("nft", &["list", "table", "ip", "tandem_dsr"])
+        .expect("list dsr");
+    let dsr = String::from_utf8_lossy(&dsr.stdout);
+    assert!(dsr.contains("jhash ip saddr mod 211 seed 0x7"), "{dsr}");
+    assert!(dsr.contains("jhash ip daddr mod 1024 seed 0x7"), "{dsr}");
     let map = ns
         .exec("nft", &["list", "map", "inet", "tandem", "persist_full"])
         .expect("list");

@@ -294,3 +294,32 @@ fn hooks_are_absolute_paths_with_a_bounded_timeout() {
     )]);
     assert!(e.starts_with("node.toml:6:1: unknown field `stop`"), "{e}");
 }
+
+/// The examples of docs/configuration.md load as they are written.
+#[test]
+fn the_documented_examples_are_valid() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md"),
+    )
+    .expect("docs/configuration.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    let farm = blocks
+        .iter()
+        .find(|b| b.contains("scheduler = \"wlc\""))
+        .expect("the farm example");
+    let hooks = blocks
+        .iter()
+        .find(|b| b.starts_with("[hooks]"))
+        .expect("the hooks example");
+    let d = common::write(&[
+        ("node.toml", &format!("name = \"lb1\"\n{hooks}")),
+        ("farms/web.toml", farm),
+    ]);
+    let c = Config::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.farms[0].backends[0].upper_threshold, Some(100));
+    assert_eq!(c.node.hooks.timeout_ms, 10_000);
+}

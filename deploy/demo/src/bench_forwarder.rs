@@ -1,8 +1,10 @@
-//! Throughput through the VIP for three datapaths in the same lab and run:
-//! (a) Tandem (lb-forwarder's nftables table), (b) a hand-written minimal
-//! nftables DNAT rule — the ceiling — and (c) HAProxy in TCP mode; same
-//! client, same three backends. Then the time to apply a change to a farm
-//! of 1,000 backends. Prints tables.
+//! Throughput through the VIP for the datapaths in the same lab and run:
+//! Tandem (lb-forwarder's nftables table) with a round-robin farm, a
+//! persistent farm (`persistence_timeout_s`, every connection of a client
+//! looked up and refreshed in the persistence map) and a Maglev (`mh`)
+//! farm; a hand-written minimal nftables DNAT rule — the ceiling — and
+//! HAProxy in TCP mode; same client, same three backends. Then the time to
+//! apply a change to a farm of 1,000 backends. Prints tables.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets};
 use lb_forwarder::ruleset::{self, Inputs};
-use tandem_e2e::forwarder_lab::{FwdLab, VIP};
+use tandem_e2e::forwarder_lab::{FwdLab, LabOptions, VIP, extra_source};
 
 const RUN: Duration = Duration::from_secs(2);
 const THREADS: usize = 2;
@@ -35,6 +37,23 @@ port = 8080
 address = "10.1.0.13"
 port = 8080
 "#;
+
+/// The same farm, persistent: each client keeps its backend for 300 s.
+fn persistent_farm() -> String {
+    FARM.replace(
+        "snat_address = \"10.1.0.100\"\n",
+        "snat_address = \"10.1.0.100\"\npersistence_timeout_s = 300\n",
+    )
+}
+
+/// The same farm with Maglev hashing of the source address and port (so
+/// the two client threads spread over the backends).
+fn mh_farm() -> String {
+    FARM.replace(
+        "scheduler = \"rr\"",
+        "scheduler = \"mh\"\nhash_source_port = true",
+    )
+}
 
 const CEILING: &str = "table ip bench {
   chain pre {
@@ -77,13 +96,14 @@ fn connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 /// New connections per second: connect, read the backend's name, reset.
-/// Each datapath uses its own client addresses (`first_source`..), so no
-/// run meets the conntrack entries an earlier one left behind.
+/// Each datapath uses its own client addresses (`first_source`.. of the
+/// lab's extra sources), so no run meets the conntrack entries an earlier
+/// one left behind.
 fn new_connections(lab: &FwdLab, first_source: usize) -> f64 {
     let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let src: SocketAddr = format!("10.0.0.{}:0", first_source + t)
+            let src: SocketAddr = format!("{}:0", extra_source(first_source + t))
                 .parse()
                 .expect("addr");
             lab.client
@@ -160,7 +180,13 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let mut lab = FwdLab::new(FARM);
+    let mut lab = FwdLab::with(
+        FARM,
+        LabOptions {
+            extra_sources: 16,
+            ..LabOptions::default()
+        },
+    );
     let tmp = tempfile::tempdir().expect("tempdir");
     let haproxy_cfg = tmp.path().join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, HAPROXY).expect("haproxy.cfg");
@@ -169,24 +195,38 @@ fn main() {
     let ceiling = ceiling.to_string_lossy().into_owned();
 
     let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
-        ("Tandem (lb-forwarder nftables)", vec![], vec![]),
+        ("Tandem rr (lb-forwarder nftables)", vec![], vec![]),
+        ("Tandem rr + persistence 300 s", vec![], vec![]),
+        ("Tandem mh (Maglev)", vec![], vec![]),
         ("minimal nftables DNAT (ceiling)", vec![], vec![]),
         ("HAProxy 2.6 TCP mode", vec![], vec![]),
     ];
-    // The order alternates (T C H, then H C T), so Tandem and the ceiling
-    // are always measured next to each other; each ratio is taken within a
-    // round, and the table shows the median of those ratios. Background load
-    // on the machine then shifts both sides of a ratio alike.
+    const CEIL: usize = 3;
+    let farms = [FARM.to_owned(), persistent_farm(), mh_farm()];
+    // The order alternates (Tandem's three, ceiling, HAProxy; then the
+    // reverse), so each Tandem farm and the ceiling are measured close
+    // together; each ratio is taken within a round, and the table shows the
+    // median of those ratios. Background load on the machine then shifts
+    // both sides of a ratio alike. Each datapath uses its own client
+    // addresses, so no run meets the conntrack entries an earlier one left.
     for round in 0..rounds {
-        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let order: [usize; 5] = if round % 2 == 0 {
+            [0, 1, 2, 3, 4]
+        } else {
+            [4, 3, 2, 1, 0]
+        };
         for which in order {
             let (conns, reqs) = match which {
-                // (a) Tandem: lb-forwarder owns the datapath.
-                0 => {
-                    if lab.fwd.is_none() {
-                        lab.start();
+                // Tandem: lb-forwarder owns the datapath.
+                0..=2 => {
+                    std::fs::write(lab.config.join("farms/web.toml"), &farms[which])
+                        .expect("farm file");
+                    if let Some(mut f) = lab.fwd.take() {
+                        let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
+                        let _ = f.wait_timeout(Duration::from_secs(5));
                     }
-                    let m = (new_connections(&lab, 50), requests(&lab));
+                    lab.start();
+                    let m = (new_connections(&lab, 2 * which), requests(&lab));
                     if let Some(mut f) = lab.fwd.take() {
                         let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
                         let _ = f.wait_timeout(Duration::from_secs(5));
@@ -196,16 +236,16 @@ fn main() {
                         .expect("remove tandem table");
                     m
                 }
-                // (b) the ceiling: one hand-written rule.
-                1 => {
+                // The ceiling: one hand-written rule.
+                CEIL => {
                     lab.lb.exec("nft", &["-f", &ceiling]).expect("ceiling rule");
-                    let m = (new_connections(&lab, 52), requests(&lab));
+                    let m = (new_connections(&lab, 6), requests(&lab));
                     lab.lb
                         .exec("nft", &["delete", "table", "ip", "bench"])
                         .expect("remove ceiling");
                     m
                 }
-                // (c) HAProxy on the VIP, same backends, same SNAT source.
+                // HAProxy on the VIP, same backends, same SNAT source.
                 _ => {
                     let mut cmd = Command::new("haproxy");
                     cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
@@ -216,7 +256,7 @@ fn main() {
                             Duration::from_secs(5),
                         )
                         .expect("haproxy up");
-                    let m = (new_connections(&lab, 54), requests(&lab));
+                    let m = (new_connections(&lab, 8), requests(&lab));
                     let _ = haproxy.kill(nix::sys::signal::Signal::SIGTERM);
                     let _ = haproxy.wait_timeout(Duration::from_secs(5));
                     m
@@ -244,9 +284,9 @@ fn main() {
         t.add_row([
             (*name).to_owned(),
             format!("{:.0}", median(conns.clone())),
-            format!("{:.2}", ratio(conns, &results[1].1)),
+            format!("{:.2}", ratio(conns, &results[CEIL].1)),
             format!("{:.0}", median(reqs.clone())),
-            format!("{:.2}", ratio(reqs, &results[1].2)),
+            format!("{:.2}", ratio(reqs, &results[CEIL].2)),
         ]);
     }
     println!(
