@@ -30,15 +30,21 @@ pub async fn dump_async() -> Result<Vec<Record>, String> {
     }
 }
 
-/// How a connection counts: active (TCP ESTABLISHED, and every other
-/// protocol's flow), inactive (TCP opening or closing), or not at all
-/// (TIME_WAIT, CLOSE: closed).
+/// How a connection counts: active (TCP being opened or ESTABLISHED, and
+/// every other protocol's flow), inactive (TCP closing: FIN_WAIT,
+/// CLOSE_WAIT, LAST_ACK), or not at all (TIME_WAIT, CLOSE: closed).
+///
+/// IPVS counts a connection being opened as inactive until it is
+/// established; here the schedule is decided ahead from these counts, each
+/// pick counted as one more active connection, so a connection the
+/// previous schedule already sent somewhere must count as active, or the
+/// next schedule would give its backend one more.
 pub fn classify(r: &Record) -> Option<bool> {
     if r.entry.original.protocol != proto::TCP {
         return Some(true);
     }
     match r.entry.tcp.map(|t| t.state) {
-        Some(tcp::ESTABLISHED) => Some(true),
+        Some(tcp::SYN_SENT | tcp::SYN_RECV | tcp::ESTABLISHED) => Some(true),
         Some(tcp::TIME_WAIT | tcp::CLOSE) => None,
         Some(_) => Some(false),
         // A dump always carries the TCP state; without it, count it open.

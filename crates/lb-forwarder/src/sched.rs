@@ -12,10 +12,10 @@
 
 use tandem_config::Scheduler;
 
-/// Connections of one backend, as IPVS counts them: active (TCP
-/// ESTABLISHED, and every UDP flow) and inactive (a TCP connection being
-/// opened or closed: SYN_SENT, SYN_RECV, FIN_WAIT, CLOSE_WAIT, LAST_ACK).
-/// TIME_WAIT and CLOSE count as closed.
+/// Connections of one backend: active (TCP being opened or ESTABLISHED,
+/// and every UDP flow) and inactive (a TCP connection being closed:
+/// FIN_WAIT, CLOSE_WAIT, LAST_ACK). TIME_WAIT and CLOSE count as closed.
+/// (See [`crate::conns::classify`] for how this differs from IPVS.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Load {
     pub active: u64,
@@ -58,7 +58,7 @@ pub struct Candidate {
 /// - `sed`: the least (active + 1) / weight;
 /// - `nq`: the first idle backend (no active connection), else as `sed`;
 /// - `ovf`: the highest weight with fewer open connections (active and
-///   being opened or closed) than its weight;
+///   being closed) than its weight;
 /// - `fo`: the highest weight;
 /// - hash schedulers do not schedule in sequence: they get nothing.
 pub fn greedy(scheduler: Scheduler, candidates: &[Candidate], max: usize) -> (Vec<usize>, bool) {
