@@ -169,8 +169,12 @@ fn farm_state(
     let sorry_server = BackendKey::sorry(farm).map(|key| {
         let (cin, cout, conns) = k.traffic(&key);
         totals = (totals.0 + cin, totals.1 + cout, totals.2 + conns);
-        rates = rates + sampler.rates(&names(&key));
+        let r = sampler.rates(&names(&key));
+        rates = rates + r;
         v1::SorryServer {
+            in_counters: counters(cin),
+            out_counters: counters(cout),
+            rates: wire_rates(r),
             address: key.address.to_string(),
             port: u32::from(key.port.unwrap_or(0)),
             active: plan.is_some_and(|p| p.sorry.as_ref() == Some(&key)),

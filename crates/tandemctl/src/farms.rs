@@ -84,6 +84,7 @@ struct SorryJson<'a> {
     connections: u64,
     packets: u64,
     bytes: u64,
+    rates: RatesJson,
 }
 
 #[derive(Serialize, Default)]
@@ -166,6 +167,7 @@ fn to_json(f: &v1::FarmState) -> FarmJson<'_> {
                 connections: s.connections,
                 packets: c.packets,
                 bytes: c.bytes,
+                rates: s.rates.into(),
             }
         }),
         all_backends_down: f.all_backends_down,
@@ -421,17 +423,22 @@ pub async fn list(runtime_dir: &Path, json: bool, view: View) -> anyhow::Result<
         }
         if let Some(s) = &f.sorry_server {
             let name = format!("  -> {} (sorry server)", target(&s.address, s.port));
-            let c = s.counters.unwrap_or_default();
             match view {
-                View::Stats => t.add_row([
-                    name,
-                    s.connections.to_string(),
-                    String::new(),
-                    String::new(),
-                    c.bytes.to_string(),
-                    String::new(),
-                ]),
-                View::Rate => t.add_row([name]),
+                View::Stats => {
+                    let c = stats_cells(s.connections, s.in_counters, s.out_counters);
+                    t.add_row([
+                        name,
+                        c[0].clone(),
+                        c[1].clone(),
+                        c[2].clone(),
+                        c[3].clone(),
+                        c[4].clone(),
+                    ])
+                }
+                View::Rate => {
+                    let [a, b, c, d, e] = rate_cells(s.rates);
+                    t.add_row([name, a, b, c, d, e])
+                }
                 View::List => t.add_row([
                     name,
                     String::new(),
