@@ -784,6 +784,9 @@ fn the_kernel_accepts_every_feature() {
         dsr_of("dmh", "mh", "10.0.0.101"),
         dsr_of("ddh", "dh", "10.0.0.102"),
         dsr_of("dfo", "fo", "10.0.0.103"),
+        farm(
+            "name = \"v6\"\nvip = \"fd00::100\"\nport = 443\nprotocol = \"both\"\nscheduler = \"sed\"\nsnat_address = \"fd01::100\"\npersistence_timeout_s = 60\npersistence_netmask = \"/64\"\n[sorry_server]\naddress = \"fd01::99\"\n[timeouts]\ntcp_s = 60\nudp_s = 9\n[[backends]]\naddress = \"fd01::11\"\nupper_threshold = 9\n",
+        ),
     ];
     let mut inputs = Inputs {
         hash_seed: 7,
