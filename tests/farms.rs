@@ -1154,3 +1154,84 @@ fn sixty_four_concurrent_scrapers_start_no_nft_process() {
     );
     assert!(seen < Duration::from_millis(2500), "{seen:?}");
 }
+
+// ------------------------------------------------ persistence at failover
+
+/// Two nodes with conntrack-syncd: clients 10.0.0.51, .52, then .50 open
+/// one connection each to a persistent round-robin farm (b1, b2, b3), kept
+/// open; lb1 dies; on lb2, which derived its persistence entries from the
+/// replicated connections, 10.0.0.50's new connections still go to b3,
+/// while a plain round robin would start again at b1.
+fn persistence_at_failover(sync: bool) -> Result<(), String> {
+    use tandem_e2e::conntrack_lab::ClusterLab;
+    let mut lab = ClusterLab::new();
+    let farm = "name = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nscheduler = \"rr\"\nsnat_address = \"10.1.0.100\"\npersistence_timeout_s = 300\n[health_check]\nkind = \"none\"\n\
+[[backends]]\naddress = \"10.1.0.11\"\nport = 8080\n[[backends]]\naddress = \"10.1.0.12\"\nport = 8080\n[[backends]]\naddress = \"10.1.0.13\"\nport = 8080\n";
+    for n in ["lb1", "lb2"] {
+        std::fs::write(lab.node(n).config_dir.join("farms/web.toml"), farm).expect("farm");
+    }
+    lab.start_cluster(sync);
+    let client = lab.client.clone();
+    let connect = |src: &str| {
+        client
+            .run({
+                let src: SocketAddr = format!("{src}:0").parse().expect("src");
+                move || {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    s.bind(&src.into())?;
+                    s.connect_timeout(&vip(80).into(), Duration::from_secs(3))?;
+                    let s: TcpStream = s.into();
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    let mut name = String::new();
+                    BufReader::new(s.try_clone()?).read_line(&mut name)?;
+                    Ok::<_, std::io::Error>((name.trim().to_owned(), s))
+                }
+            })
+            .expect("client thread")
+    };
+    let mut held = Vec::new();
+    for src in ["10.0.0.51", "10.0.0.52", "10.0.0.50"] {
+        held.push(connect(src).map_err(|e| format!("{src}: {e}"))?);
+    }
+    let home = held[2].0.clone();
+    if home != "b3" {
+        return Err(format!("10.0.0.50 went to {home}, not the third slot"));
+    }
+    if sync {
+        lab.wait_for("the connections on lb2", Duration::from_secs(10), |l| {
+            l.vip_entries("lb2") >= 3
+        });
+    }
+    // A derivation (once a second) on lb2.
+    std::thread::sleep(Duration::from_millis(2500));
+    lab.kill_node("lb1");
+    lab.wait_for("lb2 to take the VIP", Duration::from_secs(10), |l| {
+        l.holds_vip("lb2")
+    });
+    for i in 0..3 {
+        let (name, _) = connect("10.0.0.50").map_err(|e| format!("after failover: {e}"))?;
+        if name != home {
+            return Err(format!(
+                "after the failover 10.0.0.50's connection {i} went to {name}, not {home}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_persistent_client_keeps_its_backend_across_a_failover() {
+    persistence_at_failover(true).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Control: without replicated connections the backup has nothing to
+/// derive persistence from, and the client is scheduled anew.
+#[test]
+fn control_without_replication_a_persistent_client_is_rescheduled_at_failover() {
+    let e = persistence_at_failover(false).expect_err("must fail without replication");
+    assert!(
+        e.contains("after the failover 10.0.0.50's connection 0 went to b1"),
+        "{e}"
+    );
+}
