@@ -501,6 +501,19 @@ fn fo_sends_every_connection_to_the_heaviest_backend_in_rotation() {
     assert_eq!(of(&next, "b1"), 30, "the next heaviest: {next:?}");
 }
 
+/// Control: weighted round robin with the same weights spreads.
+#[test]
+fn control_wrr_spreads_where_fo_picks_one() {
+    let lab = FwdLab::new(&farm("wrr", &[2, 3, 1], "", &[]));
+    let t = tally(
+        &(0..300)
+            .map(|_| lab.connect_from("10.0.0.50").0)
+            .collect::<Vec<_>>(),
+    );
+    assert_ne!(of(&t, "b2"), 300, "{t:?}");
+    assert_eq!([of(&t, "b1"), of(&t, "b2"), of(&t, "b3")], [100, 150, 50]);
+}
+
 /// The order in which held connections reached their backends, and
 /// whether one more could connect.
 fn overflow_scenario(sched: &str) -> (Vec<String>, bool) {

@@ -237,6 +237,9 @@ pub fn maglev(backends: &[(String, u64)], size: u64, seed: u32) -> Vec<usize> {
     if backends.is_empty() || size < 2 {
         return Vec::new();
     }
+    // A walk covers every slot only when the size is prime: a composite
+    // one (a caller's mistake) would never finish filling the table.
+    let size = prime_at_least(size);
     let m = size as usize;
     let perm: Vec<(u64, u64)> = backends
         .iter()
@@ -288,9 +291,10 @@ pub fn maglev_with_absent(
     let up: Vec<usize> = (0..backends.len())
         .filter(|&i| available.get(i).copied().unwrap_or(false))
         .collect();
-    if up.is_empty() {
+    if up.is_empty() || size < 2 {
         return Vec::new();
     }
+    let size = prime_at_least(size);
     let base = maglev(backends, size, seed);
     // Slot c is step k of backend j's walk when offset + k × skip ≡ c
     // (mod size): k = (c - offset) × skip⁻¹, size being prime.
