@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         command: BackendCommand,
     },
+    /// The connection table (ipvsadm -L -n -c).
+    Conn {
+        #[command(subcommand)]
+        command: ConnCommand,
+    },
     /// The cluster: its settings and its two nodes.
     Cluster {
         #[command(subcommand)]
@@ -203,15 +208,21 @@ enum FarmCommand {
     },
     /// Farms and backends with state, health and active connections (ipvsadm -L -n).
     List {
-        /// Print JSON instead of the table.
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Packet, byte and connection counters read from the kernel (ipvsadm -L --stats).
     Stats {
-        /// Print JSON instead of the table.
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Every farm as one TOML document (or JSON), for `farm restore`.
     Save {
@@ -231,6 +242,19 @@ enum FarmCommand {
         /// Confirm.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnCommand {
+    /// Every live connection of the farms, with farm and backend (ipvsadm -L -n -c).
+    List {
+        /// Only this farm's connections.
+        #[arg(long)]
+        farm: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -316,11 +340,21 @@ fn main() -> ExitCode {
                         status::reload(&cli.runtime_dir, daemon.as_deref()).await
                     }
                     Command::Farm { command } => match command {
-                        FarmCommand::List { json } => {
-                            farms::list(&cli.runtime_dir, json, false).await
+                        FarmCommand::List { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::List
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
-                        FarmCommand::Stats { json } => {
-                            farms::list(&cli.runtime_dir, json, true).await
+                        FarmCommand::Stats { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::Stats
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
                         FarmCommand::Save { json } => farms::save(&cli.config_dir, json),
                         FarmCommand::Restore { file } => {
@@ -390,6 +424,9 @@ fn main() -> ExitCode {
                     Command::Complete { kind } => {
                         completions::names(&cli.config_dir, &cli.runtime_dir, &kind).await
                     }
+                    Command::Conn {
+                        command: ConnCommand::List { farm, json },
+                    } => farms::connections(&cli.runtime_dir, farm.as_deref(), json).await,
                     Command::Config { .. }
                     | Command::Completions { .. }
                     | Command::ApiKey { .. } => {
@@ -422,6 +459,7 @@ fn local_only(c: &Command) -> Option<&'static str> {
             command: FarmCommand::Clear { .. },
         } => Some("farm clear"),
         Command::Backend { .. } => Some("backend set"),
+        Command::Conn { .. } => Some("conn list"),
         Command::Cluster {
             command: ClusterCommand::Create(_),
         } => Some("cluster create"),
