@@ -298,6 +298,30 @@ fn plaintext_is_refused_on_the_control_api() {
     );
     assert!(!out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("grpc-status"), "{}", text(&out));
+    // The control: the same curl against a plaintext gRPC server (this
+    // node's local socket) gets a gRPC answer, so the probe can tell.
+    let sock = lab.node("lb1").runtime_dir.join("clustermanager.sock");
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .arg("--unix-socket")
+        .arg(&sock)
+        .args([
+            "-H",
+            "content-type: application/grpc",
+            "http://localhost/tandem.v1.ClusterManager/Status",
+        ])
+        .output()
+        .unwrap();
+    assert!(text(&out).contains("grpc-status"), "{}", text(&out));
     lab.wait_for("the refusal logged", Duration::from_secs(5), |l| {
         l.node("lb1")
             .daemon_log("clustermanager")
