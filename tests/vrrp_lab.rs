@@ -612,7 +612,10 @@ pub fn set_maintenance(runtime_dir: &Path, on: bool) -> v1::VrrpStatus {
             .await
             .expect("connect vrrpd");
         v1::vrrpd_client::VrrpdClient::new(ch)
-            .set_maintenance(v1::SetMaintenanceRequest { enabled: on })
+            .set_maintenance(v1::SetMaintenanceRequest {
+                enabled: on,
+                transient: false,
+            })
             .await
             .expect("SetMaintenance")
             .into_inner()

@@ -96,6 +96,35 @@ pub struct VrrpSettings {
     /// false (default): adverts go to 224.0.0.18 / ff02::12; true: to the
     /// peer's address, for links that drop multicast.
     pub unicast: bool,
+    /// Gratuitous ARPs / unsolicited NAs per floating IP sent by a master
+    /// that hears an advert it outranks (another master: a healed split
+    /// brain or flap), so clients and backends come back to it at once.
+    /// 0-100, default 3; 0 turns it off (keepalived's `garp_lower_prio_repeat`).
+    pub garp_lower_prio_repeat: u8,
+    /// At most one such burst per this many ms, 0-3600000, default 1000
+    /// (keepalived's `garp_lower_prio_delay`).
+    pub garp_lower_prio_delay_ms: u32,
+    /// While master, announce every floating IP once every this many
+    /// seconds; 0 (default) never (keepalived's `garp_master_refresh`). 0-86400.
+    pub garp_refresh_s: u32,
+    /// After vrrpd starts, the preferred node (failback) does not preempt
+    /// a lower-priority master for this many seconds, so a restarted node
+    /// rejoins as backup and clustermanager's failback gate decides when it
+    /// takes the role back (keepalived's `preempt_delay`). 0-1000, default 5.
+    pub preempt_delay_s: u16,
+    /// true (default): adverts are accepted only from the `[[nodes]]`
+    /// addresses (for IPv6, from the peer's link-local address, verified to
+    /// be the same host); others are dropped and reported as foreign speakers.
+    pub members_only: bool,
+    /// Lifetime the floating IPs are added with, refreshed while vrrpd
+    /// runs, so a dead vrrpd leaves no second master. Absent (default):
+    /// derived from the advert interval (about Master_Down_Interval, at
+    /// least 1 s); 0: permanent addresses; else 1-3600 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floating_ip_lifetime_s: Option<u32>,
+    /// SCHED_FIFO priority of vrrpd's advert thread (timers, VRRP socket,
+    /// floating IPs), 1-99, default 10; 0 runs it at normal priority.
+    pub rt_priority: u8,
 }
 
 impl Default for VrrpSettings {
@@ -106,6 +135,13 @@ impl Default for VrrpSettings {
             garp_repeat: 3,
             garp_interval_ms: 100,
             unicast: false,
+            garp_lower_prio_repeat: 3,
+            garp_lower_prio_delay_ms: 1000,
+            garp_refresh_s: 0,
+            preempt_delay_s: 5,
+            members_only: true,
+            floating_ip_lifetime_s: None,
+            rt_priority: 10,
         }
     }
 }

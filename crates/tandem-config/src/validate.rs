@@ -186,6 +186,56 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         0,
         10_000,
     );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_repeat")],
+        "cluster: garp_lower_prio_repeat",
+        v.garp_lower_prio_repeat,
+        0,
+        100,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_delay_ms")],
+        "cluster: garp_lower_prio_delay_ms",
+        v.garp_lower_prio_delay_ms,
+        0,
+        3_600_000,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_refresh_s")],
+        "cluster: garp_refresh_s",
+        v.garp_refresh_s,
+        0,
+        86_400,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("preempt_delay_s")],
+        "cluster: preempt_delay_s",
+        v.preempt_delay_s,
+        0,
+        1000,
+    );
+    if let Some(l) = v.floating_ip_lifetime_s {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("floating_ip_lifetime_s")],
+            "cluster: floating_ip_lifetime_s",
+            l,
+            0,
+            3600,
+        );
+    }
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("rt_priority")],
+        "cluster: rt_priority",
+        v.rt_priority,
+        0,
+        99,
+    );
 
     if c.nodes.len() != 2 {
         r.add(
