@@ -29,6 +29,8 @@ pub struct ClusterOptions {
     pub unicast: bool,
     /// Run VRRP over IPv6 (cluster addresses fd00::1/2, VIP fd00::100/64).
     pub ipv6: bool,
+    /// Extra lines of the `[vrrp]` table.
+    pub vrrp_extra: String,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +42,7 @@ impl Default for ClusterOptions {
             version: 3,
             unicast: false,
             ipv6: false,
+            vrrp_extra: String::new(),
         }
     }
 }
@@ -104,7 +107,7 @@ impl VrrpLab {
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 51\nfailback = \"{}\"\ntracked_interfaces = {tracked}\n\n\
-                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\nunicast = {}\n\n\
+                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\nunicast = {}\n{}\n\n\
                      [[nodes]]\nname = \"lb1\"\naddress = \"{}\"\n\n\
                      [[nodes]]\nname = \"lb2\"\naddress = \"{}\"\n\n\
                      [[floating_ips]]\naddress = \"{}\"\ninterface = \"eth0\"\n",
@@ -112,6 +115,7 @@ impl VrrpLab {
                     opts.version,
                     opts.advert_interval_ms,
                     opts.unicast,
+                    opts.vrrp_extra,
                     node_addr(opts, 1),
                     node_addr(opts, 2),
                     if opts.ipv6 {
@@ -405,6 +409,40 @@ impl VrrpLab {
                 Some(name)
             })
             .expect("client thread")
+    }
+
+    /// A keepalived in a namespace of its own on the lab's link, speaking
+    /// for VRID 51 at priority 254 from an address that is not a cluster
+    /// node (10.0.0.9, or over IPv6 from its link-local address).
+    pub fn start_foreign_speaker(&self, opts: &ClusterOptions) -> LabChild {
+        let ns = self.lab.netns("spoof").expect("spoofer netns");
+        self.lab
+            .attach(&ns, "eth0", &self.lan, &["10.0.0.9/24", "fd00::9/64"])
+            .expect("spoofer eth0");
+        let dir = self._tmp.path().join("spoof");
+        std::fs::create_dir_all(&dir).expect("spoofer dir");
+        let vip = if opts.ipv6 {
+            "fd00::200/64"
+        } else {
+            "10.0.0.200/24"
+        };
+        let conf = format!(
+            "global_defs {{\n  router_id spoofer\n  vrrp_version 3\n}}\n\
+             vrrp_instance SPOOF {{\n  state MASTER\n  interface eth0\n  virtual_router_id 51\n  priority 254\n  \
+             advert_int {}\n  virtual_ipaddress {{\n    {vip} dev eth0\n  }}\n}}\n",
+            f64::from(opts.advert_interval_ms) / 1000.0
+        );
+        std::fs::write(dir.join("keepalived.conf"), conf).expect("spoofer conf");
+        let mut cmd = Command::new("keepalived");
+        cmd.args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+            .arg(dir.join("keepalived.conf"))
+            .arg("--pid")
+            .arg(dir.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(dir.join("keepalived-vrrp.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived")
     }
 
     /// Drops VRRP (IP protocol 112) in and out of a node: the heartbeat link is cut.

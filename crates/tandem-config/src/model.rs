@@ -122,6 +122,12 @@ pub struct VrrpSettings {
     /// least 1 s); 0: permanent addresses; else 1-3600 s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floating_ip_lifetime_s: Option<u32>,
+    /// How long a master that hands over (maintenance, vrrpd stopping) keeps
+    /// its floating IPs while waiting for the peer to advertise as master.
+    /// Absent (default): four advert intervals, at least 1 s; 0: release
+    /// at once (RFC 5798's and keepalived's behaviour); else 1-60000 ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_timeout_ms: Option<u32>,
     /// SCHED_FIFO priority of vrrpd's advert thread (timers, VRRP socket,
     /// floating IPs), 1-99, default 10; 0 runs it at normal priority.
     pub rt_priority: u8,
@@ -141,6 +147,7 @@ impl Default for VrrpSettings {
             preempt_delay_s: 5,
             members_only: true,
             floating_ip_lifetime_s: None,
+            handover_timeout_ms: None,
             rt_priority: 10,
         }
     }

@@ -228,6 +228,16 @@ pub fn cluster(c: &ClusterConfig) -> Report {
             3600,
         );
     }
+    if let Some(t) = v.handover_timeout_ms {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("handover_timeout_ms")],
+            "cluster: handover_timeout_ms",
+            t,
+            0,
+            60_000,
+        );
+    }
     check_range(
         &mut r,
         vec![Key("vrrp"), Key("rt_priority")],

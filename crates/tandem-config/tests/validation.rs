@@ -121,6 +121,11 @@ fn the_vrrp_fault_handling_keys_are_range_checked_at_their_position() {
             "cluster: floating_ip_lifetime_s 3601 is out of range (0-3600)",
         ),
         (
+            "handover_timeout_ms",
+            "60001",
+            "cluster: handover_timeout_ms 60001 is out of range (0-60000)",
+        ),
+        (
             "rt_priority",
             "100",
             "cluster: rt_priority 100 is out of range (0-99)",

@@ -109,6 +109,10 @@ pub struct RouterConfig {
     /// After the instance starts, how long a preempting backup leaves a
     /// lower-priority master in place (keepalived's `preempt_delay`).
     pub preempt_delay: Duration,
+    /// How long a leaving master waits for the peer to take over; None:
+    /// four advert intervals, at least 1 s; zero: it releases at once
+    /// (RFC 5798's and keepalived's behaviour).
+    pub handover_timeout: Option<Duration>,
 }
 
 impl RouterConfig {
@@ -121,6 +125,7 @@ impl RouterConfig {
             primary_address: primary,
             announce: AnnounceConfig::default(),
             preempt_delay: Duration::ZERO,
+            handover_timeout: None,
         }
     }
 }
@@ -306,7 +311,9 @@ impl VirtualRouter {
     /// its advert intervals (a backup of any priority takes over within
     /// Skew_Time < one interval of the priority-0 advert), at least 1 s.
     pub fn handover_timeout(&self) -> Duration {
-        (self.advert_interval() * 4).max(MIN_HANDOVER_TIMEOUT)
+        self.config
+            .handover_timeout
+            .unwrap_or_else(|| (self.advert_interval() * 4).max(MIN_HANDOVER_TIMEOUT))
     }
 
     fn advert_interval(&self) -> Duration {
@@ -629,6 +636,11 @@ impl VirtualRouter {
 
     fn begin_leaving(&mut self, now: Instant, to: State, reason: &str, out: &mut Vec<Action>) {
         let timeout = self.handover_timeout();
+        if timeout.is_zero() {
+            // Break before make: priority 0 and release now.
+            self.step_down(to, reason, out);
+            return;
+        }
         self.leaving = Some(Leaving {
             to,
             reason: reason.to_owned(),

@@ -2,10 +2,11 @@
 //! machine; [`members`], who may speak for the virtual router; [`setup`],
 //! configuration to instance) and the thin I/O shell around them
 //! ([`network`], [`addresses`], [`links`], [`router`], [`realtime`],
-//! [`maintenance`]).
+//! [`maintenance`], [`guard`]).
 
 pub mod addresses;
 pub mod fsm;
+pub mod guard;
 pub mod links;
 pub mod maintenance;
 pub mod members;

@@ -22,6 +22,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The floating-IP guard vrrpd starts for itself (see guard.rs).
+    if std::env::args().nth(1).as_deref() == Some(vrrpd::guard::GUARD_ARG) {
+        return vrrpd::guard::run();
+    }
     let args = Args::parse();
     tandem_runtime::run("vrrpd", args.daemon, |ctx| async move {
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;

@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::addresses::{Addresses, Announcer, FloatingIp, Link};
 use crate::fsm::{self, Action, Advert, Announce, RouterConfig, State, VirtualRouter};
+use crate::guard::Guard;
 use crate::links::{self, LinkStates};
 use crate::members::{DropLog, ForeignSpeaker, ForeignSpeakers, Members, Verdict};
 use crate::network::{Inbound, VrrpSocket};
@@ -223,6 +224,12 @@ pub async fn supervise(
     mut priority: u8,
 ) {
     let mut configs = config.subscribe();
+    let mut guard: Option<Guard> = None;
+    let exit_guard = |g: &mut Option<Guard>| {
+        if let Some(g) = g.take() {
+            g.bye();
+        }
+    };
     loop {
         let loaded = configs.borrow_and_update().clone();
         let wanted = loaded
@@ -244,23 +251,44 @@ pub async fn supervise(
                 shared.set_idle(v1::VrrpState::Initialize, &format!("not started: {e}"));
                 None
             }
-            Ok(Some(s)) => match run(&s, &shared, &mut configs, &mut shutdown).await {
-                Ok(exit) => Some(exit),
-                Err(e) => {
-                    tracing::error!(interface = %s.interface, vrid = s.vrid, "VRRP instance failed on {} (VRID {}): {e:#}; retrying in 1 s", s.interface, s.vrid);
-                    shared.set_idle(v1::VrrpState::Initialize, &format!("{e:#}"));
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = shutdown.wait() => return,
+            Ok(Some(s)) => {
+                // The guard removes the floating IPs if vrrpd dies; off
+                // with permanent addresses (floating_ip_lifetime_s = 0).
+                if s.address_lifetime.is_some() && guard.is_none() {
+                    match Guard::spawn() {
+                        Ok(g) => guard = Some(g),
+                        Err(e) => tracing::error!(
+                            "cannot start the floating-IP guard ({e}): if vrrpd dies, only the addresses' lifetime removes them"
+                        ),
                     }
-                    continue;
+                } else if s.address_lifetime.is_none() {
+                    exit_guard(&mut guard);
                 }
-            },
+                match run(&s, &shared, &mut configs, &mut shutdown, &mut guard).await {
+                    Ok(exit) => Some(exit),
+                    Err(e) => {
+                        tracing::error!(interface = %s.interface, vrid = s.vrid, "VRRP instance failed on {} (VRID {}): {e:#}; retrying in 1 s", s.interface, s.vrid);
+                        shared.set_idle(v1::VrrpState::Initialize, &format!("{e:#}"));
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = shutdown.wait() => {
+                                exit_guard(&mut guard);
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
         };
         match exit {
-            Some(Exit::Shutdown) => return,
+            Some(Exit::Shutdown) => {
+                exit_guard(&mut guard);
+                return;
+            }
             Some(Exit::Reconfigure) => continue,
             None => {
+                exit_guard(&mut guard);
                 tokio::select! {
                     r = configs.changed() => if r.is_err() { return },
                     () = shutdown.wait() => return,
@@ -292,6 +320,8 @@ struct Instance<'a> {
     /// A socket read failed and was logged; cleared by the next success.
     read_failing: bool,
     verifications: mpsc::UnboundedSender<(Ipv6Addr, Option<bool>, String)>,
+    /// Told which addresses are held, to remove them if vrrpd dies.
+    guard: &'a mut Option<Guard>,
     /// The last advert of each link-local source being verified: handled
     /// once the source is verified, so the first advert heard from the peer
     /// still counts.
@@ -304,6 +334,7 @@ async fn run(
     shared: &Shared,
     configs: &mut watch::Receiver<Arc<tandem_runtime::Loaded>>,
     shutdown: &mut Shutdown,
+    guard: &mut Option<Guard>,
 ) -> anyhow::Result<Exit> {
     let addrs = Addresses::new()?;
     let link = addrs.link(&setup.interface).await?;
@@ -368,6 +399,7 @@ async fn run(
         refresh_failing: false,
         read_failing: false,
         verifications: verified_tx,
+        guard,
         awaiting: std::collections::HashMap::new(),
         timer_first,
     };
@@ -509,6 +541,7 @@ fn router_config(setup: &VrrpSetup, source: IpAddr) -> RouterConfig {
             refresh: setup.garp_refresh,
         },
         preempt_delay: setup.preempt_delay,
+        handover_timeout: setup.handover_timeout,
     }
 }
 
@@ -762,6 +795,7 @@ impl Instance<'_> {
                 self.announce_one(ip, link);
             }
             self.held.extend(fresh);
+            self.tell_guard();
         }
         let source = self.sock.source();
         self.fsm
@@ -798,6 +832,7 @@ impl Instance<'_> {
                     let ips = self.setup.floating_ips.clone();
                     let lifetime = self.setup.address_lifetime;
                     self.held = self.add_all(&ips, lifetime, vrid).await;
+                    self.tell_guard();
                     self.schedule_refresh();
                 }
                 Action::Announce(why) => self.announce(why),
@@ -988,9 +1023,18 @@ impl Instance<'_> {
         }
     }
 
+    /// The guard learns what is held (before a release: nothing).
+    fn tell_guard(&mut self) {
+        let ips: Vec<FloatingIp> = self.held.iter().map(|(ip, _)| ip.clone()).collect();
+        if let Some(g) = self.guard.as_mut() {
+            g.hold(&ips);
+        }
+    }
+
     async fn release_addresses(&mut self) {
         // First forget them: no announcement or refresh may follow.
         self.held.clear();
+        self.tell_guard();
         self.next_refresh = None;
         for ip in self.setup.floating_ips.clone() {
             self.remove(&ip).await;

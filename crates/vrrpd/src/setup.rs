@@ -41,6 +41,8 @@ pub struct VrrpSetup {
     pub address_lifetime: Option<Duration>,
     /// SCHED_FIFO priority of the advert thread; 0 = normal scheduling.
     pub rt_priority: u8,
+    /// None: automatic; zero: release at once.
+    pub handover_timeout: Option<Duration>,
 }
 
 impl VrrpSetup {
@@ -147,6 +149,10 @@ pub fn from_config(config: &Config) -> Result<Option<VrrpSetup>, String> {
         members_only: cluster.vrrp.members_only,
         address_lifetime: None,
         rt_priority: cluster.vrrp.rt_priority,
+        handover_timeout: cluster
+            .vrrp
+            .handover_timeout_ms
+            .map(|t| Duration::from_millis(u64::from(t))),
     };
     setup.address_lifetime = match cluster.vrrp.floating_ip_lifetime_s {
         Some(0) => None,

@@ -338,6 +338,18 @@ fn a_handover_nobody_takes_ends_after_its_timeout() {
 }
 
 #[test]
+fn a_zero_handover_timeout_releases_at_once() {
+    let t0 = Instant::now();
+    let mut c = RouterConfig::new(100, 100, true, A);
+    c.handover_timeout = Some(Duration::ZERO);
+    let mut r = master_at(t0, 100, Some(c));
+    let out = r.set_maintenance(t0 + ms(4100), true, "operator");
+    assert_eq!(out[0], Action::SendAdvert { priority: 0 });
+    assert_eq!(out[1], Action::ReleaseAddresses);
+    assert_eq!(transitions(&out), vec![(State::Master, State::Maintenance)]);
+}
+
+#[test]
 fn disabling_maintenance_during_a_handover_keeps_the_master_role() {
     let t0 = Instant::now();
     let mut r = master_at(t0, 100, None);
