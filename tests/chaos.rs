@@ -676,3 +676,36 @@ fn a_short_flap_brings_the_traffic_back_and_stops_the_backups_announcements() {
     assert_eq!(f.neighbours, ["lb1", "lb1", "lb1"]);
     assert_eq!(f.backup_forwarded, 0, "the backup forwards nothing");
 }
+
+/// `systemctl stop vrrpd` on the master, vrrpd started again, then the same
+/// on the new master: the role goes there and back. vrrpd serves its state
+/// stream until the handover is done, so the stopping node's
+/// conntrack-syncd sees it leave the master role and keeps the peer's flows
+/// up to date; the long-lived connections survive both moves.
+#[test]
+fn stopping_vrrpd_there_and_back_keeps_every_long_lived_connection() {
+    let mut lab = ChaosLab::new(ChaosOptions {
+        priorities: (100, 100),
+        ..ChaosOptions::default()
+    });
+    lab.start_cluster();
+    let traffic = lab.traffic(Duration::from_millis(20), 20);
+    for (from, to) in [("lb1", "lb2"), ("lb2", "lb1")] {
+        lab.stop(from, "vrrpd", Duration::from_secs(10));
+        lab.wait_for("the peer to hold the VIP alone", SETTLE, |l| {
+            l.holds_vip(to) && !l.holds_vip(from)
+        });
+        lab.wait_for(
+            "the stopped node's conntrack-syncd to receive",
+            SETTLE,
+            |l| l.conntrack(from).map(|c| c.role()) == Some(tandem_proto::v1::SyncRole::Receiver),
+        );
+        lab.start(from, "vrrpd");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report = traffic.finish();
+    eprintln!("there and back: {}", report.summary());
+    assert_eq!(report.long_lived, 20, "{}", report.summary());
+    assert!(report.broken.is_empty(), "{}", report.summary());
+}

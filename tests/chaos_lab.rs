@@ -74,6 +74,8 @@ pub struct ChaosNode {
     pub state_dir: PathBuf,
     pub logs: PathBuf,
     pub daemons: Vec<(&'static str, LabChild)>,
+    /// MACs of eth0 (clients' side) and eth1 (backends' side).
+    pub macs: (String, String),
 }
 
 impl ChaosNode {
@@ -145,7 +147,9 @@ impl ChaosLab {
                 ),
             );
             crate::write_file(&config_dir.join("farms/web.toml"), WEB);
+            let macs = (mac_of(&ns, "eth0"), mac_of(&ns, "eth1"));
             nodes.push(ChaosNode {
+                macs,
                 name,
                 ns,
                 state_dir: crate::state_dir_beside(&runtime_dir),
@@ -368,19 +372,14 @@ impl ChaosLab {
             .collect()
     }
 
-    /// A node's MAC on an interface.
+    /// A node's MAC on eth0 or eth1.
     pub fn mac(&self, node: &str, ifname: &str) -> String {
-        let out = self
-            .node(node)
-            .ns
-            .ip(&["-o", "link", "show", "dev", ifname])
-            .expect("ip link");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut w = text.split_whitespace();
-        w.find(|x| *x == "link/ether")
-            .and_then(|_| w.next())
-            .expect("MAC")
-            .to_owned()
+        let n = self.node(node);
+        if ifname == "eth1" {
+            n.macs.1.clone()
+        } else {
+            n.macs.0.clone()
+        }
     }
 
     /// The MAC `ns`'s neighbour entry for `ip` names, if any.
@@ -557,6 +556,18 @@ impl ChaosLab {
             .stderr(Stdio::from(log));
         self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived")
     }
+}
+
+fn mac_of(ns: &Netns, ifname: &str) -> String {
+    let out = ns
+        .ip(&["-o", "link", "show", "dev", ifname])
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = text.split_whitespace();
+    w.find(|x| *x == "link/ether")
+        .and_then(|_| w.next())
+        .expect("MAC")
+        .to_owned()
 }
 
 /// When a log line containing `needle` was written (the first such line),

@@ -467,3 +467,34 @@ fn the_advert_thread_runs_at_real_time_priority_with_memory_locked() {
         assert_eq!(locked > 0, policy == 1, "{extra:?}: VmLck {locked} kB");
     }
 }
+
+/// VRRPv3 over IPv6 with unicast adverts: sent from the link-local address
+/// (the checksum covers it) to the peer's configured address, verified on
+/// arrival as the peer's; the pair elects and fails over.
+#[test]
+fn vrrp_over_ipv6_unicast_elects_and_fails_over() {
+    let opts = ClusterOptions {
+        ipv6: true,
+        unicast: true,
+        ..ClusterOptions::default()
+    };
+    let mut lab = VrrpLab::new(&opts);
+    lab.start("lb1");
+    lab.start("lb2");
+    let master = lab.wait_elected(SETTLE);
+    let backup = other(&master);
+    let s = lab.status(backup).expect("status");
+    assert!(
+        s.counters.expect("counters").adverts_received > 0,
+        "the backup hears the master's unicast adverts"
+    );
+    assert!(
+        s.master_address.starts_with("fe80::"),
+        "{}",
+        s.master_address
+    );
+    lab.crash(&master);
+    lab.wait_until(SETTLE, "the backup to take the IPv6 VIP", |l| {
+        l.holds_vip6(backup)
+    });
+}

@@ -31,6 +31,10 @@ pub struct ClusterOptions {
     pub ipv6: bool,
     /// Extra lines of the `[vrrp]` table.
     pub vrrp_extra: String,
+    /// Run the responders on the nodes and the client's probe threads at
+    /// real-time priority, so that CPU hogs (a stress benchmark) delay
+    /// neither: what the probe then sees is the VRRP speakers' doing.
+    pub realtime_probe: bool,
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +47,7 @@ impl Default for ClusterOptions {
             unicast: false,
             ipv6: false,
             vrrp_extra: String::new(),
+            realtime_probe: false,
         }
     }
 }
@@ -65,6 +70,7 @@ pub struct VrrpNode {
 
 pub struct VrrpLab {
     pub lab: Lab,
+    pub realtime_probe: bool,
     pub lan: Bridge,
     pub client: Netns,
     pub nodes: Vec<VrrpNode>,
@@ -125,7 +131,7 @@ impl VrrpLab {
                     },
                 ),
             );
-            whoami(&ns, &name);
+            whoami(&ns, &name, opts.realtime_probe);
             crate::write_file(
                 &config_dir.join("keepalived.conf"),
                 &keepalived_conf(&name, opts, if opts.tracked { Some("eth1") } else { None }),
@@ -141,6 +147,7 @@ impl VrrpLab {
         }
         VrrpLab {
             lab,
+            realtime_probe: opts.realtime_probe,
             lan,
             client,
             nodes,
@@ -252,10 +259,14 @@ impl VrrpLab {
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let dest: SocketAddr = format!("{VIP}:{WHOAMI_PORT}").parse().expect("addr");
+        let rt = self.realtime_probe;
         let sender = {
             let sock = sock.try_clone().expect("clone socket");
             let stop = stop.clone();
             std::thread::spawn(move || {
+                if rt {
+                    set_realtime();
+                }
                 let mut sent = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     // Unreachable moments (no ARP answer) are expected mid-failover.
@@ -269,6 +280,9 @@ impl VrrpLab {
         let receiver = {
             let stop = stop.clone();
             std::thread::spawn(move || {
+                if rt {
+                    set_realtime();
+                }
                 let mut answers = Vec::new();
                 let mut buf = [0u8; 64];
                 while !stop.load(Ordering::Relaxed) {
@@ -556,13 +570,24 @@ fn keepalived_conf(name: &str, opts: &ClusterOptions, tracked: Option<&str>) -> 
 
 /// Threads inside `ns` answering TCP connections and UDP datagrams on port
 /// 7000 with the node's name, for the life of the test process.
-fn whoami(ns: &Netns, name: &str) {
+/// SCHED_FIFO 20 for the calling thread (the lab runs as root); a
+/// failure leaves it at normal priority.
+pub fn set_realtime() {
+    let param = libc::sched_param { sched_priority: 20 };
+    // SAFETY: pid 0 is the calling thread; `param` is valid.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+}
+
+fn whoami(ns: &Netns, name: &str, realtime: bool) {
     let udp = ns
         .run(|| UdpSocket::bind(("0.0.0.0", WHOAMI_PORT)))
         .expect("ns thread")
         .expect("bind udp whoami");
     let reply = name.to_owned();
     std::thread::spawn(move || {
+        if realtime {
+            set_realtime();
+        }
         let mut buf = [0u8; 64];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(reply.as_bytes(), peer);

@@ -53,7 +53,7 @@ fn the_shipped_examples_are_valid() {
     assert_eq!(c.node.metrics_listen, None);
 
     let cluster = c.cluster.as_ref().expect("clustered");
-    assert_eq!(cluster.virtual_router_id, 51);
+    assert_eq!(cluster.virtual_router_id, 173);
     assert_eq!(cluster.vrrp.advert_interval_ms, 100);
     assert_eq!(cluster.tracked_interfaces, ["eth0", "eth2"]);
     let fips: Vec<String> = cluster

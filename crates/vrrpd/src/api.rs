@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_proto::v1::{self, VrrpState, vrrpd_server::Vrrpd};
-use tandem_runtime::{ConfigCell, Shutdown};
+use tandem_runtime::ConfigCell;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
@@ -24,7 +24,6 @@ const MAINTENANCE_WAIT: Duration = Duration::from_secs(2);
 pub struct VrrpdApi {
     pub config: Arc<ConfigCell>,
     pub shared: Arc<Shared>,
-    pub shutdown: Shutdown,
     pub maintenance_file: MaintenanceFile,
 }
 
@@ -171,7 +170,11 @@ impl Vrrpd for VrrpdApi {
             unix_ms: tandem_runtime::unix_ms(std::time::SystemTime::now()),
             master_address: snap.master.map(|m| m.to_string()).unwrap_or_default(),
         };
-        let mut shutdown = self.shutdown.clone();
+        // Served until the router has ended rather than until shutdown
+        // begins: a stopping master hands over first, and conntrack-syncd
+        // and clustermanager must see it leave the master role. The short
+        // pause lets the last change already queued reach the watcher.
+        let mut done = self.shared.router_done.subscribe();
         let stream = futures::stream::once(async move { Ok(current) })
             .chain(changes.filter_map(|c| async move {
                 match c {
@@ -180,7 +183,10 @@ impl Vrrpd for VrrpdApi {
                     Err(e) => Some(Err(Status::data_loss(format!("state changes lost: {e}")))),
                 }
             }))
-            .take_until(async move { shutdown.wait().await });
+            .take_until(async move {
+                let _ = done.wait_for(|d| *d).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

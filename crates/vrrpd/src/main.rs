@@ -63,7 +63,6 @@ fn main() -> ExitCode {
         let api = api::VrrpdApi {
             config,
             shared,
-            shutdown: ctx.shutdown(),
             maintenance_file: file,
         };
         let served = ctx

@@ -90,6 +90,9 @@ pub struct Shared {
     pub changes: broadcast::Sender<v1::VrrpStateChange>,
     /// Maintenance as requested; the router follows.
     pub maintenance: watch::Sender<Maintenance>,
+    /// True once the router has ended (after a master's handover): state
+    /// watchers are served until then, so they see the last transition.
+    pub router_done: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -114,6 +117,7 @@ impl Shared {
             .0,
             changes: broadcast::channel(64).0,
             maintenance: watch::channel(m).0,
+            router_done: watch::channel(false).0,
         })
     }
 
@@ -182,10 +186,12 @@ pub fn spawn(
                 Err(e) => {
                     tracing::error!("VRRP not started: cannot build the router's runtime: {e}");
                     shared.set_idle(v1::VrrpState::Initialize, &format!("not started: {e}"));
+                    shared.router_done.send_replace(true);
                     return;
                 }
             };
-            rt.block_on(supervise(config, shared, shutdown, priority));
+            rt.block_on(supervise(config, shared.clone(), shutdown, priority));
+            shared.router_done.send_replace(true);
         })
 }
 
@@ -800,11 +806,13 @@ impl Instance<'_> {
         let source = self.sock.source();
         self.fsm
             .reconfigure(Instant::now(), router_config(&new, source));
-        self.members = Members::new(
-            vec![source, new.address],
-            new.members.clone(),
-            new.members_only,
-        );
+        if new.members != self.setup.members || new.members_only != self.setup.members_only {
+            self.members = Members::new(
+                vec![source, new.address],
+                new.members.clone(),
+                new.members_only,
+            );
+        }
         tracing::info!(
             vrid = new.vrid,
             priority = new.priority,
