@@ -107,11 +107,6 @@ impl ChaosLab {
         lab.attach(&client, "eth0", &lan, &["10.0.0.50/24"])
             .expect("client");
         let tmp = tempfile::tempdir().expect("tempdir");
-        fs::write(
-            tmp.path().join("sync.key"),
-            "lab-shared-sync-key-0123456789abcdef\n",
-        )
-        .expect("key");
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
@@ -134,7 +129,7 @@ impl ChaosLab {
                      [[nodes]]\nname = \"lb2\"\naddress = \"192.168.100.2\"\npriority = {p2}\n\n\
                      [[floating_ips]]\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n\n\
                      [[floating_ips]]\naddress = \"{SNAT}/24\"\ninterface = \"eth1\"\n\n\
-                     [sync]\nkey_file = \"{key}\"\n",
+                     [sync]\nkey_file = \"keys/sync.key\"\n",
                     vrid = opts.vrid,
                     failback = opts.failback,
                     iv = opts.advert_interval_ms,
@@ -143,8 +138,13 @@ impl ChaosLab {
                     extra = opts.vrrp_extra,
                     p1 = opts.priorities.0,
                     p2 = opts.priorities.1,
-                    key = tmp.path().join("sync.key").display(),
                 ),
+            );
+            // The key lies inside the configuration directory (cluster.toml
+            // is replicated: its key_file must be relative).
+            crate::write_file(
+                &config_dir.join("keys/sync.key"),
+                "lab-shared-sync-key-0123456789abcdef\n",
             );
             crate::write_file(&config_dir.join("farms/web.toml"), WEB);
             let macs = (mac_of(&ns, "eth0"), mac_of(&ns, "eth1"));
@@ -221,11 +221,15 @@ impl ChaosLab {
             cmd.env(k, v);
         }
         let child = lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
-        tandem_lab::wait_for_unix_socket(
+        if let Err(e) = tandem_lab::wait_for_unix_socket(
             &n.runtime_dir.join(format!("{daemon}.sock")),
             Duration::from_secs(10),
-        )
-        .expect("daemon serving");
+        ) {
+            panic!(
+                "{daemon} on {node} not serving: {e:?}; its log:\n{}",
+                fs::read_to_string(n.logs.join(format!("{daemon}.log"))).unwrap_or_default()
+            );
+        }
         n.daemons.retain(|(d, _)| *d != daemon);
         n.daemons.push((daemon, child));
     }
