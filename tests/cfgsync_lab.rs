@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_lab::{Lab, LabChild, Netns};
-use tandem_proto::v1::{self, cfg_sync_client::CfgSyncClient};
+use tandem_proto::v1::{
+    self, cfg_sync_client::CfgSyncClient, lb_forwarder_client::LbForwarderClient,
+};
 
 pub const SSH_PORT: u16 = 2222;
 pub const MASTER_ADDR: &str = "10.0.0.1";
@@ -35,6 +37,12 @@ pub struct SyncNode {
     pub config: PathBuf,
     pub runtime: PathBuf,
     pub daemon: Option<LabChild>,
+    /// Extra environment of this node's cfg-syncd (the fault switches of
+    /// the tests' controls, debug builds only).
+    pub env: Vec<(String, String)>,
+    /// lb-forwarder on this node, when a test runs it: a real daemon whose
+    /// configuration must follow every applied batch.
+    pub forwarder: Option<LabChild>,
     log: PathBuf,
 }
 
@@ -57,6 +65,16 @@ impl SyncNode {
     /// The daemon's log so far (for assertion messages).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// This node's `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        crate::state_dir_beside(&self.runtime)
+    }
+
+    /// The pid of this node's cfg-syncd.
+    pub fn pid(&self) -> Option<i32> {
+        self.daemon.as_ref().map(|d| d.pid().as_raw())
     }
 }
 
@@ -100,6 +118,8 @@ impl CfgSyncLab {
                 config: root.join("etc"),
                 runtime: root.join("run"),
                 daemon: None,
+                env: Vec::new(),
+                forwarder: None,
                 log: root.join("cfg-syncd.log"),
             };
             n.write(
@@ -234,6 +254,7 @@ impl CfgSyncLab {
             .arg(&peer.runtime)
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -262,6 +283,88 @@ impl CfgSyncLab {
             d.kill(Signal::SIGKILL).expect("SIGKILL cfg-syncd");
             let _ = d.wait_timeout(Duration::from_secs(5));
         }
+    }
+
+    /// SIGKILL of the backup's cfg-syncd.
+    pub fn kill_backup(&mut self) {
+        if let Some(mut d) = self.backup.daemon.take() {
+            d.kill(Signal::SIGKILL).expect("SIGKILL cfg-syncd");
+            let _ = d.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts lb-forwarder on the backup (its namespace, its directories)
+    /// and waits for its datapath: the daemon cfg-syncd reloads after each
+    /// applied batch.
+    pub fn start_backup_forwarder(&mut self) {
+        let node = &self.backup;
+        fs::create_dir_all(&node.runtime).expect("runtime dir");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.runtime.with_file_name("lb-forwarder.log"))
+            .expect("log file");
+        let mut cmd = Command::new(crate::bin("lb-forwarder"));
+        cmd.arg("--config-dir")
+            .arg(&node.config)
+            .arg("--runtime-dir")
+            .arg(&node.runtime)
+            .arg("--state-dir")
+            .arg(node.state_dir())
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self
+            .lab
+            .spawn(&node.ns, &mut cmd)
+            .expect("spawn lb-forwarder");
+        tandem_lab::wait_for_unix_socket(
+            &node.runtime.join("lb-forwarder.sock"),
+            Duration::from_secs(10),
+        )
+        .expect("lb-forwarder serving");
+        self.backup.forwarder = Some(child);
+        self.wait_for("the backup's datapath", Duration::from_secs(10), || {
+            self.forwarder_status().datapath_loaded
+        });
+    }
+
+    pub fn forwarder_status(&self) -> v1::LbForwarderStatus {
+        crate::rpc(&self.backup.runtime, "lb-forwarder", async |ch| {
+            LbForwarderClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .expect("lb-forwarder status")
+                .into_inner()
+        })
+    }
+
+    /// The farms lb-forwarder runs on the backup: name -> first port.
+    pub fn forwarder_farms(&self) -> BTreeMap<String, u32> {
+        crate::rpc(&self.backup.runtime, "lb-forwarder", async |ch| {
+            LbForwarderClient::new(ch)
+                .list_farms(v1::ListFarmsRequest {})
+                .await
+                .expect("lb-forwarder farms")
+                .into_inner()
+        })
+        .farms
+        .into_iter()
+        .map(|f| (f.name, f.port_first))
+        .collect()
+    }
+
+    /// SetDirection on a node's cfg-syncd (what clustermanager does when
+    /// the VRRP role changes).
+    pub fn set_direction(&self, node: &SyncNode, d: v1::SyncDirection) -> v1::CfgSyncStatus {
+        rpc(&node.runtime, |mut c| async move {
+            c.set_direction(v1::SetDirectionRequest {
+                direction: d.into(),
+            })
+            .await
+        })
     }
 
     /// Both replicated trees, compared the way an operator would: every file
@@ -299,6 +402,27 @@ impl CfgSyncLab {
     pub fn status(&self, node: &SyncNode) -> v1::CfgSyncStatus {
         rpc(&node.runtime, |mut c| async move {
             c.status(v1::StatusRequest {}).await
+        })
+    }
+
+    /// Status, or None while the node's cfg-syncd does not answer.
+    pub fn try_status(&self, node: &SyncNode) -> Option<v1::CfgSyncStatus> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let ch = tandem_runtime::connect(&node.runtime, "cfg-syncd")
+                .await
+                .ok()?;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                CfgSyncClient::new(ch).status(v1::StatusRequest {}),
+            )
+            .await
+            .ok()?
+            .ok()
+            .map(tonic::Response::into_inner)
         })
     }
 
@@ -351,7 +475,7 @@ impl CfgSyncLab {
 }
 
 /// One gRPC call to a node's cfg-syncd.
-fn rpc<F, Fut, T>(runtime: &Path, call: F) -> T
+pub fn rpc<F, Fut, T>(runtime: &Path, call: F) -> T
 where
     F: FnOnce(CfgSyncClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

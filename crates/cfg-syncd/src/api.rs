@@ -54,45 +54,48 @@ pub fn status_of(s: &Shared) -> v1::CfgSyncStatus {
 
 /// Asks every running local daemon to reload (cfg-syncd itself through its
 /// own configuration cell, unless `include_self` is false). A daemon that
-/// is not running is skipped.
+/// is not running is skipped. cfg-syncd reloads first and the others are
+/// connected to before any is asked: the caller removes the batch's
+/// journal right after the last answer, so a kill in between (which would
+/// replay the reload at start) has the narrowest window.
 pub async fn reload_local_daemons(shared: &Shared, include_self: bool) -> Vec<String> {
     use tandem_proto::v1::{
         cluster_manager_client::ClusterManagerClient, conntrack_sync_client::ConntrackSyncClient,
         lb_forwarder_client::LbForwarderClient, vrrpd_client::VrrpdClient,
     };
     let mut reloaded = Vec::new();
-    for daemon in tandem_proto::DAEMONS {
-        let reply = if *daemon == "cfg-syncd" {
-            if !include_self {
-                continue;
-            }
-            Ok(v1::ReloadReply::from(shared.config.reload()))
-        } else {
-            let ch = match tandem_runtime::connect(&shared.runtime_dir, daemon).await {
-                Ok(ch) => ch,
-                Err(tandem_runtime::RuntimeError::NotRunning { .. }) => continue,
-                Err(e) => {
-                    tracing::warn!(daemon, error = %e, "cannot ask {daemon} to reload: {e}");
-                    continue;
-                }
-            };
-            let req = v1::ReloadRequest {};
-            let call = async {
-                match *daemon {
-                    "vrrpd" => VrrpdClient::new(ch).reload(req).await,
-                    "lb-forwarder" => LbForwarderClient::new(ch).reload(req).await,
-                    "conntrack-syncd" => ConntrackSyncClient::new(ch).reload(req).await,
-                    _ => ClusterManagerClient::new(ch).reload(req).await,
-                }
-            };
-            match tokio::time::timeout(Duration::from_secs(10), call).await {
-                Ok(Ok(r)) => Ok(r.into_inner()),
-                Ok(Err(e)) => Err(e.message().to_owned()),
-                Err(_) => Err("no answer within 10 s".to_owned()),
+    let mut running = Vec::new();
+    for daemon in tandem_proto::DAEMONS.iter().filter(|d| **d != "cfg-syncd") {
+        match tandem_runtime::connect(&shared.runtime_dir, daemon).await {
+            Ok(ch) => running.push((*daemon, ch)),
+            Err(tandem_runtime::RuntimeError::NotRunning { .. }) => {}
+            Err(e) => tracing::warn!(daemon, error = %e, "cannot ask {daemon} to reload: {e}"),
+        }
+    }
+    if include_self {
+        match shared.config.reload() {
+            tandem_runtime::ReloadOutcome::Applied { .. } => reloaded.push("cfg-syncd".to_owned()),
+            // ConfigCell::reload logged every error.
+            tandem_runtime::ReloadOutcome::Refused { .. } => {}
+        }
+    }
+    for (daemon, ch) in running {
+        let req = v1::ReloadRequest {};
+        let call = async {
+            match daemon {
+                "vrrpd" => VrrpdClient::new(ch).reload(req).await,
+                "lb-forwarder" => LbForwarderClient::new(ch).reload(req).await,
+                "conntrack-syncd" => ConntrackSyncClient::new(ch).reload(req).await,
+                _ => ClusterManagerClient::new(ch).reload(req).await,
             }
         };
+        let reply = match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(e)) => Err(e.message().to_owned()),
+            Err(_) => Err("no answer within 10 s".to_owned()),
+        };
         match reply {
-            Ok(r) if r.applied => reloaded.push((*daemon).to_owned()),
+            Ok(r) if r.applied => reloaded.push(daemon.to_owned()),
             Ok(r) => {
                 tracing::error!(daemon, errors = ?r.errors, "{daemon} refused the new configuration: {}", r.errors.join("; "))
             }
@@ -125,7 +128,7 @@ pub fn warn_set_aside(r: &crate::set_aside::Record, batch: &str, from: &str) {
 /// the master's connection drops.
 async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::ApplyReply, Status> {
     let _one = shared.apply_lock.clone().lock_owned().await;
-    shared.with_counters(|c| c.batch_in_flight = true);
+    let _flag = InFlight::set(shared.clone());
     let scanner = shared.scanner.clone().lock_owned().await;
     let env = Env {
         root: shared.config_dir.clone(),
@@ -155,22 +158,24 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
     .await;
     let (earlier, r) = match joined {
         Ok(x) => x,
-        Err(e) => {
-            shared.with_counters(|c| c.batch_in_flight = false);
-            return Err(Status::internal(format!("apply task failed: {e}")));
-        }
+        Err(e) => return Err(Status::internal(format!("apply task failed: {e}"))),
     };
     for rec in earlier {
         finish_recovered(&shared, rec.applied).await;
     }
-    let result = match r {
+    match r {
         Ok(applied) => {
             shared.publish_scan(&applied.scan);
-            let reloaded = if applied.reload {
+            // A batch whose operations did not all succeed stays journaled
+            // and is not loaded half done.
+            let reloaded = if applied.reload && applied.incomplete.is_empty() {
                 reload_local_daemons(&shared, true).await
             } else {
                 vec![]
             };
+            if applied.incomplete.is_empty() {
+                apply::finish(&env.root, &applied.batch);
+            }
             tracing::info!(
                 peer = %applied.from_node,
                 batch = %applied.batch,
@@ -195,9 +200,7 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
             if let Some(r) = &applied.set_aside {
                 warn_set_aside(r, &applied.batch, &applied.from_node);
             }
-            if applied.incomplete.is_empty() {
-                apply::finish(&env.root, &applied.batch);
-            } else {
+            if !applied.incomplete.is_empty() {
                 tracing::error!(
                     batch = %applied.batch,
                     "batch {} is committed but {} operations failed ({}); its journal stays and is replayed before the next batch or at start",
@@ -231,6 +234,7 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
                     .as_ref()
                     .map(|r| r.directory.display().to_string())
                     .unwrap_or_default(),
+                stale: false,
             })
         }
         Err(ApplyError::Invalid { batch, errors }) => {
@@ -245,6 +249,14 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
             Ok(v1::ApplyReply {
                 applied: false,
                 errors,
+                ..Default::default()
+            })
+        }
+        Err(e @ ApplyError::Stale { .. }) => {
+            tracing::info!("{e}; the master plans again");
+            Ok(v1::ApplyReply {
+                applied: false,
+                stale: true,
                 ..Default::default()
             })
         }
@@ -264,9 +276,24 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
             });
             Err(Status::internal(e.to_string()))
         }
-    };
-    shared.with_counters(|c| c.batch_in_flight = false);
-    result
+    }
+}
+
+/// `batch_in_flight` in Status while a batch is applied here, however the
+/// apply ends.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn set(shared: Arc<Shared>) -> InFlight {
+        shared.with_counters(|c| c.batch_in_flight = true);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.with_counters(|c| c.batch_in_flight = false);
+    }
 }
 
 /// A committed batch rolled forward after a restart (or before the next
@@ -274,11 +301,6 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
 /// configuration after the replay at start), then its journal goes.
 pub async fn finish_recovered(shared: &Shared, applied: apply::Applied) {
     shared.publish_scan(&applied.scan);
-    let reloaded = if applied.reload {
-        reload_local_daemons(shared, false).await
-    } else {
-        vec![]
-    };
     if !applied.incomplete.is_empty() {
         tracing::error!(
             batch = %applied.batch,
@@ -289,6 +311,12 @@ pub async fn finish_recovered(shared: &Shared, applied: apply::Applied) {
         );
         return;
     }
+    let reloaded = if applied.reload {
+        reload_local_daemons(shared, false).await
+    } else {
+        vec![]
+    };
+    apply::finish(&shared.config_dir, &applied.batch);
     tracing::info!(
         peer = %applied.from_node,
         batch = %applied.batch,
@@ -301,7 +329,6 @@ pub async fn finish_recovered(shared: &Shared, applied: apply::Applied) {
     if let Some(r) = &applied.set_aside {
         warn_set_aside(r, &applied.batch, &applied.from_node);
     }
-    apply::finish(&shared.config_dir, &applied.batch);
     shared.with_counters(|c| {
         c.batches_applied += 1;
         c.last_batch = applied.batch.clone();

@@ -62,6 +62,15 @@ pub enum ApplyError {
     /// The configuration the batch would produce is invalid: nothing applied.
     #[error("batch {batch} refused, the configuration would be invalid: {}", .errors.join("; "))]
     Invalid { batch: String, errors: Vec<String> },
+    /// The tree is not the one the batch was computed against.
+    #[error(
+        "batch {batch} is stale: this node's tree changed since the master read it (manifest {live}, the batch expects {base})"
+    )]
+    Stale {
+        batch: String,
+        live: String,
+        base: String,
+    },
     #[error("batch {batch}: {what}: {source}")]
     Io {
         batch: String,
@@ -106,6 +115,9 @@ pub struct Write {
 pub struct Batch {
     pub name: String,
     pub from_node: String,
+    /// The receiver's manifest hash the batch was computed against (empty:
+    /// not checked).
+    pub base: String,
     pub writes: Vec<Write>,
     /// (from, to): live content that moves.
     pub renames: Vec<(Arc<str>, Arc<str>)>,
@@ -130,6 +142,7 @@ impl BatchReader {
         let b = self.batch.get_or_insert_with(|| Batch {
             name: c.batch.clone(),
             from_node: c.from_node.clone(),
+            base: c.base_manifest_hash.clone(),
             ..Default::default()
         });
         if self.committed {
@@ -195,6 +208,7 @@ pub fn to_chunks(b: &Batch) -> Vec<v1::ApplyRequest> {
     };
     let mut out = Vec::new();
     let mut cur = new();
+    cur.base_manifest_hash = b.base.clone();
     let mut n = 0usize;
     let mut bytes = 0usize;
     let mut full = |cur: &mut v1::ApplyRequest, n: &mut usize, bytes: &mut usize, add: usize| {
@@ -406,6 +420,16 @@ fn prepare(
         .scanner
         .scan(&env.root, caps)
         .map_err(io_err(name, "scanning the live tree"))?;
+    if !batch.base.is_empty() {
+        let hash = live.manifest.hash();
+        if hash != batch.base {
+            return Err(ApplyError::Stale {
+                batch: name.to_owned(),
+                live: hash,
+                base: batch.base.clone(),
+            });
+        }
+    }
     let staged: Vec<(u32, &Write)> = batch
         .writes
         .iter()
@@ -1307,6 +1331,29 @@ mod tests {
             n.apply(&batch("../../x", vec![])),
             Err(ApplyError::BadRequest { .. })
         ));
+    }
+
+    #[test]
+    fn a_batch_computed_against_another_tree_is_stale_and_lands_nothing() {
+        let mut n = Node::new();
+        n.write("farms/web.toml", FARM);
+        let root = n.root().to_owned();
+        let live = n
+            .scanner
+            .scan(&root, Caps::default())
+            .unwrap()
+            .manifest
+            .hash();
+        let mut b = batch("b13", vec![n.stage("b13", "checks/a.sh", "a", 0o755)]);
+        b.base = Sha::of(b"another tree").hex();
+        assert!(matches!(n.apply(&b), Err(ApplyError::Stale { .. })));
+        assert!(n.read("checks/a.sh").is_none());
+        assert!(!n.root().join(STAGING_DIR).join("b13").exists());
+        // Against the tree as it is: applied.
+        let mut b = batch("b14", vec![n.stage("b14", "checks/a.sh", "a", 0o755)]);
+        b.base = live;
+        n.apply(&b).unwrap();
+        assert_eq!(n.read("checks/a.sh").as_deref(), Some("a"));
     }
 
     #[test]

@@ -88,21 +88,25 @@ impl LinkLog {
     }
 }
 
-/// The refused files as last logged: a new line only when the set changes.
+/// The refused files as last logged: a new line only when the set of
+/// (file, reason) changes, not when a refused file's size does.
 #[derive(Debug, Default)]
 pub struct RefusedLog {
-    last: Vec<String>,
+    last: Vec<(Arc<str>, std::mem::Discriminant<crate::scan::Why>)>,
 }
 
 impl RefusedLog {
     /// The lines to log for `now`, if it differs from the last set.
     pub fn changed(&mut self, now: &[Refusal]) -> Option<Vec<String>> {
-        let texts: Vec<String> = now.iter().map(ToString::to_string).collect();
-        if texts == self.last {
+        let key: Vec<_> = now
+            .iter()
+            .map(|r| (r.path.clone(), std::mem::discriminant(&r.why)))
+            .collect();
+        if key == self.last {
             return None;
         }
-        self.last = texts.clone();
-        Some(texts)
+        self.last = key;
+        Some(now.iter().map(ToString::to_string).collect())
     }
 }
 
@@ -125,7 +129,7 @@ pub fn refused_lines(refused: &[Refusal]) -> Vec<String> {
 
 /// The batch for `plan`, given what was actually staged (`sent`). A renamed
 /// file also gets its mode and owner, which may differ.
-pub fn build_batch(name: &str, from_node: &str, plan: &Plan, sent: &[Entry]) -> Batch {
+pub fn build_batch(name: &str, from_node: &str, base: &str, plan: &Plan, sent: &[Entry]) -> Batch {
     let write = |e: &Entry, staged: bool| Write {
         path: e.path.clone(),
         staged,
@@ -141,6 +145,7 @@ pub fn build_batch(name: &str, from_node: &str, plan: &Plan, sent: &[Entry]) -> 
     Batch {
         name: name.to_owned(),
         from_node: from_node.to_owned(),
+        base: base.to_owned(),
         writes,
         renames: plan
             .renames
@@ -646,9 +651,17 @@ impl Engine {
             )
             .await
             .map_err(RoundError::Transport)?;
-        let batch = build_batch(&name, &node, &plan, &sent);
+        let batch = build_batch(&name, &node, &remote.hash(), &plan, &sent);
         let reply = session.apply(&batch).await.map_err(RoundError::Transport)?;
         drop(batch);
+        if reply.stale {
+            // The peer's tree changed since we read it: read it again and
+            // plan again, now.
+            tracing::info!(peer = %peer, batch = %name, "peer {peer}'s tree changed since its manifest was read; batch {name} dropped, planning again");
+            self.dirty = true;
+            self.pending.extend(covered);
+            return Ok(());
+        }
         if !reply.applied {
             let why = format!(
                 "peer {peer} refused batch {name}, nothing applied: {}",
@@ -814,6 +827,16 @@ mod tests {
         assert_eq!(l.changed(&[]), None, "nothing refused at start: no line");
         assert!(l.changed(&[r("checks/a")]).is_some());
         assert_eq!(l.changed(&[r("checks/a")]), None);
+        let big = |size| Refusal {
+            path: Arc::from("checks/a"),
+            why: Why::TooBig { size, cap: 10 },
+        };
+        assert!(l.changed(&[big(20)]).is_some());
+        assert_eq!(
+            l.changed(&[big(30)]),
+            None,
+            "a growing file: still one line"
+        );
         assert_eq!(l.changed(&[]), Some(vec![]));
         let many: Vec<Refusal> = (0..150).map(|i| r(&format!("certs/{i}"))).collect();
         let lines = refused_lines(&many);
@@ -838,7 +861,7 @@ mod tests {
         ]);
         let plan = diff(&local, &remote, &Default::default());
         let sent = plan.uploads.clone();
-        let b = build_batch("b", "lb1", &plan, &sent);
+        let b = build_batch("b", "lb1", "", &plan, &sent);
         assert_eq!(b.renames.len(), 1);
         assert_eq!(b.deletes, [Arc::from("farms/x.toml")]);
         assert_eq!(b.writes.iter().filter(|w| w.staged).count(), 2);
