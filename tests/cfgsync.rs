@@ -369,6 +369,10 @@ fn an_invalid_farm_is_reported_and_not_applied_and_node_local_files_never_travel
 fn the_backup_reloads_after_each_applied_batch() {
     let lab = CfgSyncLab::running();
     lab.wait_converged(Duration::from_secs(10));
+    // The trees start equal: wait for the session rather than a first batch.
+    lab.wait_for("the master's session", Duration::from_secs(10), || {
+        lab.status(&lab.master).peer_connected
+    });
     let before = lab.status(&lab.backup).daemon.unwrap();
     lab.master.write("farms/web.toml", &farm("web", 80));
     lab.wait_converged(Duration::from_secs(2));

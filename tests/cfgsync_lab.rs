@@ -97,8 +97,14 @@ pub fn known_hosts_line(pubkey: &str) -> String {
 impl CfgSyncLab {
     /// The namespaces, keys, configs and the backup's sshd; no cfg-syncd yet.
     pub fn with_sshd() -> CfgSyncLab {
+        CfgSyncLab::with_sshd_in(&std::env::temp_dir())
+    }
+
+    /// As [`CfgSyncLab::with_sshd`], with both nodes' directories under
+    /// `parent` (e.g. a tmpfs for a test moving gigabytes).
+    pub fn with_sshd_in(parent: &Path) -> CfgSyncLab {
         let lab = Lab::new().expect("lab");
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let tmp = tempfile::tempdir_in(parent).expect("tempdir");
         let m_ns = lab.netns("lb1").expect("netns lb1");
         let b_ns = lab.netns("lb2").expect("netns lb2");
         lab.link(

@@ -152,7 +152,7 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
             set_aside: &set_aside,
         };
         let earlier = apply::recover(&env2, &mut local, caps);
-        let r = apply::apply(&env2, &mut local, &batch, caps);
+        let r = apply::apply(&env2, &mut local, batch, caps);
         (earlier, r)
     })
     .await;
@@ -183,14 +183,18 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
                 renamed = applied.renamed,
                 deleted = applied.deleted,
                 mode_only = applied.attrs,
+                check_ms = applied.check_ms,
+                land_ms = applied.land_ms,
                 reloaded = ?reloaded,
-                "applied batch {} from {}: {} files written, {} renamed, {} deleted, {} mode/owner only; {}",
+                "applied batch {} from {}: {} files written, {} renamed, {} deleted, {} mode/owner only, checked in {} ms, landed in {} ms; {}",
                 applied.batch,
                 applied.from_node,
                 applied.written,
                 applied.renamed,
                 applied.deleted,
                 applied.attrs,
+                applied.check_ms,
+                applied.land_ms,
                 if applied.reload {
                     format!("daemons reloaded: {}", reloaded.join(", "))
                 } else {

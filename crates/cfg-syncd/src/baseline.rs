@@ -78,17 +78,18 @@ impl Baseline {
                 format!("{}: line {n}: {what}", dir.join(SNAPSHOT).display()),
             )
         };
-        let mut entries = BTreeMap::new();
         let mut lines = BufReader::new(snap).lines();
         match lines.next() {
             Some(Ok(h)) if h == HEADER => {}
             _ => return Err(bad("not a cfg-syncd baseline", 1)),
         }
+        let mut sorted = Vec::new();
         for (i, line) in lines.enumerate() {
             let line = line?;
-            let (p, sha) = parse_entry(&line).ok_or_else(|| bad("malformed", i + 2))?;
-            entries.insert(p, sha);
+            sorted.push(parse_entry(&line).ok_or_else(|| bad("malformed", i + 2))?);
         }
+        // Collected in one pass: compact nodes.
+        let mut entries: BTreeMap<Arc<str>, Sha> = sorted.into_iter().collect();
         let mut log_lines = 0;
         match fs::read(dir.join(LOG)) {
             Ok(bytes) => {

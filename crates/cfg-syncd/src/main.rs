@@ -53,7 +53,24 @@ enum Direction {
     None,
 }
 
+/// glibc gives every thread that allocates an arena of its own, and memory
+/// freed in one arena is not reused by another: with the runtime's threads
+/// a 100,000-file sync measured 160 MB of RSS for about 60 MB of live data.
+/// Two arenas keep it within the 128 MB the design allows
+/// (tests/cfgsync_scale.rs).
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only tunes the allocator, and runs before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = Args::parse();
     let daemon = args.daemon.clone();
     tandem_runtime::run("cfg-syncd", daemon, |ctx| async move {

@@ -190,8 +190,40 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    #[cfg(test)]
     pub fn insert(&mut self, e: Entry) {
         self.entries.insert(e.path.clone(), e);
+    }
+
+    /// A manifest of `entries` (a later entry for a path wins), built in one
+    /// pass: a map grown one ascending key at a time leaves its nodes half
+    /// empty, which at 100,000 files is 9 MB more per manifest.
+    pub fn from_entries(mut entries: Vec<Entry>) -> Manifest {
+        // Stable: of equal paths the later one stays last, and wins below.
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut out: Vec<(Arc<str>, Entry)> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match out.last_mut() {
+                Some(last) if last.0 == e.path => last.1 = e,
+                _ => out.push((e.path.clone(), e)),
+            }
+        }
+        Manifest {
+            entries: out.into_iter().collect(),
+        }
+    }
+
+    /// This manifest with `removed` paths gone and `added` entries in
+    /// (replacing), rebuilt in one pass.
+    pub fn rebuilt(self, removed: &HashSet<&str>, added: Vec<Entry>) -> Manifest {
+        let replaced: HashSet<Arc<str>> = added.iter().map(|e| e.path.clone()).collect();
+        let mut all: Vec<Entry> = self
+            .entries
+            .into_values()
+            .filter(|e| !removed.contains(&*e.path) && !replaced.contains(&e.path))
+            .collect();
+        all.extend(added);
+        Manifest::from_entries(all)
     }
 
     pub fn get(&self, path: &str) -> Option<&Entry> {
@@ -264,15 +296,14 @@ pub enum WireError {
 /// entry and, at the end, the announced hash.
 #[derive(Debug, Default)]
 pub struct ManifestReader {
-    manifest: Manifest,
+    entries: Vec<Entry>,
     announced: Option<String>,
 }
 
 impl ManifestReader {
     pub fn push(&mut self, chunk: v1::Manifest) -> Result<(), WireError> {
         for e in chunk.entries {
-            let entry = Entry::try_from(e)?;
-            self.manifest.insert(entry);
+            self.entries.push(Entry::try_from(e)?);
         }
         if !chunk.hash.is_empty() {
             self.announced = Some(chunk.hash);
@@ -281,9 +312,10 @@ impl ManifestReader {
     }
 
     pub fn finish(self) -> Result<Manifest, WireError> {
-        let got = self.manifest.hash();
+        let manifest = Manifest::from_entries(self.entries);
+        let got = manifest.hash();
         match self.announced {
-            Some(a) if a == got => Ok(self.manifest),
+            Some(a) if a == got => Ok(manifest),
             a => Err(WireError::Hash {
                 got,
                 announced: a.unwrap_or_else(|| "none".into()),
@@ -414,18 +446,22 @@ pub fn diff(local: &Manifest, remote: &Manifest, frozen: &HashSet<Arc<str>>) -> 
 /// file that vanished before it could be read was not sent, so it is not
 /// there). Consumes the peer's previous manifest: at 100,000 files a copy
 /// is 15 MB.
-pub fn expected_after(mut m: Manifest, plan: &Plan, sent: &[Entry]) -> Manifest {
-    for (from, to) in &plan.renames {
-        m.entries.remove(from);
-        m.insert(to.clone());
-    }
-    for e in plan.attrs.iter().chain(sent) {
-        m.insert(e.clone());
-    }
-    for d in &plan.deletes {
-        m.entries.remove(d);
-    }
-    m
+pub fn expected_after(m: Manifest, plan: &Plan, sent: &[Entry]) -> Manifest {
+    let removed: HashSet<&str> = plan
+        .renames
+        .iter()
+        .map(|(from, _)| &**from)
+        .chain(plan.deletes.iter().map(|d| &**d))
+        .collect();
+    let added: Vec<Entry> = plan
+        .renames
+        .iter()
+        .map(|(_, to)| to)
+        .chain(&plan.attrs)
+        .chain(sent)
+        .cloned()
+        .collect();
+    m.rebuilt(&removed, added)
 }
 
 #[cfg(test)]

@@ -129,7 +129,13 @@ pub fn refused_lines(refused: &[Refusal]) -> Vec<String> {
 
 /// The batch for `plan`, given what was actually staged (`sent`). A renamed
 /// file also gets its mode and owner, which may differ.
-pub fn build_batch(name: &str, from_node: &str, base: &str, plan: &Plan, sent: &[Entry]) -> Batch {
+pub fn build_batch(
+    name: &str,
+    from_node: &str,
+    base: &str,
+    plan: &Plan,
+    sent: Vec<Entry>,
+) -> Batch {
     let write = |e: &Entry, staged: bool| Write {
         path: e.path.clone(),
         staged,
@@ -140,6 +146,7 @@ pub fn build_batch(name: &str, from_node: &str, base: &str, plan: &Plan, sent: &
         gid: e.gid,
     };
     let mut writes: Vec<Write> = sent.iter().map(|e| write(e, true)).collect();
+    drop(sent);
     writes.extend(plan.attrs.iter().map(|e| write(e, false)));
     writes.extend(plan.renames.iter().map(|(_, e)| write(e, false)));
     Batch {
@@ -620,6 +627,9 @@ impl Engine {
             self.finish_sync(0, None);
             return Ok(());
         }
+        // The plan holds what is needed of this node's manifest from here.
+        drop(local);
+        let planned = plan.len();
         self.shared.with_counters(|c| {
             c.pending = c.pending.max(plan.len());
             c.batch_in_flight = true;
@@ -642,6 +652,7 @@ impl Engine {
                 )));
             }
         };
+        let mut plan = plan;
         let sent = session
             .stage(
                 root,
@@ -651,9 +662,16 @@ impl Engine {
             )
             .await
             .map_err(RoundError::Transport)?;
-        let batch = build_batch(&name, &node, &remote.hash(), &plan, &sent);
-        let reply = session.apply(&batch).await.map_err(RoundError::Transport)?;
-        drop(batch);
+        // What was sent replaces the plan's uploads; the peer's manifest
+        // becomes the one expected after the batch (no copy of either: at
+        // 100,000 files each is megabytes).
+        plan.uploads = Vec::new();
+        let base = remote.hash();
+        let expected = expected_after(remote, &plan, &sent);
+        let sent_files = sent.len();
+        let bytes: u64 = sent.iter().map(|e| e.size).sum();
+        let batch = build_batch(&name, &node, &base, &plan, sent);
+        let reply = session.apply(batch).await.map_err(RoundError::Transport)?;
         if reply.stale {
             // The peer's tree changed since we read it: read it again and
             // plan again, now.
@@ -675,14 +693,14 @@ impl Engine {
             self.shared.with_counters(|c| {
                 c.last_error = why;
                 c.errors += 1;
-                c.pending = plan.len();
+                c.pending = planned;
             });
-            // The peer still holds what it held; wait for the next change.
-            self.remote = Some(remote);
+            // The peer still holds what it held (read it again next time);
+            // wait for the next change.
+            self.remote = None;
             return Ok(());
         }
         self.last_refusal.clear();
-        let expected = expected_after(remote, &plan, &sent);
         let expected_hash = expected.hash();
         if expected_hash != reply.manifest_hash {
             // Someone else touched the peer's tree, or a file changed under
@@ -698,19 +716,18 @@ impl Engine {
                 self.dirty = true;
             }
         }
-        let bytes: u64 = sent.iter().map(|e| e.size).sum();
         let ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             peer = %peer,
             batch = %name,
-            sent = sent.len(),
+            sent = sent_files,
             bytes,
             renamed = plan.renames.len(),
             deleted = plan.deletes.len(),
             mode_only = plan.attrs.len(),
             ms,
             "peer {peer} applied batch {name}: {} files sent ({bytes} bytes), {} renamed, {} deleted, {} mode/owner only, in {ms} ms",
-            sent.len(),
+            sent_files,
             plan.renames.len(),
             plan.deletes.len(),
             plan.attrs.len(),
@@ -726,7 +743,7 @@ impl Engine {
                 reply.set_aside_directory
             );
         }
-        self.finish_sync(sent.len() as u64, Some(name));
+        self.finish_sync(sent_files as u64, Some(name));
         Ok(())
     }
 
@@ -861,7 +878,7 @@ mod tests {
         ]);
         let plan = diff(&local, &remote, &Default::default());
         let sent = plan.uploads.clone();
-        let b = build_batch("b", "lb1", "", &plan, &sent);
+        let b = build_batch("b", "lb1", "", &plan, sent.clone());
         assert_eq!(b.renames.len(), 1);
         assert_eq!(b.deletes, [Arc::from("farms/x.toml")]);
         assert_eq!(b.writes.iter().filter(|w| w.staged).count(), 2);

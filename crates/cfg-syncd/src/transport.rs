@@ -14,16 +14,17 @@ use futures::StreamExt;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use tandem_proto::v1::cfg_sync_client::CfgSyncClient;
 use tandem_ssh::{Auth, HostKeyCheck, SFTP_CHUNK, SshError, SshSession};
-use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use crate::apply::{Batch, to_chunks};
+use crate::apply::{Batch, into_chunks};
 use crate::manifest::{Entry, Manifest, ManifestReader, Sha};
 use crate::nofollow;
 
 /// Files staged concurrently over the one SFTP channel (requests are
 /// pipelined; the round trips overlap). Each holds one 64 KiB buffer.
 const SFTP_PARALLEL: usize = 32;
+/// Files whose upload futures exist at once.
+const STAGE_WINDOW: usize = 512;
 
 /// Where the peer is and how to reach it.
 #[derive(Debug, Clone)]
@@ -144,13 +145,12 @@ impl PeerSession {
     /// one commits) and returns its answer.
     pub async fn apply(
         &self,
-        batch: &Batch,
+        batch: Batch,
     ) -> Result<tandem_proto::v1::ApplyReply, TransportError> {
-        let chunks = to_chunks(batch);
         let r = self
             .rpc
             .clone()
-            .apply(tokio_stream::iter(chunks))
+            .apply(tokio_stream::iter(into_chunks(batch)))
             .await
             .map_err(|e| self.rpc_error(e))?;
         Ok(r.into_inner())
@@ -195,17 +195,21 @@ impl PeerSession {
         for d in &dirs {
             self.ssh.mkdir_p(d).await?;
         }
-        // Futures built in a loop, not a closure: a closure returning
-        // borrowing futures trips rustc's `Send is not general enough`.
-        let mut jobs = Vec::with_capacity(files.len());
-        for e in files {
-            jobs.push(self.stage_one(root.clone(), staging, e, max_file_bytes));
-        }
+        // Futures are built a window at a time (each is a few KB: 100,000
+        // of them at once would be hundreds of MB), in a loop, not a
+        // closure: a closure returning borrowing futures trips rustc's
+        // `Send is not general enough`.
         let mut sent = Vec::with_capacity(files.len());
-        let mut results = futures::stream::iter(jobs).buffer_unordered(SFTP_PARALLEL);
-        while let Some(r) = results.next().await {
-            if let Some(e) = r? {
-                sent.push(e);
+        for window in files.chunks(STAGE_WINDOW) {
+            let mut jobs = Vec::with_capacity(window.len());
+            for e in window {
+                jobs.push(self.stage_one(root.clone(), staging, e, max_file_bytes));
+            }
+            let mut results = futures::stream::iter(jobs).buffer_unordered(SFTP_PARALLEL);
+            while let Some(r) = results.next().await {
+                if let Some(e) = r? {
+                    sent.push(e);
+                }
             }
         }
         sent.sort_by(|a, b| a.path.cmp(&b.path));
@@ -234,7 +238,7 @@ impl PeerSession {
             }
             Err(e) => return Err(local(e.to_string())),
         };
-        let mut file = tokio::fs::File::from_std(file);
+        let mut file = file;
         let target = format!("{staging}/{}", entry.path);
         let sftp = self.ssh.sftp().await?;
         // Staged 0600: the apply sets the announced owner and mode.
@@ -255,10 +259,10 @@ impl PeerSession {
         let mut offset = 0u64;
         let mut too_big = false;
         loop {
-            let n = file
-                .read(&mut buf)
-                .await
-                .map_err(|e| local(e.to_string()))?;
+            // A 64 KiB read of a local file, on the runtime thread: a
+            // blocking-pool thread per read (tokio::fs) costs more, and
+            // dozens of such threads fragment the allocator.
+            let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| local(e.to_string()))?;
             if n == 0 {
                 break;
             }
