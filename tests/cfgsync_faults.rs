@@ -450,6 +450,50 @@ fn control_mode_before_owner_loses_the_bits_and_loops() {
     );
 }
 
+#[test]
+fn set_id_bits_a_node_cannot_carry_are_refused_by_name_without_a_loop() {
+    let mut lab = CfgSyncLab::with_sshd();
+    // The backup's cfg-syncd without CAP_FSETID: chmod(2) then drops a
+    // set-gid bit silently for a group root is not in.
+    lab.backup.wrapper = ["setpriv", "--bounding-set", "-fsetid", "--"]
+        .map(str::to_owned)
+        .to_vec();
+    lab.master.write("checks/ok.sh", "#!/bin/sh\n");
+    lab.start_backup();
+    lab.start_master();
+    lab.wait_converged(Duration::from_secs(20));
+    lab.master.write("checks/sg.sh", "#!/bin/sh\necho sg\n");
+    let sg = lab.master.path("checks/sg.sh");
+    nix::unistd::chown(&sg, None, Some(nix::unistd::Gid::from_raw(50))).unwrap();
+    chmod(&sg, 0o2755);
+    lab.master
+        .write("farms/web.toml", &tandem_e2e::cfgsync_lab::farm("web", 80));
+    lab.wait_for("the refusal on the master", Duration::from_secs(10), || {
+        lab.status(&lab.master)
+            .last_error
+            .contains("checks/sg.sh: mode 2755 cannot be set on this node (it became 755)")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let log = lab.master.log();
+    assert_eq!(
+        log.matches("cannot be set on this node").count(),
+        1,
+        "refused once, not in a loop:\n{log}"
+    );
+    // The batch was refused whole.
+    assert!(lab.backup.read("checks/sg.sh").is_none());
+    assert!(lab.backup.read("farms/web.toml").is_none());
+    // Without the set-gid bit it replicates.
+    chmod(&sg, 0o755);
+    lab.wait_for("the file without its bit", Duration::from_secs(10), || {
+        lab.backup.read("farms/web.toml").is_some()
+            && mode(&lab.backup.path("checks/sg.sh")) == 0o755
+    });
+    lab.wait_for("the error cleared", Duration::from_secs(5), || {
+        lab.status(&lab.master).last_error.is_empty()
+    });
+}
+
 // ---------------------------------------------------------------------------
 // No link is ever followed.
 

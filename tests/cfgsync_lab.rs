@@ -43,6 +43,9 @@ pub struct SyncNode {
     /// lb-forwarder on this node, when a test runs it: a real daemon whose
     /// configuration must follow every applied batch.
     pub forwarder: Option<LabChild>,
+    /// A command cfg-syncd is started through (which execs it: same pid),
+    /// e.g. `setpriv --bounding-set -fsetid --`.
+    pub wrapper: Vec<String>,
     log: PathBuf,
 }
 
@@ -126,6 +129,7 @@ impl CfgSyncLab {
                 daemon: None,
                 env: Vec::new(),
                 forwarder: None,
+                wrapper: Vec::new(),
                 log: root.join("cfg-syncd.log"),
             };
             n.write(
@@ -245,7 +249,14 @@ impl CfgSyncLab {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let mut cmd = Command::new(crate::bin("cfg-syncd"));
+        let mut cmd = match node.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(crate::bin("cfg-syncd"));
+                c
+            }
+            None => Command::new(crate::bin("cfg-syncd")),
+        };
         cmd.arg("--config-dir")
             .arg(&node.config)
             .arg("--runtime-dir")
@@ -583,4 +594,53 @@ pub fn staged_files(config: &Path) -> usize {
         }
     }
     n
+}
+
+/// The tree of cfg-syncd's tested limits under `root`: 99,742 certificates
+/// of 500 bytes in 100 directories and 256 files of 4,000,000 bytes (under
+/// the default 4 MiB cap), random content. With cluster.toml and one farm:
+/// 100,000 files, 1,073,871,000 bytes and more. Returns (files, bytes)
+/// written.
+pub fn populate_scale_tree(root: &Path) -> (usize, u64) {
+    use std::io::Read;
+    const SMALL: usize = 99_742;
+    const BIG: usize = 256;
+    const BIG_BYTES: usize = 4_000_000;
+    let mut random = vec![0u8; BIG_BYTES];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .expect("/dev/urandom");
+    let mut total = 0u64;
+    for d in 0..100 {
+        fs::create_dir_all(root.join(format!("certs/d{d:02}"))).expect("certs dir");
+    }
+    for i in 0..SMALL {
+        let mut data = format!("certificate {i}\n").into_bytes();
+        data.resize(500, b'.');
+        fs::write(
+            root.join(format!("certs/d{:02}/c{i:05}.pem", i % 100)),
+            &data,
+        )
+        .expect("certificate");
+        total += data.len() as u64;
+    }
+    fs::create_dir_all(root.join("checks/big")).expect("checks dir");
+    for i in 0..BIG {
+        // Every file different: its number in its first bytes.
+        random[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        fs::write(root.join(format!("checks/big/b{i:03}.bin")), &random).expect("big file");
+        total += BIG_BYTES as u64;
+    }
+    (SMALL + BIG, total)
+}
+
+/// A field of /proc/<pid>/status (kB, or a count), 0 when unreadable.
+pub fn proc_status(pid: i32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -5,62 +5,12 @@
 //! real sshd on the backup (tests/cfgsync_lab.rs).
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tandem_e2e::cfgsync_lab::{CfgSyncLab, farm};
+use tandem_e2e::cfgsync_lab::{CfgSyncLab, farm, populate_scale_tree, proc_status};
 
-/// 100,000 replicated files with cluster.toml and one farm: the default
-/// file-count cap exactly.
-const SMALL: usize = 99_742;
-const BIG: usize = 256;
-/// Under the default 4 MiB per-file cap.
-const BIG_BYTES: usize = 4_000_000;
-const SMALL_BYTES: usize = 500;
 const RSS_LIMIT_KB: u64 = 128 * 1024;
-
-/// The files: small certificates in 100 directories, big files in one.
-fn populate(root: &Path) -> u64 {
-    let mut random = vec![0u8; BIG_BYTES];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut random)
-        .unwrap();
-    let mut total = 0u64;
-    for d in 0..100 {
-        fs::create_dir_all(root.join(format!("certs/d{d:02}"))).unwrap();
-    }
-    for i in 0..SMALL {
-        let mut data = format!("certificate {i}\n").into_bytes();
-        data.resize(SMALL_BYTES, b'.');
-        fs::write(
-            root.join(format!("certs/d{:02}/c{i:05}.pem", i % 100)),
-            &data,
-        )
-        .unwrap();
-        total += data.len() as u64;
-    }
-    fs::create_dir_all(root.join("checks/big")).unwrap();
-    for i in 0..BIG {
-        // Every file different: its number in its first bytes.
-        random[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        fs::write(root.join(format!("checks/big/b{i:03}.bin")), &random).unwrap();
-        total += BIG_BYTES as u64;
-    }
-    total
-}
-
-/// `field` (in kB, or a count) of /proc/<pid>/status.
-fn proc_status(pid: i32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Every file under `a` has an equal file under `b` and the reverse,
 /// compared file by file (never both trees in memory). Returns the count.
@@ -107,8 +57,8 @@ fn a_hundred_thousand_files_and_a_gibibyte_converge_with_rss_under_128_mb() {
         CfgSyncLab::with_sshd()
     };
     lab.master.write("farms/web.toml", &farm("web", 80));
-    let bytes = populate(&lab.master.config);
-    let files = SMALL + BIG + 2;
+    let (written, bytes) = populate_scale_tree(&lab.master.config);
+    let files = written + 2;
     assert!(bytes >= 1 << 30, "{bytes} bytes");
     assert_eq!(files, 100_000, "cluster.toml, one farm, the rest");
 

@@ -256,6 +256,18 @@ async fn run_apply(shared: Arc<Shared>, batch: apply::Batch) -> Result<v1::Apply
                 ..Default::default()
             })
         }
+        Err(ApplyError::Unsupported { batch, errors }) => {
+            tracing::error!(peer = %from, batch = %batch, "refused batch {batch} from {from}, nothing applied: {}", errors.join("; "));
+            shared.with_counters(|c| {
+                c.last_error = format!("refused batch {batch}: {}", errors.join("; "));
+                c.errors += 1;
+            });
+            Ok(v1::ApplyReply {
+                applied: false,
+                errors,
+                ..Default::default()
+            })
+        }
         Err(e @ ApplyError::Stale { .. }) => {
             tracing::info!("{e}; the master plans again");
             Ok(v1::ApplyReply {

@@ -62,6 +62,10 @@ pub enum ApplyError {
     /// The configuration the batch would produce is invalid: nothing applied.
     #[error("batch {batch} refused, the configuration would be invalid: {}", .errors.join("; "))]
     Invalid { batch: String, errors: Vec<String> },
+    /// A file's mode cannot be carried on this node (set-id bits without
+    /// the privilege to set them): nothing applied.
+    #[error("batch {batch} refused: {}", .errors.join("; "))]
+    Unsupported { batch: String, errors: Vec<String> },
     /// The tree is not the one the batch was computed against.
     #[error(
         "batch {batch} is stale: this node's tree changed since the master read it (manifest {live}, the batch expects {base})"
@@ -530,6 +534,14 @@ fn prepare(
         ));
     }
 
+    for w in batch
+        .writes
+        .iter()
+        .filter(|w| !w.staged && w.mode & 0o6000 != 0 && !env.faults.mode_before_owner)
+    {
+        probe_mode(staging, name, w)?;
+    }
+
     // Moves and owner/mode changes act on live files: they must hold what
     // the master believes (otherwise it fetches this node's manifest again).
     let renamed_to: HashMap<&str, &Write> = batch
@@ -736,9 +748,16 @@ fn check_staged(
         file.sync_all()
             .map_err(io_err(name, format!("fsync of staged {path}")))?;
     }
-    set_owner_and_mode(&file, w.uid, w.gid, w.mode, env.faults.mode_before_owner).map_err(
-        io_err(name, format!("setting owner and mode of staged {path}")),
-    )?;
+    let set = set_owner_and_mode(&file, w.uid, w.gid, w.mode, env.faults.mode_before_owner);
+    if env.faults.mode_before_owner {
+        // The control runs without the fix: no check either.
+        set.map_err(io_err(
+            name,
+            format!("setting owner and mode of staged {path}"),
+        ))?;
+    } else {
+        check_mode(&file, path, w.mode, set, name)?;
+    }
     let (parent, file_name) = nofollow::split(path);
     let pdir = dirs
         .open(batch_dir, parent)
@@ -754,6 +773,66 @@ fn check_staged(
         ));
     }
     Ok(())
+}
+
+/// Checks that `file` got `mode` (set-id bits included). chmod(2) drops
+/// the set-group-ID bit without an error when the process lacks
+/// CAP_FSETID, and systemd's `RestrictSUIDSGID=` makes it fail: either way
+/// the bits cannot be carried here, and the batch is refused naming the
+/// file (it would otherwise be sent again and again).
+fn check_mode(
+    file: &fs::File,
+    path: &str,
+    mode: u32,
+    set: io::Result<()>,
+    batch: &str,
+) -> Result<(), ApplyError> {
+    let want = mode & 0o7777;
+    let unsupported = |got: String| ApplyError::Unsupported {
+        batch: batch.to_owned(),
+        errors: vec![format!(
+            "{path}: mode {want:o} cannot be set on this node ({got}); set-id bits need \
+             cfg-syncd to run as root with CAP_FSETID and without systemd's RestrictSUIDSGID=; \
+             nothing applied"
+        )],
+    };
+    match set {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && want & 0o6000 != 0 => {
+            return Err(unsupported(e.to_string()));
+        }
+        Err(e) => {
+            return Err(io_err(batch, format!("setting owner and mode of {path}"))(
+                e,
+            ));
+        }
+    }
+    let got = nix::sys::stat::fstat(file)
+        .map_err(|e| io_err(batch, format!("checking the mode of {path}"))(e.into()))?
+        .st_mode
+        & 0o7777;
+    if got != want {
+        return Err(unsupported(format!("it became {got:o}")));
+    }
+    Ok(())
+}
+
+/// A mode with set-id bits for a live file (a mode-only change) is tried
+/// first on a scratch file with the same owner, before the commit.
+fn probe_mode(staging: &OwnedFd, batch: &str, w: &Write) -> Result<(), ApplyError> {
+    let probe = format!("{batch}.probe");
+    let _ = unlinkat(staging, probe.as_str(), UnlinkatFlags::NoRemoveDir);
+    let fd = nofollow::open_beneath(
+        staging,
+        &probe,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+    )
+    .map_err(io_err(batch, "creating the mode probe"))?;
+    let file = fs::File::from(fd);
+    let set = set_owner_and_mode(&file, w.uid, w.gid, w.mode, false);
+    let r = check_mode(&file, &w.path, w.mode, set, batch);
+    let _ = unlinkat(staging, probe.as_str(), UnlinkatFlags::NoRemoveDir);
+    r
 }
 
 /// Owner first, then mode: chown(2) clears the set-user-ID and (for a
@@ -1129,6 +1208,7 @@ fn remove_batch_staging(root: &Path, batch: &str) {
         batch.to_owned(),
         format!("{batch}.ready"),
         format!("{batch}.view"),
+        format!("{batch}.probe"),
         format!("{batch}.journal.tmp"),
     ] {
         remove_any(&staging.join(d));
@@ -1159,6 +1239,7 @@ pub fn clean_staging_except(root: &Path, keep: Option<&str>) -> usize {
         let base = name
             .strip_suffix(".ready")
             .or_else(|| name.strip_suffix(".view"))
+            .or_else(|| name.strip_suffix(".probe"))
             .or_else(|| name.strip_suffix(".journal.tmp"))
             .unwrap_or(&name);
         if Some(base) == keep {
