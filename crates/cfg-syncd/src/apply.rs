@@ -1029,13 +1029,13 @@ fn roll_forward(
             .collect();
         let r = match local.baseline.as_mut() {
             Some(b) => b.record(&changes),
-            None => Baseline::create(&env.state_dir, &scan.manifest).map(|b| {
+            None => {
+                let (b, written) = Baseline::create(&env.state_dir, &scan.manifest);
                 *local.baseline = Some(b);
-            }),
+                written
+            }
         };
-        if let Err(e) = r {
-            tracing::warn!(batch = %j.batch, error = %e, "could not record the batch in the baseline (state dir {}); a later set-aside may keep files that were not local changes", env.state_dir.display());
-        }
+        crate::baseline::report_write(r, &env.state_dir);
     }
     Applied {
         batch: j.batch.clone(),
@@ -1767,7 +1767,7 @@ mod tests {
         // Synced once: the baseline is this tree.
         let root = n.root().to_owned();
         let scan = n.scanner.scan(&root, Caps::default()).unwrap();
-        n.baseline = Some(Baseline::create(&n.env.state_dir, &scan.manifest).unwrap());
+        n.baseline = Some(Baseline::create(&n.env.state_dir, &scan.manifest).0);
         // Local changes: an edit, a new file, and one untouched file.
         let mine = FARM.replace("port = 80", "port = 81");
         n.write("farms/web.toml", &mine);

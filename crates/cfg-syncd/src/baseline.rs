@@ -32,6 +32,26 @@ pub enum Change {
     Remove(Arc<str>),
 }
 
+static UNWRITABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs a failure to write the baseline once, until a write succeeds again
+/// (a read-only state directory would otherwise warn at every batch).
+pub fn report_write(r: io::Result<()>, state_dir: &Path) {
+    use std::sync::atomic::Ordering;
+    match r {
+        Ok(()) => {
+            if UNWRITABLE.swap(false, Ordering::Relaxed) {
+                tracing::info!(state_dir = %state_dir.display(), "the record of the last sync is written again in {}", state_dir.join(DIR).display());
+            }
+        }
+        Err(e) => {
+            if !UNWRITABLE.swap(true, Ordering::Relaxed) {
+                tracing::warn!(state_dir = %state_dir.display(), error = %e, "cannot write the record of the last sync in {}: {e}; it is kept in memory, and after a restart local changes cannot be told apart until the next sync", state_dir.join(DIR).display());
+            }
+        }
+    }
+}
+
 /// One log line (newline included).
 pub fn encode_change(c: &Change, out: &mut Vec<u8>) {
     match c {
@@ -123,8 +143,9 @@ impl Baseline {
         }))
     }
 
-    /// A new baseline holding exactly `m`'s files.
-    pub fn create(state_dir: &Path, m: &Manifest) -> io::Result<Baseline> {
+    /// A new baseline holding exactly `m`'s files, and whether it could be
+    /// written (it is kept in memory either way).
+    pub fn create(state_dir: &Path, m: &Manifest) -> (Baseline, io::Result<()>) {
         let mut b = Baseline {
             dir: state_dir.join(DIR),
             entries: m
@@ -134,8 +155,8 @@ impl Baseline {
                 .collect(),
             log_lines: 0,
         };
-        b.compact()?;
-        Ok(b)
+        let written = b.compact();
+        (b, written)
     }
 
     pub fn get(&self, path: &str) -> Option<Sha> {
@@ -263,7 +284,7 @@ mod tests {
             entry("farms/a.toml", "a", 0o644),
             entry("farms/b.toml", "b", 0o644),
         ]);
-        let mut b = Baseline::create(state, &m).unwrap();
+        let mut b = Baseline::create(state, &m).0;
         b.record(&[
             Change::Put("farms/a.toml".into(), Sha::of(b"a2")),
             Change::Remove("farms/b.toml".into()),
@@ -285,7 +306,7 @@ mod tests {
     fn syncing_to_a_manifest_records_only_the_differences_and_compacts() {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path();
-        let mut b = Baseline::create(state, &Manifest::default()).unwrap();
+        let mut b = Baseline::create(state, &Manifest::default()).0;
         let mut m = Manifest::default();
         for i in 0..1500 {
             m.insert(entry(&format!("checks/{i}.sh"), &i.to_string(), 0o755));

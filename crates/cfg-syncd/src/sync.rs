@@ -361,18 +361,20 @@ impl Shared {
             let mut b = baseline
                 .lock()
                 .map_err(|_| std::io::Error::other("baseline lock poisoned"))?;
-            match b.as_mut() {
+            Ok::<_, std::io::Error>(match b.as_mut() {
                 Some(b) => b.sync_to(&m).map(|_| ()),
-                None => Baseline::create(&state, &m).map(|n| *b = Some(n)),
-            }
+                None => {
+                    let (n, written) = Baseline::create(&state, &m);
+                    *b = Some(n);
+                    written
+                }
+            })
         })
         .await;
         match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not record the synced tree in the baseline ({}): a later set-aside may keep files that were not local changes", self.state_dir.display())
-            }
-            Err(e) => tracing::warn!(error = %e, "baseline task failed"),
+            Ok(Ok(written)) => crate::baseline::report_write(written, &self.state_dir),
+            Ok(Err(e)) => tracing::warn!(error = %e, "recording the synced tree: {e}"),
+            Err(e) => tracing::warn!(error = %e, "baseline task failed: {e}"),
         }
     }
 }
