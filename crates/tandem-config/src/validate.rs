@@ -20,7 +20,7 @@ impl Report {
     }
 }
 
-fn with(path: &[Seg], seg: Seg) -> Vec<Seg> {
+pub(crate) fn with(path: &[Seg], seg: Seg) -> Vec<Seg> {
     let mut p = path.to_vec();
     p.push(seg);
     p
@@ -75,7 +75,7 @@ fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usiz
     ok
 }
 
-fn check_range<T: PartialOrd + std::fmt::Display>(
+pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
     r: &mut Report,
     path: Vec<Seg>,
     what: &str,
@@ -109,6 +109,7 @@ pub fn node(n: &NodeConfig) -> Report {
             format!("cluster_address {a} is not a usable unicast address"),
         );
     }
+    crate::validate_farm::hooks(&mut r, &n.hooks);
     let mut names = HashSet::new();
     for (i, k) in n.api_keys.iter().enumerate() {
         let p = vec![Key("api_keys"), Index(i)];
@@ -447,12 +448,22 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
         }
         _ => {}
     }
-    if f.forwarding == Forwarding::Dsr && f.scheduler == Scheduler::Lc {
+    if f.forwarding == Forwarding::Dsr && f.scheduler.uses_loads() {
         r.add(
             vec![Key("scheduler")],
-            format!("farm `{name}`: least connections cannot be used with direct server return: the replies never cross the balancer, so it cannot count connections; use rr, wrr or sh"),
+            format!(
+                "farm `{name}`: {} cannot be used with direct server return: the replies never cross the balancer, so it cannot count connections; use rr, wrr, sh, dh, mh or fo",
+                match f.scheduler {
+                    Scheduler::Lc => "least connections",
+                    Scheduler::Wlc => "weighted least connections (wlc)",
+                    Scheduler::Sed => "shortest expected delay (sed)",
+                    Scheduler::Nq => "never queue (nq)",
+                    _ => "overflow (ovf)",
+                }
+            ),
         );
     }
+    crate::validate_farm::features(&mut r, f);
     let hc = &f.health_check;
     let hp = |k| vec![Key("health_check"), Key(k)];
     check_range(
