@@ -466,6 +466,7 @@ pub fn conntrack_status(runtime_dir: &Path) -> tandem_proto::v1::ConntrackSyncSt
 }
 
 pub mod cfgsync_lab;
+pub mod chaos_lab;
 pub mod cluster_lab;
 pub mod cluster_ops_lab;
 pub mod conntrack_lab;

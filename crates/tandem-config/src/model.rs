@@ -329,6 +329,41 @@ pub struct VrrpSettings {
     /// false (default): adverts go to 224.0.0.18 / ff02::12; true: to the
     /// peer's address, for links that drop multicast.
     pub unicast: bool,
+    /// Gratuitous ARPs / unsolicited NAs per floating IP sent by a master
+    /// that hears an advert it outranks (another master: a healed split
+    /// brain or flap), so clients and backends come back to it at once.
+    /// 0-100, default 3; 0 turns it off (keepalived's `garp_lower_prio_repeat`).
+    pub garp_lower_prio_repeat: u8,
+    /// At most one such burst per this many ms, 0-3600000, default 1000
+    /// (keepalived's `garp_lower_prio_delay`).
+    pub garp_lower_prio_delay_ms: u32,
+    /// While master, announce every floating IP once every this many
+    /// seconds; 0 (default) never (keepalived's `garp_master_refresh`). 0-86400.
+    pub garp_refresh_s: u32,
+    /// After vrrpd starts, the preferred node (failback) does not preempt
+    /// a lower-priority master for this many seconds, so a restarted node
+    /// rejoins as backup and clustermanager's failback gate decides when it
+    /// takes the role back (keepalived's `preempt_delay`). 0-1000, default 5.
+    pub preempt_delay_s: u16,
+    /// true (default): adverts are accepted only from the `[[nodes]]`
+    /// addresses (for IPv6, from the peer's link-local address, verified to
+    /// be the same host); others are dropped and reported as foreign speakers.
+    pub members_only: bool,
+    /// Lifetime the floating IPs are added with, refreshed while vrrpd
+    /// runs, so a dead vrrpd leaves no second master. Absent (default):
+    /// derived from the advert interval (about Master_Down_Interval, at
+    /// least 1 s); 0: permanent addresses; else 1-3600 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floating_ip_lifetime_s: Option<u32>,
+    /// How long a master that hands over (maintenance, vrrpd stopping) keeps
+    /// its floating IPs while waiting for the peer to advertise as master.
+    /// Absent (default): four advert intervals, at least 1 s; 0: release
+    /// at once (RFC 5798's and keepalived's behaviour); else 1-60000 ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_timeout_ms: Option<u32>,
+    /// SCHED_FIFO priority of vrrpd's advert thread (timers, VRRP socket,
+    /// floating IPs), 1-99, default 10; 0 runs it at normal priority.
+    pub rt_priority: u8,
 }
 
 impl Default for VrrpSettings {
@@ -339,6 +374,14 @@ impl Default for VrrpSettings {
             garp_repeat: 3,
             garp_interval_ms: 100,
             unicast: false,
+            garp_lower_prio_repeat: 3,
+            garp_lower_prio_delay_ms: 1000,
+            garp_refresh_s: 0,
+            preempt_delay_s: 5,
+            members_only: true,
+            floating_ip_lifetime_s: None,
+            handover_timeout_ms: None,
+            rt_priority: 10,
         }
     }
 }
@@ -404,7 +447,19 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Configuration replication refuses a file larger than this, naming it
+    /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
+    pub max_file_bytes: u64,
+    /// Configuration replication refuses the files beyond this many (after
+    /// cluster.toml, keys/sync.key and farms/, in path order), naming them;
+    /// 1-1,000,000, default 100,000.
+    pub max_files: u32,
 }
+
+/// Default of `[sync] max_file_bytes`: 4 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default of `[sync] max_files`.
+pub const DEFAULT_MAX_FILES: u32 = 100_000;
 
 impl SyncSettings {
     /// `key_file` resolved against the configuration directory.
@@ -419,6 +474,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }

@@ -170,6 +170,7 @@ pub fn node(n: &NodeConfig) -> Report {
 
 pub fn cluster(c: &ClusterConfig) -> Report {
     let mut r = Report::default();
+    replication_caps(&mut r, &c.sync);
     if c.virtual_router_id == 0 {
         r.add(
             vec![Key("virtual_router_id")],
@@ -216,6 +217,66 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         v.garp_interval_ms,
         0,
         10_000,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_repeat")],
+        "cluster: garp_lower_prio_repeat",
+        v.garp_lower_prio_repeat,
+        0,
+        100,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_delay_ms")],
+        "cluster: garp_lower_prio_delay_ms",
+        v.garp_lower_prio_delay_ms,
+        0,
+        3_600_000,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_refresh_s")],
+        "cluster: garp_refresh_s",
+        v.garp_refresh_s,
+        0,
+        86_400,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("preempt_delay_s")],
+        "cluster: preempt_delay_s",
+        v.preempt_delay_s,
+        0,
+        1000,
+    );
+    if let Some(l) = v.floating_ip_lifetime_s {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("floating_ip_lifetime_s")],
+            "cluster: floating_ip_lifetime_s",
+            l,
+            0,
+            3600,
+        );
+    }
+    if let Some(t) = v.handover_timeout_ms {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("handover_timeout_ms")],
+            "cluster: handover_timeout_ms",
+            t,
+            0,
+            60_000,
+        );
+    }
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("rt_priority")],
+        "cluster: rt_priority",
+        v.rt_priority,
+        0,
+        99,
     );
 
     if c.nodes.len() != 2 {
@@ -380,6 +441,26 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         }
     }
     r
+}
+
+/// `[sync] max_file_bytes` and `max_files`: cfg-syncd's bounds.
+fn replication_caps(r: &mut Report, s: &SyncSettings) {
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_file_bytes")],
+        "cluster: max_file_bytes",
+        s.max_file_bytes,
+        1024,
+        1 << 30,
+    );
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_files")],
+        "cluster: max_files",
+        s.max_files,
+        1,
+        1_000_000,
+    );
 }
 
 /// Why a path given relative to the configuration directory would reach
