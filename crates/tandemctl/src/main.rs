@@ -475,6 +475,9 @@ fn local_only(c: &Command) -> Option<&'static str> {
         Command::Cluster {
             command: ClusterCommand::Create(_),
         } => Some("cluster create"),
+        Command::Cluster {
+            command: ClusterCommand::Ack { .. },
+        } => Some("cluster ack"),
         _ => None,
     }
 }
