@@ -38,6 +38,76 @@ pub struct Conntrack {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    portid: u32,
+}
+
+/// One request of a batch ([`Conntrack::execute`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// Create the entry (NAT included); [`ConntrackError::Exists`] if its
+    /// original tuple (or its reply tuple) is taken.
+    Create(&'a Entry, CreateOptions),
+    /// Change an existing entry's timeout, status, mark and TCP info;
+    /// [`ConntrackError::NotFound`] if absent.
+    Update(&'a Entry),
+    /// Delete the entry of this original tuple in this zone;
+    /// [`ConntrackError::NotFound`] if absent.
+    Delete(&'a Tuple, u16),
+    /// Read the entry of this original tuple in this zone (`None` if absent).
+    Get(&'a Tuple, u16),
+}
+
+impl Request<'_> {
+    fn op(&self) -> Op {
+        match self {
+            Request::Create(..) => Op::Create,
+            Request::Update(_) => Op::Update,
+            Request::Delete(..) => Op::Delete,
+            Request::Get(..) => Op::Get,
+        }
+    }
+
+    fn tuple(&self) -> Tuple {
+        match self {
+            Request::Create(e, _) | Request::Update(e) => e.original,
+            Request::Delete(t, _) | Request::Get(t, _) => **t,
+        }
+    }
+
+    fn encode(&self, seq: u32) -> Result<Vec<u8>, ConntrackError> {
+        Ok(match *self {
+            Request::Create(e, opts) => {
+                check_entry(Op::Create, e)?;
+                netlink::encode(
+                    family_of(&e.original),
+                    ConntrackMessage::New(codec::create_attrs(e, opts)),
+                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+                    seq,
+                )
+            }
+            Request::Update(e) => {
+                check_entry(Op::Update, e)?;
+                netlink::encode(
+                    family_of(&e.original),
+                    ConntrackMessage::New(codec::update_attrs(e)),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    seq,
+                )
+            }
+            Request::Delete(t, zone) => netlink::encode(
+                family_of(t),
+                ConntrackMessage::Delete(codec::key_attrs(t, zone)),
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+            ),
+            Request::Get(t, zone) => netlink::encode(
+                family_of(t),
+                ConntrackMessage::Get(codec::key_attrs(t, zone)),
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+            ),
+        })
+    }
 }
 
 /// Why one request failed, before it is given its operation and tuple.
@@ -96,11 +166,23 @@ impl Conntrack {
         // Errors then echo only the request's header, not the whole request.
         socket.set_cap_ack(true).map_err(ConntrackError::Open)?;
         netlink::set_receive_buffer(&socket, RECEIVE_BUFFER).map_err(ConntrackError::Open)?;
+        let mut addr = SocketAddr::new(0, 0);
+        socket
+            .get_address(&mut addr)
+            .map_err(ConntrackError::Open)?;
         Ok(Conntrack {
             socket,
             seq: 0,
             buf: vec![0; RECV_CHUNK],
+            portid: addr.port_number(),
         })
+    }
+
+    /// This socket's netlink port id: the kernel puts it in the header of
+    /// the events its requests cause ([`crate::Record::portid`]), so a
+    /// listener can tell its own writes from the traffic's changes.
+    pub fn portid(&self) -> u32 {
+        self.portid
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -258,55 +340,91 @@ impl Conntrack {
         entries: &[Entry],
         opts: CreateOptions,
     ) -> Vec<Result<(), ConntrackError>> {
-        let mut results: Vec<Option<Result<(), ConntrackError>>> =
-            entries.iter().map(|_| None).collect();
-        for (chunk_no, chunk) in entries.chunks(BATCH).enumerate() {
+        let requests: Vec<Request<'_>> = entries.iter().map(|e| Request::Create(e, opts)).collect();
+        self.execute(&requests)
+            .into_iter()
+            .map(|r| r.map(drop))
+            .collect()
+    }
+
+    /// Runs many requests, up to 256 per system call (the kernel processes
+    /// them in order and answers each); one result per request, in order:
+    /// the entry read for a [`Request::Get`] (`None` when absent), `None`
+    /// for the others.
+    pub fn execute(
+        &mut self,
+        requests: &[Request<'_>],
+    ) -> Vec<Result<Option<Record>, ConntrackError>> {
+        let mut results: Vec<Option<Result<Option<Record>, ConntrackError>>> =
+            requests.iter().map(|_| None).collect();
+        for (chunk_no, chunk) in requests.chunks(BATCH).enumerate() {
             let base = chunk_no * BATCH;
-            let mut pending: HashMap<u32, usize> = HashMap::new();
+            // seq -> (request index, the entry a Get received)
+            let mut pending: HashMap<u32, (usize, Option<Record>)> = HashMap::new();
             let mut bytes = Vec::with_capacity(chunk.len() * 256);
-            for (i, entry) in chunk.iter().enumerate() {
-                if let Err(e) = check_entry(Op::Create, entry) {
-                    results[base + i] = Some(Err(e));
-                    continue;
-                }
+            for (i, request) in chunk.iter().enumerate() {
                 let seq = self.next_seq();
-                pending.insert(seq, base + i);
-                bytes.extend(netlink::encode(
-                    family_of(&entry.original),
-                    ConntrackMessage::New(codec::create_attrs(entry, opts)),
-                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-                    seq,
-                ));
+                match request.encode(seq) {
+                    Ok(b) => {
+                        pending.insert(seq, (base + i, None));
+                        bytes.extend(b);
+                    }
+                    Err(e) => results[base + i] = Some(Err(e)),
+                }
             }
             if pending.is_empty() {
                 continue;
             }
-            let outcome = self.send(&bytes, "creating entries").and_then(|()| {
-                while !pending.is_empty() {
-                    for (seq, reply) in self.receive("creating entries")? {
-                        let Some(i) = pending.remove(&seq) else {
-                            continue;
-                        };
-                        results[i] =
-                            Some(match reply {
-                                Reply::Error(errno) => Err(Failure::Errno(errno)
-                                    .into_error(Op::Create, entries[i].original)),
-                                _ => Ok(()),
-                            });
-                    }
-                }
-                Ok(())
-            });
+            let outcome =
+                self.send(&bytes, "sending a batch of requests")
+                    .and_then(|()| {
+                        while !pending.is_empty() {
+                            for (seq, reply) in self.receive("receiving a batch of answers")? {
+                                let Some((i, got)) = pending.get_mut(&seq) else {
+                                    continue;
+                                };
+                                let i = *i;
+                                let request = &requests[i];
+                                let result = match reply {
+                                    Reply::Entry(attrs) => {
+                                        match codec::decode_record(&attrs) {
+                                            Ok(r) => *got = Some(r),
+                                            Err(e) => {
+                                                results[i] = Some(Err(ConntrackError::Decode {
+                                                    what: "reading an entry",
+                                                    reason: e.to_string(),
+                                                }));
+                                            }
+                                        }
+                                        continue;
+                                    }
+                                    Reply::Ack | Reply::Done => Ok(got.take()),
+                                    Reply::Error(Errno::ENOENT)
+                                        if matches!(request, Request::Get(..)) =>
+                                    {
+                                        Ok(None)
+                                    }
+                                    Reply::Error(errno) => Err(Failure::Errno(errno)
+                                        .into_error(request.op(), request.tuple())),
+                                };
+                                pending.remove(&seq);
+                                if results[i].is_none() {
+                                    results[i] = Some(result);
+                                }
+                            }
+                        }
+                        Ok(())
+                    });
             if let Err(f) = outcome {
-                // The socket failed mid-batch: every unanswered entry of
+                // The socket failed mid-batch: every unanswered request of
                 // this chunk gets the error (the I/O error is not Clone, so
                 // each gets its own rendering of it).
                 let (what, text) = match f {
                     Failure::Io(what, e) => (what, e.to_string()),
                     Failure::Decode(what, e) => (what, e),
-                    Failure::Errno(e) => ("creating entries", e.to_string()),
+                    Failure::Errno(e) => ("running a batch of requests", e.to_string()),
                 };
-                for i in pending.into_values() {
+                for (i, _) in pending.into_values() {
                     results[i] = Some(Err(ConntrackError::Io {
                         what,
                         source: io::Error::other(text.clone()),
@@ -319,7 +437,7 @@ impl Conntrack {
             .map(|r| {
                 r.unwrap_or_else(|| {
                     Err(ConntrackError::Io {
-                        what: "creating entries",
+                        what: "running a batch of requests",
                         source: io::Error::other("no answer from the kernel"),
                     })
                 })

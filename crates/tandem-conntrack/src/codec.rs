@@ -410,6 +410,7 @@ pub fn decode_record(attrs: &[ConntrackAttribute]) -> Result<Record, DecodeError
         },
         id,
         counters,
+        portid: 0,
     })
 }
 

@@ -95,6 +95,15 @@ impl EventSocket {
         self.receive_buffer
     }
 
+    /// Lets the kernel drop the events `filter` rejects before they reach
+    /// this socket (replacing any filter set before).
+    pub fn set_kernel_filter(&self, filter: &crate::KernelFilter) -> Result<(), ConntrackError> {
+        filter.attach(self).map_err(|source| ConntrackError::Io {
+            what: "attaching the event filter",
+            source,
+        })
+    }
+
     /// Messages that could not be decoded as events and were skipped.
     pub fn undecodable(&self) -> u64 {
         self.undecodable
@@ -153,6 +162,7 @@ impl EventSocket {
         };
         for msg in messages {
             let flags = msg.header.flags;
+            let portid = msg.header.port_number;
             let NetlinkPayload::InnerMessage(m) = msg.payload else {
                 continue;
             };
@@ -172,7 +182,10 @@ impl EventSocket {
                 _ => continue,
             };
             match codec::decode_record(&attrs) {
-                Ok(record) => self.queue.push_back(kind(record)),
+                Ok(mut record) => {
+                    record.portid = portid;
+                    self.queue.push_back(kind(record));
+                }
                 Err(e) => {
                     self.undecodable += 1;
                     tracing::warn!("conntrack event skipped: {e}");
