@@ -157,6 +157,14 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Most connection changes conntrack-syncd queues for the peer, 1024 to
+    /// 16777216, default 131072 (about 25 MB at most). Changes of one flow
+    /// fold into one entry, so this bounds the flows with unsent changes;
+    /// beyond it the queue is dropped and one bulk resync follows.
+    pub conntrack_queue_limit: u32,
+    /// Replication lag above this for more than a few seconds makes
+    /// conntrack-syncd's health degraded (yellow), 10 to 600000 ms, default 1000.
+    pub conntrack_lag_threshold_ms: u32,
 }
 
 impl SyncSettings {
@@ -172,6 +180,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            conntrack_queue_limit: 131_072,
+            conntrack_lag_threshold_ms: 1000,
         }
     }
 }
