@@ -5,7 +5,7 @@ mod api;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use conntrack_syncd::engine::{Engine, Snapshot};
+use conntrack_syncd::engine::{Engine, Mechanisms, Snapshot};
 use conntrack_syncd::kernel::Mode;
 use tandem_proto::v1::{SyncRole, conntrack_sync_server::ConntrackSyncServer};
 use tandem_runtime::{ConfigCell, DaemonArgs};
@@ -23,6 +23,19 @@ struct Args {
     /// (cache: slower failover, kept for comparison).
     #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
     mode: ModeArg,
+    /// Switches a protection off, for the tests that prove it (each fault
+    /// test runs once as shipped and once without its mechanism, which must
+    /// fail). Never for production.
+    #[arg(long, value_enum, hide = true, value_delimiter = ',')]
+    without: Vec<MechanismArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MechanismArg {
+    EpochHandshake,
+    BothWays,
+    ExactResync,
+    FarmFilter,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -37,6 +50,19 @@ fn main() -> ExitCode {
         ModeArg::Inject => Mode::Inject,
         ModeArg::Cache => Mode::Cache,
     };
+    let off = |m| args.without.contains(&m);
+    let mechanisms = Mechanisms {
+        epoch_handshake: !off(MechanismArg::EpochHandshake),
+        both_ways: !off(MechanismArg::BothWays),
+        exact_resync: !off(MechanismArg::ExactResync),
+        farm_filter: !off(MechanismArg::FarmFilter),
+    };
+    if !args.without.is_empty() {
+        eprintln!(
+            "conntrack-syncd: running WITHOUT {:?} (a test control, not for production)",
+            args.without
+        );
+    }
     tandem_runtime::run("conntrack-syncd", args.daemon, |ctx| async move {
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
@@ -60,6 +86,7 @@ fn main() -> ExitCode {
                 config: config.clone(),
                 config_dir: ctx.config_dir().to_owned(),
                 mode,
+                mechanisms,
                 commands,
                 snapshot: snapshot_tx,
                 vrrp_role,
