@@ -8,10 +8,11 @@
 //! backends :5353, round robin). Backends answer a TCP connection with their
 //! name and echo lines; a UDP datagram with `<name> <payload>`.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::Command;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -34,6 +35,8 @@ pub struct ClusterLab {
     pub client: Netns,
     pub nodes: Vec<Node>,
     pub backends: Vec<Netns>,
+    /// Where `start_logged` puts each daemon's log.
+    pub logs: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -118,11 +121,14 @@ impl ClusterLab {
             udp_backend(&ns, &format!("b{i}"));
             backends.push(ns);
         }
+        let logs = tmp.path().join("logs");
+        std::fs::create_dir_all(&logs).expect("log dir");
         ClusterLab {
             lab,
             client,
             nodes,
             backends,
+            logs,
             _tmp: tmp,
         }
     }
@@ -156,6 +162,159 @@ impl ClusterLab {
         )
         .expect("daemon serving");
         n.daemons.push((daemon, child));
+    }
+
+    /// Starts a daemon with its output appended to `logs/<node>-<daemon>.log`
+    /// (kept across restarts), and waits for its socket.
+    pub fn start_logged(&mut self, node: &str, daemon: &'static str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(node, daemon))
+            .expect("log file");
+        let lab = &self.lab;
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let mut cmd = Command::new(crate::bin(daemon));
+        cmd.arg("--config-dir")
+            .arg(&n.config_dir)
+            .arg("--runtime-dir")
+            .arg(&n.runtime_dir)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&n.runtime_dir))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
+        tandem_lab::wait_for_unix_socket(
+            &n.runtime_dir.join(format!("{daemon}.sock")),
+            Duration::from_secs(10),
+        )
+        .expect("daemon serving");
+        n.daemons.push((daemon, child));
+    }
+
+    pub fn log_path(&self, node: &str, daemon: &str) -> PathBuf {
+        self.logs.join(format!("{node}-{daemon}.log"))
+    }
+
+    /// What a daemon started with `start_logged` has written so far.
+    pub fn log(&self, node: &str, daemon: &str) -> String {
+        std::fs::read_to_string(self.log_path(node, daemon)).unwrap_or_default()
+    }
+
+    /// Sends `signal` to one daemon of a node (SIGSTOP, SIGCONT...).
+    pub fn signal(&mut self, node: &str, daemon: &str, signal: Signal) {
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let (_, child) = n
+            .daemons
+            .iter_mut()
+            .find(|(d, _)| *d == daemon)
+            .expect("daemon running");
+        child.kill(signal).expect("signal daemon");
+    }
+
+    /// Kills one daemon of a node (SIGKILL: a crash) and forgets it.
+    pub fn crash(&mut self, node: &str, daemon: &str) {
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let i = n
+            .daemons
+            .iter()
+            .position(|(d, _)| *d == daemon)
+            .expect("daemon running");
+        let (_, mut child) = n.daemons.remove(i);
+        let _ = child.kill(Signal::SIGKILL);
+        let _ = child.wait_timeout(Duration::from_secs(5));
+    }
+
+    /// The PID of a daemon of a node.
+    pub fn pid(&self, node: &str, daemon: &str) -> i32 {
+        self.node(node)
+            .daemons
+            .iter()
+            .find(|(d, _)| *d == daemon)
+            .map(|(_, c)| c.pid().as_raw())
+            .expect("daemon running")
+    }
+
+    /// The MAC address of a node's interface.
+    pub fn mac(&self, node: &str, ifname: &str) -> String {
+        let out = self
+            .node(node)
+            .ns
+            .ip(&["-o", "link", "show", "dev", ifname])
+            .expect("ip link");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("a MAC address")
+            .to_owned()
+    }
+
+    /// Points the client's neighbour entry for the VIP and the backends'
+    /// for the floating SNAT address at `node`, as their ARP caches do for
+    /// a while after that node announced them (a gratuitous ARP), whoever
+    /// is master now.
+    pub fn pin_neighbours_to(&self, node: &str) {
+        let (lan, back) = (self.mac(node, "eth0"), self.mac(node, "eth1"));
+        self.client
+            .ip(&[
+                "neigh",
+                "replace",
+                VIP,
+                "lladdr",
+                &lan,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])
+            .expect("client neighbour");
+        for b in &self.backends {
+            b.ip(&[
+                "neigh",
+                "replace",
+                "10.1.0.100",
+                "lladdr",
+                &back,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])
+            .expect("backend neighbour");
+        }
+    }
+
+    /// Original tuples of the flows to the VIP in a node's kernel table.
+    pub fn vip_tuples(&self, node: &str) -> HashSet<tandem_conntrack::Tuple> {
+        let vip: IpAddr = VIP.parse().expect("VIP");
+        self.node(node)
+            .ns
+            .run(move || {
+                let mut ct = tandem_conntrack::Conntrack::open().expect("ctnetlink");
+                ct.dump()
+                    .expect("dump")
+                    .into_iter()
+                    .map(|r| r.entry.original)
+                    .filter(|t| t.dst == vip)
+                    .collect()
+            })
+            .expect("node netns")
     }
 
     /// Starts vrrpd, lb-forwarder and, with `sync`, conntrack-syncd on both
@@ -244,6 +403,37 @@ impl ClusterLab {
             .count()
     }
 
+    /// TCP connections to the VIP from these exact source addresses and
+    /// ports (port 0: any), each with the name of the backend that answered.
+    pub fn connect_from(&self, sources: &[SocketAddr]) -> Vec<(String, TcpStream)> {
+        let sources = sources.to_vec();
+        let dst: SocketAddr = format!("{VIP}:80").parse().expect("dst");
+        self.client
+            .run(move || {
+                sources
+                    .iter()
+                    .map(|src| {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        s.set_reuse_address(true)?;
+                        s.bind(&(*src).into())?;
+                        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
+                        let s: TcpStream = s.into();
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        s.set_nodelay(true)?;
+                        let mut name = String::new();
+                        BufReader::new(s.try_clone()?).read_line(&mut name)?;
+                        Ok((name.trim().to_owned(), s))
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .expect("client thread")
+            .expect("connections to the VIP")
+    }
+
     /// `n` TCP connections to the VIP from the client, each with the name
     /// of the backend that answered.
     pub fn connect_many(&self, n: usize) -> Vec<(String, TcpStream)> {
@@ -296,6 +486,73 @@ impl Default for ClusterLab {
     fn default() -> Self {
         ClusterLab::new()
     }
+}
+
+/// Closes connections with a reset (SO_LINGER 0): the client keeps no
+/// TIME_WAIT, so its ports can be used again at once, and the balancers'
+/// entries go to CLOSE (10 s) and expire.
+pub fn reset(conns: Vec<(String, TcpStream)>) {
+    for (_, s) in conns {
+        let s = socket2::Socket::from(s);
+        let _ = s.set_linger(Some(Duration::ZERO));
+        drop(s);
+    }
+}
+
+/// How many of `conns` still carry bytes both ways: each sends a line with
+/// 1,000 bytes and must read it back intact (all at once, so that broken
+/// ones cost one read timeout in all, not one each).
+pub fn survivors(conns: &mut [(String, TcpStream)], tag: &str) -> usize {
+    std::thread::scope(|scope| {
+        let checks: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| {
+                scope.spawn(move || echo(s, &format!("{tag} {i} {}", "x".repeat(1000))).is_some())
+            })
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| c.join())
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    })
+}
+
+/// Peak resident memory of a process (VmHWM), in kB.
+pub fn peak_rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The UDP payloads of the IPv4 packets in a pcap file (tcpdump -w) whose
+/// source is `from` (Ethernet link type).
+pub fn pcap_udp_payloads(path: &Path, from: IpAddr) -> Vec<Vec<u8>> {
+    let data = std::fs::read(path).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let incl =
+            u32::from_le_bytes([data[at + 8], data[at + 9], data[at + 10], data[at + 11]]) as usize;
+        let pkt = &data[(at + 16).min(data.len())..(at + 16 + incl).min(data.len())];
+        at += 16 + incl;
+        // Ethernet, IPv4 (no options checked beyond IHL), UDP.
+        if pkt.len() < 14 + 20 + 8 || pkt[12..14] != [0x08, 0x00] || pkt[14 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(pkt[14] & 0x0f) * 4;
+        let src = IpAddr::from([pkt[26], pkt[27], pkt[28], pkt[29]]);
+        if src != from || pkt.len() < 14 + ihl + 8 {
+            continue;
+        }
+        out.push(pkt[14 + ihl + 8..].to_vec());
+    }
+    out
 }
 
 /// Sends `text` on a connection and reads the echo; None if the connection

@@ -510,6 +510,15 @@ impl Engine {
             lag_p99_ms: ms(st.lag_p99),
             stale_epoch_rejected: c.rejected_stale,
             foreign_records_dropped: shell.counters.foreign_records_dropped,
+            datagrams_sent: c.datagrams_sent,
+            datagrams_received: c.datagrams_received,
+            data_datagrams_sent: c.data_datagrams_sent,
+            records_coalesced: c.records_coalesced,
+            own_flows: shell.counters.own_flows,
+            entries_replaced: shell.counters.replaced,
+            stale_entries_removed: shell.counters.stale_removed,
+            congestion_window: u32::try_from(st.cwnd).unwrap_or(u32::MAX),
+            queued_records: st.tx_queued as u64,
             ..Default::default()
         };
         status.set_role(shell.role);
@@ -856,7 +865,11 @@ impl Shell {
 
     /// The health to publish, logged once per change of level.
     fn health(&mut self, protocol: &Health) -> Health {
-        let health = protocol.clone();
+        let mut health = protocol.clone();
+        // The protocol says "peer"; the operator wants to know which.
+        if let Some(rest) = health.message.strip_prefix("peer ") {
+            health.message = format!("peer {} {rest}", self.peer);
+        }
         if health.level != self.health {
             let peer = self.peer;
             match health.level {

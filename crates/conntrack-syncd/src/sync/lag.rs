@@ -14,7 +14,7 @@ pub const LAG_BUCKETS_S: [f64; 14] = [
 /// Percentiles are over the samples of this last stretch of time.
 pub const LAG_WINDOW: Duration = Duration::from_secs(10);
 /// Samples kept for the percentiles (one per acknowledged datagram).
-const MAX_SAMPLES: usize = 8192;
+const MAX_SAMPLES: usize = 4096;
 
 /// Lag samples: a histogram since start (for /metrics) and the recent
 /// samples (for the percentiles in Status).
@@ -57,10 +57,16 @@ impl LagStats {
     /// The `q` quantile (0..1) of the records acknowledged in the last
     /// [`LAG_WINDOW`], weighted by records; None without samples.
     pub fn quantile(&self, now: Instant, q: f64) -> Option<Duration> {
+        self.quantile_within(now, LAG_WINDOW, q)
+    }
+
+    /// The `q` quantile of the records acknowledged in the last `window`.
+    pub fn quantile_within(&self, now: Instant, window: Duration, q: f64) -> Option<Duration> {
         let mut recent: Vec<(Duration, u32)> = self
             .recent
             .iter()
-            .filter(|(t, _, _)| now.saturating_duration_since(*t) <= LAG_WINDOW)
+            .rev()
+            .take_while(|(t, _, _)| now.saturating_duration_since(*t) <= window)
             .map(|(_, l, n)| (*l, *n))
             .collect();
         if recent.is_empty() {

@@ -391,6 +391,8 @@ pub struct Counters {
     /// Times the send queue hit its limit, and the records dropped then.
     pub queue_overflows: u64,
     pub records_dropped: u64,
+    /// Queued records dropped because a complete bulk superseded them.
+    pub records_superseded: u64,
 }
 
 /// A snapshot for the Status RPC.
@@ -507,6 +509,9 @@ pub struct SyncPeer {
     lag: LagStats,
     /// Since when the lag has been above the threshold.
     lag_over_since: Option<Instant>,
+    /// The lag as judged for the health, and when it is judged next.
+    lag_judged: Duration,
+    lag_check_at: Instant,
 
     // rx stream
     peer_epoch: Option<u64>,
@@ -524,6 +529,8 @@ pub struct SyncPeer {
     gap_since: Option<(u64, Instant)>,
     resync: ResyncState,
     resync_asked_at: Option<Instant>,
+    /// Since when a resync from the peer has been wanted and not complete.
+    resync_since: Option<Instant>,
     /// The id of this node's latest resync request (repeats keep it).
     resync_request_id: u32,
     /// The id of the peer's latest request served, in its current epoch.
@@ -579,6 +586,8 @@ impl SyncPeer {
             last_send: None,
             lag: LagStats::default(),
             lag_over_since: None,
+            lag_judged: Duration::ZERO,
+            lag_check_at: now,
             peer_epoch: None,
             retired: VecDeque::new(),
             last_challenge: None,
@@ -591,6 +600,7 @@ impl SyncPeer {
             gap_since: None,
             resync: ResyncState::Idle,
             resync_asked_at: None,
+            resync_since: None,
             resync_request_id: 0,
             served_request_id: None,
             bulk_records: 0,
@@ -677,14 +687,13 @@ impl SyncPeer {
             };
         }
         if let Some(since) = self.lag_over_since
-            && self.lag_now(now) > self.config.lag_threshold
             && now.saturating_duration_since(since) >= self.config.degraded_after
         {
             return Health {
                 level: HealthLevel::Degraded,
                 message: format!(
                     "replication lag {} above {} for {}",
-                    human(self.lag_now(now)),
+                    human(self.lag_judged.max(self.lag_now(now))),
                     human(self.config.lag_threshold),
                     human(now.saturating_duration_since(since))
                 ),
@@ -693,7 +702,7 @@ impl SyncPeer {
         if matches!(
             self.resync,
             ResyncState::Requested | ResyncState::InProgress
-        ) && let Some(asked) = self.resync_asked_at.or(self.last_heard)
+        ) && let Some(asked) = self.resync_since
             && now.saturating_duration_since(asked) >= self.config.degraded_after
         {
             return Health {
@@ -705,6 +714,30 @@ impl SyncPeer {
             };
         }
         Health::ok()
+    }
+
+    /// The lag as the health judges it, every 100 ms: the age of the oldest
+    /// change not acknowledged yet, or the median lag of what was
+    /// acknowledged in the last `degraded_after` if that is more (changes
+    /// that do get through, each a second late, are a lagging replication
+    /// too).
+    fn judge_lag(&mut self, now: Instant) {
+        self.lag_check_at = now + Duration::from_millis(100);
+        let pending = self.lag_now(now);
+        let recent = self
+            .lag
+            .quantile_within(now, self.config.degraded_after, 0.5)
+            .unwrap_or_default();
+        let lag = pending.max(recent);
+        self.lag_judged = lag;
+        if lag > self.config.lag_threshold {
+            if self.lag_over_since.is_none() {
+                let over = pending.saturating_sub(self.config.lag_threshold);
+                self.lag_over_since = Some(now - over);
+            }
+        } else {
+            self.lag_over_since = None;
+        }
     }
 
     /// Age of the oldest change not yet acknowledged by the peer.
@@ -813,6 +846,13 @@ impl SyncPeer {
         };
         self.bulk_owed = false;
         self.last_bulk_at = Some(now);
+        if complete {
+            // The whole table, newer than every change still queued: those
+            // would only be applied to be overwritten (and a destroyed
+            // flow's absence from the bulk deletes it on the peer).
+            let superseded = self.outbox.clear();
+            self.counters.records_superseded += superseded as u64;
+        }
         self.outbox.push_marker(Item::BulkBegin { complete }, now);
         for e in entries {
             self.outbox.push_bulk(Record::New(e), now);
@@ -965,6 +1005,7 @@ impl SyncPeer {
             // The peer is pushing its table already.
             self.resync = ResyncState::Requested;
             self.resync_asked_at = Some(now);
+            self.resync_since = Some(now);
         } else {
             self.request_resync(ResyncCause::NewPeerEpoch, now, out);
         }
@@ -1060,6 +1101,7 @@ impl SyncPeer {
             Message::BulkBegin { complete } => {
                 if self.resync != ResyncState::Requested && self.resync != ResyncState::InProgress {
                     self.resync_asked_at = Some(now);
+                    self.resync_since = Some(now);
                 }
                 self.resync = ResyncState::InProgress;
                 self.bulk_records = 0;
@@ -1077,6 +1119,7 @@ impl SyncPeer {
                         }));
                     }
                     self.resync = ResyncState::Complete;
+                    self.resync_since = None;
                     self.last_resync = Some(now);
                     self.counters.resyncs_completed += 1;
                     out.push(Action::ResyncComplete {
@@ -1148,6 +1191,12 @@ impl SyncPeer {
     }
 
     fn request_resync(&mut self, cause: ResyncCause, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(
+            self.resync,
+            ResyncState::Requested | ResyncState::InProgress
+        ) {
+            self.resync_since = Some(now);
+        }
         self.resync = ResyncState::Requested;
         self.resync_asked_at = Some(now);
         self.resync_request_id = self.resync_request_id.wrapping_add(1);
@@ -1635,13 +1684,8 @@ impl SyncPeer {
             };
             out.push(Action::PeerDead { reason });
         }
-        let lag = self.lag_now(now);
-        if lag > self.config.lag_threshold {
-            if self.lag_over_since.is_none() {
-                self.lag_over_since = Some(now - (lag - self.config.lag_threshold));
-            }
-        } else {
-            self.lag_over_since = None;
+        if now >= self.lag_check_at {
+            self.judge_lag(now);
         }
         if now >= self.alive_due() {
             self.send_unreliable(Message::Alive, now, out);
