@@ -488,6 +488,101 @@ impl Default for ClusterLab {
     }
 }
 
+/// New TCP flows through the VIP as fast as a SYN flood makes them:
+/// `flows` SYNs from the client's 8 addresses (one source port each),
+/// paced evenly over `over`, from a raw socket in the client's namespace.
+/// The client drops its own resets (the SYN-ACKs find no socket), so each
+/// flow stays half-open (SYN_RECV, 60 s) on the balancer. Returns the
+/// (source address, port) of every flow sent.
+pub fn syn_burst(client: &Netns, flows: usize, over: Duration) -> Vec<(IpAddr, u16)> {
+    client
+        .exec(
+            "nft",
+            &["add table inet burst; add chain inet burst out { type filter hook output priority 0; }; add rule inet burst out tcp flags & rst == rst drop"],
+        )
+        .expect("drop the client's resets");
+    client
+        .run(move || {
+            let raw = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(libc_ipproto_raw())),
+            )?;
+            let vip: std::net::Ipv4Addr = VIP.parse().expect("VIP");
+            let dst = socket2::SockAddr::from(SocketAddr::new(IpAddr::V4(vip), 0));
+            let start = Instant::now();
+            let mut sent = Vec::with_capacity(flows);
+            for n in 0..flows {
+                let src = std::net::Ipv4Addr::new(10, 0, 0, 50 + (n % 8) as u8);
+                let port = 1024 + (n / 8) as u16;
+                let packet = syn_packet(src, port, vip, 80, n as u32);
+                raw.send_to(&packet, &dst)?;
+                sent.push((IpAddr::V4(src), port));
+                // Even pacing, checked every 64 packets.
+                if n % 64 == 63 {
+                    let due = over.mul_f64((n + 1) as f64 / flows as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            Ok::<_, std::io::Error>(sent)
+        })
+        .expect("client netns")
+        .expect("SYN burst")
+}
+
+/// IPPROTO_RAW: the socket sends whole IP packets (IP_HDRINCL implied).
+fn libc_ipproto_raw() -> i32 {
+    255
+}
+
+/// An IPv4 TCP SYN, checksums included.
+fn syn_packet(
+    src: std::net::Ipv4Addr,
+    sport: u16,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let ip_sum = checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let tcp = &mut p[20..];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo: u32 = 0;
+    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += 6 + 20;
+    let sum = checksum(tcp, pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// The Internet checksum (RFC 1071) of `data`, starting from `sum`.
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for w in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Closes connections with a reset (SO_LINGER 0): the client keeps no
 /// TIME_WAIT, so its ports can be used again at once, and the balancers'
 /// entries go to CLOSE (10 s) and expire.

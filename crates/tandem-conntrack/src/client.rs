@@ -3,20 +3,15 @@
 use std::collections::HashMap;
 use std::io;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkPayload,
-};
-use netlink_packet_netfilter::{
-    NetfilterMessageInner, NetfilterProtoFamily,
-    conntrack::{ConntrackAttribute, ConntrackMessage},
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
+
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use nix::errno::Errno;
 
-use crate::codec::{self, CreateOptions};
 use crate::entry::{Entry, Record, Tuple};
 use crate::error::{ConntrackError, Op};
-use crate::netlink::{self, family_of};
+use crate::netlink;
+use crate::raw::{self, CreateOptions, DecodeError};
 
 /// Receive buffer of the request socket: room for the acknowledgements of
 /// a whole batch and for the largest dump datagram (the kernel caps those
@@ -74,39 +69,24 @@ impl Request<'_> {
         }
     }
 
-    fn encode(&self, seq: u32) -> Result<Vec<u8>, ConntrackError> {
-        Ok(match *self {
+    /// Appends the request to `buf` (written directly: see raw.rs).
+    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> Result<(), ConntrackError> {
+        match *self {
             Request::Create(e, opts) => {
                 check_entry(Op::Create, e)?;
-                netlink::encode(
-                    family_of(&e.original),
-                    ConntrackMessage::New(codec::create_attrs(e, opts)),
-                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-                    seq,
-                )
+                let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
+                raw::create(buf, e, opts, flags, seq);
             }
             Request::Update(e) => {
                 check_entry(Op::Update, e)?;
-                netlink::encode(
-                    family_of(&e.original),
-                    ConntrackMessage::New(codec::update_attrs(e)),
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                )
+                raw::update(buf, e, NLM_F_REQUEST | NLM_F_ACK, seq);
             }
-            Request::Delete(t, zone) => netlink::encode(
-                family_of(t),
-                ConntrackMessage::Delete(codec::key_attrs(t, zone)),
-                NLM_F_REQUEST | NLM_F_ACK,
-                seq,
-            ),
-            Request::Get(t, zone) => netlink::encode(
-                family_of(t),
-                ConntrackMessage::Get(codec::key_attrs(t, zone)),
-                NLM_F_REQUEST | NLM_F_ACK,
-                seq,
-            ),
-        })
+            Request::Delete(t, zone) => {
+                raw::key(buf, true, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq)
+            }
+            Request::Get(t, zone) => raw::key(buf, false, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
+        }
+        Ok(())
     }
 }
 
@@ -131,7 +111,7 @@ impl Failure {
 
 /// One answer of the kernel to a request of ours.
 enum Reply {
-    Entry(Vec<ConntrackAttribute>),
+    Entry(Result<Record, DecodeError>),
     Ack,
     Error(Errno),
     Done,
@@ -208,25 +188,23 @@ impl Conntrack {
                 Err(e) => return Err(Failure::Io(what, e)),
             }
         };
-        let messages = netlink::decode(&self.buf[..n]).map_err(|e| Failure::Decode(what, e))?;
-        let mut out = Vec::with_capacity(messages.len());
-        for msg in messages {
-            let seq = msg.header.sequence_number;
-            let reply = match msg.payload {
-                NetlinkPayload::Done(_) => Reply::Done,
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Reply::Ack,
-                    Some(code) => Reply::Error(Errno::from_raw(-code.get())),
-                },
-                NetlinkPayload::InnerMessage(m) => match m.inner {
-                    NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => {
-                        Reply::Entry(attrs)
-                    }
-                    _ => continue,
-                },
-                _ => continue,
+        let mut out = Vec::new();
+        for msg in raw::messages(&self.buf[..n]) {
+            let msg = msg.map_err(|e| Failure::Decode(what, e))?;
+            let reply = if msg.is_done() {
+                Reply::Done
+            } else if msg.is_error() {
+                match msg.error_code() {
+                    Some(0) => Reply::Ack,
+                    Some(code) => Reply::Error(Errno::from_raw(-code)),
+                    None => return Err(Failure::Decode(what, "a short error message".into())),
+                }
+            } else if msg.is_entry() && !msg.is_delete() {
+                Reply::Entry(raw::decode_entry(msg.payload))
+            } else {
+                continue;
             };
-            out.push((seq, reply));
+            out.push((msg.seq, reply));
         }
         Ok(out)
     }
@@ -235,13 +213,13 @@ impl Conntrack {
     /// acknowledgement (or end of dump).
     fn transact(
         &mut self,
-        family: NetfilterProtoFamily,
-        msg: ConntrackMessage,
-        flags: u16,
+        request: impl FnOnce(&mut Vec<u8>, u32),
         what: &'static str,
-    ) -> Result<Vec<Vec<ConntrackAttribute>>, Failure> {
+    ) -> Result<Vec<Record>, Failure> {
         let seq = self.next_seq();
-        self.send(&netlink::encode(family, msg, flags, seq), what)?;
+        let mut bytes = Vec::with_capacity(256);
+        request(&mut bytes, seq);
+        self.send(&bytes, what)?;
         let mut entries = Vec::new();
         loop {
             for (s, reply) in self.receive(what)? {
@@ -251,7 +229,9 @@ impl Conntrack {
                     continue;
                 }
                 match reply {
-                    Reply::Entry(attrs) => entries.push(attrs),
+                    Reply::Entry(r) => {
+                        entries.push(r.map_err(|e| Failure::Decode(what, e.to_string()))?)
+                    }
                     Reply::Ack | Reply::Done => return Ok(entries),
                     Reply::Error(errno) => return Err(Failure::Errno(errno)),
                 }
@@ -262,27 +242,15 @@ impl Conntrack {
     /// Every entry of the table, IPv4 and IPv6.
     pub fn dump(&mut self) -> Result<Vec<Record>, ConntrackError> {
         // AF_UNSPEC in the request: the kernel dumps every family.
-        let entries = self
-            .transact(
-                NetfilterProtoFamily::Unspec,
-                ConntrackMessage::Get(vec![]),
-                NLM_F_REQUEST | NLM_F_DUMP,
-                "dumping the table",
-            )
-            .map_err(|f| match f {
-                Failure::Errno(errno) => ConntrackError::DumpRefused { errno },
-                Failure::Io(what, source) => ConntrackError::Io { what, source },
-                Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
-            })?;
-        entries
-            .iter()
-            .map(|attrs| {
-                codec::decode_record(attrs).map_err(|e| ConntrackError::Decode {
-                    what: "dumping the table",
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+        self.transact(
+            |b, seq| raw::dump(b, NLM_F_REQUEST | NLM_F_DUMP, seq),
+            "dumping the table",
+        )
+        .map_err(|f| match f {
+            Failure::Errno(errno) => ConntrackError::DumpRefused { errno },
+            Failure::Io(what, source) => ConntrackError::Io { what, source },
+            Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
+        })
     }
 
     /// The entry whose original tuple is `tuple` (zone 0), if any.
@@ -296,23 +264,11 @@ impl Conntrack {
         zone: u16,
     ) -> Result<Option<Record>, ConntrackError> {
         let result = self.transact(
-            family_of(tuple),
-            ConntrackMessage::Get(codec::key_attrs(tuple, zone)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::key(b, false, tuple, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
             "reading an entry",
         );
         match result {
-            Ok(entries) => match entries.first() {
-                Some(attrs) => {
-                    codec::decode_record(attrs)
-                        .map(Some)
-                        .map_err(|e| ConntrackError::Decode {
-                            what: "reading an entry",
-                            reason: e.to_string(),
-                        })
-                }
-                None => Ok(None),
-            },
+            Ok(mut entries) => Ok(entries.pop()),
             Err(Failure::Errno(Errno::ENOENT)) => Ok(None),
             Err(f) => Err(f.into_error(Op::Get, *tuple)),
         }
@@ -322,10 +278,9 @@ impl Conntrack {
     /// if its original tuple is already in the table.
     pub fn create(&mut self, entry: &Entry, opts: CreateOptions) -> Result<(), ConntrackError> {
         check_entry(Op::Create, entry)?;
+        let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
         self.transact(
-            family_of(&entry.original),
-            ConntrackMessage::New(codec::create_attrs(entry, opts)),
-            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            |b, seq| raw::create(b, entry, opts, flags, seq),
             "creating an entry",
         )
         .map(drop)
@@ -364,10 +319,9 @@ impl Conntrack {
             let mut bytes = Vec::with_capacity(chunk.len() * 256);
             for (i, request) in chunk.iter().enumerate() {
                 let seq = self.next_seq();
-                match request.encode(seq) {
-                    Ok(b) => {
+                match request.encode(&mut bytes, seq) {
+                    Ok(()) => {
                         pending.insert(seq, (base + i, None));
-                        bytes.extend(b);
                     }
                     Err(e) => results[base + i] = Some(Err(e)),
                 }
@@ -387,7 +341,7 @@ impl Conntrack {
                                 let request = &requests[i];
                                 let result = match reply {
                                     Reply::Entry(attrs) => {
-                                        match codec::decode_record(&attrs) {
+                                        match attrs {
                                             Ok(r) => *got = Some(r),
                                             Err(e) => {
                                                 results[i] = Some(Err(ConntrackError::Decode {
@@ -451,9 +405,7 @@ impl Conntrack {
     pub fn update(&mut self, entry: &Entry) -> Result<(), ConntrackError> {
         check_entry(Op::Update, entry)?;
         self.transact(
-            family_of(&entry.original),
-            ConntrackMessage::New(codec::update_attrs(entry)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::update(b, entry, NLM_F_REQUEST | NLM_F_ACK, seq),
             "updating an entry",
         )
         .map(drop)
@@ -468,9 +420,7 @@ impl Conntrack {
 
     pub fn delete_in_zone(&mut self, tuple: &Tuple, zone: u16) -> Result<(), ConntrackError> {
         self.transact(
-            family_of(tuple),
-            ConntrackMessage::Delete(codec::key_attrs(tuple, zone)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::key(b, true, tuple, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
             "deleting an entry",
         )
         .map(drop)

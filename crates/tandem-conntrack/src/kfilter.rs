@@ -282,7 +282,8 @@ fn nla_find(packet: &[u8], mut at: usize, to: usize, kind: u16) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{CreateOptions, create_attrs, key_attrs};
+    use crate::CreateOptions;
+    use crate::codec::{create_attrs, key_attrs};
     use crate::entry::{Entry, Tuple, proto, status};
     use netlink_packet_netfilter::conntrack::ConntrackMessage;
 

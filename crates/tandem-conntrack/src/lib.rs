@@ -12,6 +12,7 @@
 //! quirks this crate works around.
 
 mod client;
+#[cfg(test)]
 mod codec;
 pub mod entry;
 mod error;
@@ -19,9 +20,9 @@ mod events;
 mod filter;
 mod kfilter;
 mod netlink;
+mod raw;
 
 pub use client::{Conntrack, Request};
-pub use codec::{CreateOptions, DecodeError};
 pub use entry::{Counters, Entry, Event, Record, TcpInfo, Tuple};
 pub use error::{ConntrackError, Op};
 pub use events::{DEFAULT_RECEIVE_BUFFER, EventGroup, EventSocket, EventStream};
@@ -29,3 +30,4 @@ pub use filter::{Filter, Service};
 #[doc(hidden)]
 pub use kfilter::run as run_kernel_filter;
 pub use kfilter::{Insn, KernelFilter};
+pub use raw::{CreateOptions, DecodeError};
