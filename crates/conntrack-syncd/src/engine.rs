@@ -44,10 +44,15 @@ const SOCKET_BUFFER: usize = 8 << 20;
 /// stream in: building it on every event would cost about as much as
 /// handling the event.
 const STATUS_INTERVAL: Duration = Duration::from_millis(20);
-/// Most kernel events taken in one turn of the loop.
-const EVENT_BATCH: usize = 2048;
-/// Most datagrams taken in one turn of the loop.
-const DATAGRAM_BATCH: usize = 256;
+/// Most kernel events taken in one turn of the loop, and most datagrams
+/// (about 30 records each): a turn stays short, so acknowledgements and
+/// alives keep flowing while a burst is worked off.
+const EVENT_BATCH: usize = 1024;
+const DATAGRAM_BATCH: usize = 64;
+/// The kernel event socket's receive buffer (kernel memory, forced past
+/// rmem_max): about 100,000 events, a burst the daemon may fall behind by
+/// for a moment (a table dump) before the kernel drops events.
+const EVENT_BUFFER: usize = 64 << 20;
 /// A repeated warning (refused records, kernel errors) is logged at most
 /// this often, with the number suppressed.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -313,8 +318,8 @@ impl Engine {
             sync_socket(local).with_context(|| format!("binding the sync socket to {local}"))?;
         let replica =
             Replica::open(self.mode, self.mechanisms.exact_resync).context("opening ctnetlink")?;
-        let events =
-            EventSocket::open(&EventGroup::ALL).context("subscribing to conntrack events")?;
+        let events = EventSocket::with_receive_buffer(&EventGroup::ALL, EVENT_BUFFER)
+            .context("subscribing to conntrack events")?;
         if let Err(e) = events.set_kernel_filter(&kernel_filter(&filter, replica.portid())) {
             // Not fatal: user space filters the same events, at some cost.
             tracing::warn!("conntrack events are filtered in user space only: {e}");
@@ -680,30 +685,13 @@ impl Shell {
     }
 
     /// The kernel reports no event when a UDP flow's timeout is refreshed:
-    /// its state is sent again now and then (the flows this node owns).
+    /// the flows this node owns are sent again now and then, with the
+    /// timeout the kernel holds now (read in one batch, no dump).
     fn refresh_datagram_flows(&mut self, now: Instant) {
-        let master = self.master();
-        match self.replica.dump() {
-            Ok(records) => {
-                for r in records {
-                    let t = r.entry.original;
-                    if r.entry.original.protocol == 6 || !self.filter.matches(&r.entry) {
-                        continue;
-                    }
-                    let own = if master {
-                        !self.replica.is_copy(&t)
-                    } else {
-                        self.replica.is_own(&t)
-                    };
-                    if own {
-                        let out = self.sync.local_event(Record::Update(r.entry), now);
-                        self.actions.extend(out);
-                    }
-                }
-            }
-            Err(e) => {
-                self.last_error = format!("dumping the conntrack table: {e}");
-                tracing::error!("{}", self.last_error);
+        for entry in self.replica.own_datagram_flows() {
+            if self.filter.matches(&entry) {
+                let out = self.sync.local_event(Record::Update(entry), now);
+                self.actions.extend(out);
             }
         }
     }
@@ -826,13 +814,22 @@ impl Shell {
         let master = self.master();
         match self.replica.dump() {
             Ok(records) => {
-                let entries = records
+                let entries: Vec<tandem_conntrack::Entry> = records
                     .into_iter()
                     .map(|r| r.entry)
                     .filter(|e| {
                         self.filter.matches(e) && (master || self.replica.is_own(&e.original))
                     })
                     .collect();
+                if master {
+                    // The master's table is its own, also what started
+                    // before this daemon (no event told of it).
+                    for e in &entries {
+                        if !self.replica.is_copy(&e.original) {
+                            self.replica.own_flow(e.original);
+                        }
+                    }
+                }
                 (entries, master)
             }
             Err(e) => {

@@ -106,8 +106,12 @@ pub struct Replica {
     /// zone), not changed by local traffic since.
     copies: HashMap<Tuple, u16>,
     /// This node's own flows: local traffic made or changed them since this
-    /// daemon started, and no peer record has overwritten them since.
+    /// daemon started (or its table went to the peer as master), and no
+    /// peer record has overwritten them since.
     own: HashSet<Tuple>,
+    /// The own flows without TCP state (UDP...): their timeout is refreshed
+    /// by traffic without an event, so they are sent again now and then.
+    own_datagram: HashSet<Tuple>,
     /// Cache mode: the latest state of each replicated entry.
     cache: HashMap<Tuple, Entry>,
     resync: Option<Resync>,
@@ -117,7 +121,8 @@ pub struct Replica {
     pub apply_errors: u64,
     pub replaced: u64,
     pub stale_removed: u64,
-    /// Destroy events of copies that expired here, not sent to the peer.
+    /// Destroy events not sent to the peer: copies of its flows, or entries
+    /// this node does not own, that expired here.
     pub copies_expired: u64,
 }
 
@@ -128,6 +133,7 @@ impl Replica {
             mode,
             copies: HashMap::new(),
             own: HashSet::new(),
+            own_datagram: HashSet::new(),
             cache: HashMap::new(),
             resync: None,
             exact,
@@ -170,27 +176,59 @@ impl Replica {
     pub fn local_event(&mut self, event: Event) -> Option<Record> {
         match event {
             Event::New(r) => {
-                self.copies.remove(&r.entry.original);
-                self.own.insert(r.entry.original);
+                self.own_flow(r.entry.original);
                 Some(Record::New(r.entry))
             }
             Event::Update(r) => {
-                self.copies.remove(&r.entry.original);
-                self.own.insert(r.entry.original);
+                self.own_flow(r.entry.original);
                 Some(Record::Update(r.entry))
             }
             Event::Destroy(r) => {
+                // Only the end of one of this node's own flows is news for
+                // the peer. A copy of the peer's flow that expires here is
+                // not (the flow may be alive there); nor is an entry this
+                // daemon never knew. (Judged by ownership, not by the
+                // copies: a copy's destroy event may be read after the
+                // copy was written again, and must not make the new one
+                // look like this node's own.)
                 let t = r.entry.original;
-                if self.copies.remove(&t).is_some() {
-                    // The peer's flow, expired here: not news for the peer.
+                self.own_datagram.remove(&t);
+                let own = self.own.remove(&t);
+                if self.copies.remove(&t).is_some() || !own {
                     self.copies_expired += 1;
                     return None;
                 }
-                self.own.remove(&t);
                 Some(Record::Destroy(t))
             }
             Event::Overrun => None,
         }
+    }
+
+    /// Local traffic made or changed this flow: it is this node's own.
+    pub fn own_flow(&mut self, t: Tuple) {
+        self.copies.remove(&t);
+        self.own.insert(t);
+        if t.protocol != PROTO_TCP {
+            self.own_datagram.insert(t);
+        }
+    }
+
+    /// The own flows to send again (their timeouts), read from the kernel
+    /// in one batch; flows gone meanwhile are forgotten.
+    pub fn own_datagram_flows(&mut self) -> Vec<Entry> {
+        let tuples: Vec<Tuple> = self.own_datagram.iter().copied().collect();
+        let requests: Vec<Request<'_>> = tuples.iter().map(|t| Request::Get(t, 0)).collect();
+        let mut out = Vec::new();
+        for (t, r) in tuples.iter().zip(self.ct.execute(&requests)) {
+            match r {
+                Ok(Some(record)) => out.push(record.entry),
+                Ok(None) => {
+                    self.own_datagram.remove(t);
+                }
+                Err(_) => self.apply_errors += 1,
+            }
+        }
+        out
     }
 
     /// Whether this node sends `entry` as one of the flows it forwards
@@ -348,6 +386,7 @@ impl Replica {
                 (Op::Delete(..), Ok(_) | Err(ConntrackError::NotFound { .. })) => {
                     self.copies.remove(&t);
                     self.own.remove(&t);
+                    self.own_datagram.remove(&t);
                 }
                 // Already there (an older flow of the same tuple, or a
                 // packet of this one was first): compare its NAT.
@@ -387,6 +426,7 @@ impl Replica {
     /// A peer record made this entry what it is: it is a copy now.
     fn written(&mut self, t: Tuple, zone: u16) {
         self.own.remove(&t);
+        self.own_datagram.remove(&t);
         self.copies.insert(t, zone);
     }
 
@@ -512,7 +552,9 @@ impl Replica {
 
     /// This node became the master: the copies it holds are its flows now.
     pub fn adopt(&mut self) {
-        self.own.extend(self.copies.drain().map(|(t, _)| t));
+        for (t, _) in std::mem::take(&mut self.copies) {
+            self.own_flow(t);
+        }
     }
 }
 

@@ -23,6 +23,13 @@ struct Args {
     /// (cache: slower failover, kept for comparison).
     #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
     mode: ModeArg,
+    /// Scheduling niceness of the daemon, -20 (most favoured) to 19. A
+    /// busy node must not starve replication (the peer's flows would lag
+    /// seconds behind); conntrackd runs at real-time priority by default
+    /// for the same reason, which can starve the datapath's softirq
+    /// threads instead. 0 leaves it as started.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: i32,
     /// Switches a protection off, for the tests that prove it (each fault
     /// test runs once as shipped and once without its mechanism, which must
     /// fail). Never for production.
@@ -46,6 +53,16 @@ enum ModeArg {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before the runtime starts its threads: they inherit it.
+    let niceness = (args.nice != 0).then(|| {
+        // SAFETY: setpriority on the calling thread (PRIO_PROCESS, 0).
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) };
+        if rc == 0 {
+            Ok(args.nice)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    });
     let mode = match args.mode {
         ModeArg::Inject => Mode::Inject,
         ModeArg::Cache => Mode::Cache,
@@ -64,6 +81,15 @@ fn main() -> ExitCode {
         );
     }
     tandem_runtime::run("conntrack-syncd", args.daemon, |ctx| async move {
+        match niceness {
+            Some(Ok(n)) => tracing::info!(nice = n, "running at niceness {n}"),
+            Some(Err(e)) => tracing::warn!(
+                nice = args.nice,
+                "could not set niceness {}: {e} (replication may lag on a busy node)",
+                args.nice
+            ),
+            None => {}
+        }
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let (snapshot_tx, snapshot) = watch::channel(Snapshot::default());

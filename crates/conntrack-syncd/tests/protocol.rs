@@ -337,12 +337,13 @@ fn a_lost_datagram_is_asked_for_and_sent_again() {
     assert_eq!(probe.len(), 1);
     assert_eq!((probe[0].seq, &probe[0].message), (3, &Message::Alive));
     // Still nothing: resent after the retransmit timeout (50 ms after the
-    // NACK resend), with another Alive; the window drops to its minimum.
+    // NACK resend), with another Alive; the window is not cut twice for
+    // the same data.
     assert!(a.tick(t0 + ms(60)).is_empty());
     let out = a.tick(t0 + ms(61));
     assert_eq!(out[0], second[0]);
     assert_eq!(sent(&out[1..])[0].message, Message::Alive);
-    assert_eq!(a.status(t0 + ms(61)).cwnd, config().min_cwnd);
+    assert_eq!(a.status(t0 + ms(61)).cwnd, config().initial_cwnd / 2);
 }
 
 #[test]
@@ -981,9 +982,12 @@ fn peers_converge_over_a_clean_link_with_batching() {
     assert_eq!(a.window_cuts, 0);
 }
 
+/// A third of the datagrams lost, both ways, at random (a fixed pattern
+/// such as "every third" locks onto the periodic alives and retries and
+/// drops the same request every second, which no real link does).
 #[test]
-fn peers_converge_when_every_third_datagram_is_dropped() {
-    let sim = lossy_convergence(config(), Loss::EveryKth(3), 0, Duration::ZERO, 2);
+fn peers_converge_when_a_third_of_the_datagrams_is_dropped() {
+    let sim = lossy_convergence(config(), Loss::Percent(33), 0, Duration::ZERO, 2);
     let a = sim.nodes[0].status_at(sim.now).counters;
     assert!(a.retransmissions > 20, "{a:?}");
     assert!(sim.nodes[1].status_at(sim.now).counters.gaps > 10);
@@ -1222,6 +1226,7 @@ fn an_outage_is_repaired_by_retransmission_and_coalescing_never_by_a_table_resen
     let sim = outage_scenario(SyncConfig {
         window: 8,
         initial_cwnd: 8,
+        min_cwnd: 2,
         ..config()
     });
     let (a, b) = (
@@ -1247,6 +1252,7 @@ fn a_queue_over_its_limit_is_dropped_and_one_bulk_resync_follows() {
         SyncConfig {
             window: 8,
             initial_cwnd: 8,
+            min_cwnd: 2,
             queue_limit: 30,
             ..config()
         },
@@ -1365,9 +1371,9 @@ fn lag_is_measured_to_the_acknowledgement_and_judged_by_the_health() {
     assert_eq!(a.health.level, HealthLevel::Ok, "{:?}", a.health);
     assert!(a.lag_p99.unwrap() > ms(1000));
     sim.assert_converged();
-    // The link is cut: failed once the peer is silent for 5 alive intervals.
+    // The link is cut: failed once the peer is silent for 10 alive intervals.
     sim.link.loss = Loss::All;
-    sim.run_for(ms(900));
+    sim.run_for(ms(1900));
     assert_ne!(
         sim.nodes[0].peer.status(sim.now).health.level,
         HealthLevel::Failed
@@ -1453,7 +1459,7 @@ fn a_peer_never_heard_is_declared_dead_once() {
     assert_eq!(
         dead,
         vec![Action::PeerDead {
-            reason: DeadReason::NeverHeard { waited: ms(1000) }
+            reason: DeadReason::NeverHeard { waited: ms(2000) }
         }]
     );
 }

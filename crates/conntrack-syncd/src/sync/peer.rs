@@ -112,12 +112,12 @@ impl Default for SyncConfig {
             ack_timeout: Duration::from_millis(50),
             retransmit_gap: Duration::from_millis(10),
             retransmit_burst: 64,
-            window: 1024,
-            initial_cwnd: 64,
-            min_cwnd: 4,
+            window: 2048,
+            initial_cwnd: 256,
+            min_cwnd: 32,
             queue_limit: 131_072,
             alive_interval: Duration::from_millis(200),
-            dead_after: 5,
+            dead_after: 10,
             resync_retry: Duration::from_secs(1),
             max_nack_rounds: 20,
             log_interval: Duration::from_secs(10),
@@ -822,10 +822,21 @@ impl SyncPeer {
     }
 
     /// Pushes this node's table to the peer unasked (the shell: on
-    /// becoming master, after lost kernel events): emits DumpLocalTable.
+    /// becoming master, after lost kernel events): emits DumpLocalTable —
+    /// unless one was dumped less than `resync_retry` ago: then the table
+    /// is owed, and sent once the peer keeps up (a burst that overruns the
+    /// kernel's event buffer again and again costs one table, not one per
+    /// overrun).
     pub fn push_table(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
-        self.start_bulk(ResyncCause::Local, now, &mut out);
+        let recent = self
+            .last_bulk_at
+            .is_some_and(|t| now < t + self.config.resync_retry);
+        if recent || matches!(self.tx_bulk, TxBulk::AwaitingDump { .. }) {
+            self.bulk_owed = true;
+        } else {
+            self.start_bulk(ResyncCause::Local, now, &mut out);
+        }
         out
     }
 
@@ -1307,16 +1318,20 @@ impl SyncPeer {
         self.next_seq - self.window.len() as u64
     }
 
-    /// A loss was seen (`first_lost` missing): halve the window, once per
-    /// window of data (losses of datagrams sent before the cut are the
-    /// same congestion event).
-    fn cut_window(&mut self, first_lost: u64, to_minimum: bool) {
-        if !to_minimum && first_lost < self.recovery_until {
+    /// A loss was seen (`first_lost` missing, or a retransmit timeout):
+    /// halve the window, once per window of data (losses of datagrams sent
+    /// before the cut are the same event). A timeout halves it too rather
+    /// than collapsing it as TCP does: on a dedicated cluster link it means
+    /// a receiver stalled for a moment (a busy CPU) far more often than a
+    /// congested network, and a collapsed window would take seconds of
+    /// round trips to regrow.
+    fn cut_window(&mut self, first_lost: u64) {
+        if first_lost < self.recovery_until {
             return;
         }
         let min = self.config.min_cwnd as f64;
         self.ssthresh = (self.cwnd / 2.0).max(min);
-        self.cwnd = if to_minimum { min } else { self.ssthresh };
+        self.cwnd = self.ssthresh;
         self.recovery_until = self.next_seq;
         self.counters.window_cuts += 1;
     }
@@ -1328,7 +1343,7 @@ impl SyncPeer {
         if let Some(first) = missing.first()
             && first.first < self.next_seq
         {
-            self.cut_window(first.first, false);
+            self.cut_window(first.first);
         }
         for range in missing {
             // Between two reported gaps the peer holds everything.
@@ -1405,7 +1420,7 @@ impl SyncPeer {
         let timeout = self.retransmit_timeout();
         self.backoff = self.backoff.saturating_add(1);
         let first = self.window_start();
-        self.cut_window(first, true);
+        self.cut_window(first);
         if let Some(sent) = self
             .window
             .iter_mut()
