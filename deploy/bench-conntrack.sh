@@ -15,6 +15,7 @@
 # Usage: deploy/bench-conntrack.sh [capacity|burst|datapath|classic ...] [syncd-inject|syncd-cache|conntrackd-cache|conntrackd-inject ...]
 # TANDEM_BENCH_CAPACITY_S / TANDEM_BENCH_DATAPATH_S set the run lengths;
 # TANDEM_BENCH_KEEP_LOGS=1 keeps every daemon's log (the directory is printed).
+# TANDEM_BENCH_SYNCD_ARGS="--nice -10" passes extra arguments to conntrack-syncd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v conntrackd >/dev/null || { echo "needs conntrackd: apt-get install conntrackd" >&2; exit 1; }

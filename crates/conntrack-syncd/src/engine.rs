@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::kernel::{Mode, Replica};
+use crate::priority::Priority;
 use crate::sync::{
     Action, Health, HealthLevel, LogEvent, PeerState, Record, ResyncState, SyncConfig, SyncKey,
     SyncPeer, wire,
@@ -119,6 +120,10 @@ pub struct ShellCounters {
     pub event_overruns: u64,
     /// The largest datagram used (from the cluster link's path MTU).
     pub max_datagram: u64,
+    /// Whether the daemon runs favoured now (it fell behind), and how often
+    /// it was ([`crate::priority`]).
+    pub favoured: bool,
+    pub times_favoured: u64,
 }
 
 /// Everything the engine needs, derived from the configuration.
@@ -233,6 +238,8 @@ pub struct Engine {
     /// The role from vrrpd (clustermanager's SetRole overrides it).
     pub vrrp_role: watch::Receiver<SyncRole>,
     pub shutdown: Shutdown,
+    /// The niceness while replication is behind (`--nice`).
+    pub priority: Priority,
 }
 
 impl Engine {
@@ -392,7 +399,12 @@ impl Engine {
                 publish_now = true;
                 shell.set_role(wanted, Instant::now());
             }
-            let deadline = tokio::time::Instant::from_std(shell.sync.next_deadline());
+            let deadline = shell.sync.next_deadline();
+            let deadline = tokio::time::Instant::from_std(
+                self.priority
+                    .deadline()
+                    .map_or(deadline, |t| t.min(deadline)),
+            );
             let mut first_event = None;
             let mut refresh_due = false;
             tokio::select! {
@@ -460,7 +472,12 @@ impl Engine {
                 () = self.shutdown.wait() => return Ok(Stop::Shutdown),
             }
             let now = Instant::now();
-            shell.take_input(first_event, now).await;
+            let behind = shell.take_input(first_event, now).await;
+            if let Some(nice) = self.priority.turn(behind, now) {
+                self.set_niceness(nice, &peer);
+                shell.counters.favoured = self.priority.is_favoured();
+                shell.counters.times_favoured = self.priority.raised;
+            }
             if refresh_due {
                 shell.refresh_datagram_flows(now);
             }
@@ -474,6 +491,24 @@ impl Engine {
                 publish_due =
                     published.map(|t| tokio::time::Instant::from_std(t + STATUS_INTERVAL));
             }
+        }
+    }
+
+    fn set_niceness(&mut self, nice: i32, peer: &SocketAddr) {
+        let favoured = self.priority.is_favoured();
+        match crate::priority::set(nice) {
+            Ok(()) if favoured && self.priority.raised == 1 => tracing::info!(
+                %peer,
+                nice,
+                "replication fell behind: running at niceness {nice} until it catches up (logged once; conntrack_sync_times_favoured counts)"
+            ),
+            Ok(()) => tracing::debug!(%peer, nice, favoured, "niceness {nice}"),
+            Err(e) if self.priority.raised == 1 => tracing::warn!(
+                %peer,
+                nice,
+                "replication fell behind, and the niceness could not be set to {nice}: {e} (needs CAP_SYS_NICE; logged once)"
+            ),
+            Err(e) => tracing::debug!(%peer, nice, "niceness {nice} not set: {e}"),
         }
     }
 
@@ -602,12 +637,14 @@ impl Shell {
         self.role = wanted;
     }
 
-    /// Takes the events and datagrams waiting, and hands them to the protocol.
+    /// Takes the events and datagrams waiting, and hands them to the
+    /// protocol. True when a batch was full: more was waiting than one turn
+    /// takes (the daemon is behind).
     async fn take_input(
         &mut self,
         first: Option<Result<Event, tandem_conntrack::ConntrackError>>,
         now: Instant,
-    ) {
+    ) -> bool {
         let mut n = 0;
         if let Some(ev) = first {
             self.on_event(ev, now).await;
@@ -620,7 +657,14 @@ impl Shell {
             }
             n += 1;
         }
-        for _ in 0..DATAGRAM_BATCH {
+        let mut behind = n >= EVENT_BATCH;
+        let mut datagrams = 0;
+        loop {
+            if datagrams == DATAGRAM_BATCH {
+                behind = true;
+                break;
+            }
+            datagrams += 1;
             match self.socket.try_recv_from(&mut self.buf) {
                 Ok((len, from)) if from.ip() == self.peer.ip() => {
                     let out = self.sync.datagram_received(&self.buf[..len], now);
@@ -639,6 +683,7 @@ impl Shell {
                 }
             }
         }
+        behind
     }
 
     async fn on_event(

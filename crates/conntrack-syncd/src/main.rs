@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use conntrack_syncd::engine::{Engine, Mechanisms, Snapshot};
 use conntrack_syncd::kernel::Mode;
+use conntrack_syncd::priority::Priority;
 use tandem_proto::v1::{SyncRole, conntrack_sync_server::ConntrackSyncServer};
 use tandem_runtime::{ConfigCell, DaemonArgs};
 use tokio::sync::{mpsc, watch};
@@ -23,11 +24,14 @@ struct Args {
     /// (cache: slower failover, kept for comparison).
     #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
     mode: ModeArg,
-    /// Scheduling niceness of the daemon, -20 (most favoured) to 19. A
-    /// busy node must not starve replication (the peer's flows would lag
-    /// seconds behind); conntrackd runs at real-time priority by default
-    /// for the same reason, which can starve the datapath's softirq
-    /// threads instead. 0 leaves it as started.
+    /// Scheduling niceness while replication falls behind (a turn of the
+    /// loop finds more kernel events or datagrams waiting than it takes),
+    /// until it has caught up for 2 s: -20 (most favoured) to 19; not below
+    /// the niceness it was started with: never changed. Favoured all the
+    /// time, the daemon wakes for every few events and in the bench cost
+    /// the datapath twice the CPU per connection; never favoured, a node
+    /// whose CPUs are saturated starves it and the peer's copies lag
+    /// seconds behind (docs/conntrack-syncd.md, Figures).
     #[arg(long, default_value_t = -10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     nice: i32,
     /// Switches a protection off, for the tests that prove it (each fault
@@ -53,16 +57,6 @@ enum ModeArg {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // Before the runtime starts its threads: they inherit it.
-    let niceness = (args.nice != 0).then(|| {
-        // SAFETY: setpriority on the calling thread (PRIO_PROCESS, 0).
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, args.nice) };
-        if rc == 0 {
-            Ok(args.nice)
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    });
     let mode = match args.mode {
         ModeArg::Inject => Mode::Inject,
         ModeArg::Cache => Mode::Cache,
@@ -81,15 +75,6 @@ fn main() -> ExitCode {
         );
     }
     tandem_runtime::run("conntrack-syncd", args.daemon, |ctx| async move {
-        match niceness {
-            Some(Ok(n)) => tracing::info!(nice = n, "running at niceness {n}"),
-            Some(Err(e)) => tracing::warn!(
-                nice = args.nice,
-                "could not set niceness {}: {e} (replication may lag on a busy node)",
-                args.nice
-            ),
-            None => {}
-        }
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let (snapshot_tx, snapshot) = watch::channel(Snapshot::default());
@@ -117,6 +102,7 @@ fn main() -> ExitCode {
                 snapshot: snapshot_tx,
                 vrrp_role,
                 shutdown: ctx.shutdown(),
+                priority: Priority::new(Some(args.nice), conntrack_syncd::priority::current()),
             }
             .run(),
         );

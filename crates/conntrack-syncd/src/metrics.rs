@@ -82,6 +82,16 @@ pub fn registry(snapshot: watch::Receiver<Snapshot>) -> Registry {
             snap.shell.event_overruns,
         )?;
         s.gauge(
+            "conntrack_sync_favoured",
+            "1 while the daemon runs at the favoured niceness (--nice) because it fell behind",
+            u8::from(snap.shell.favoured),
+        )?;
+        s.counter(
+            "conntrack_sync_times_favoured",
+            "Times the daemon fell behind and was favoured (--nice)",
+            snap.shell.times_favoured,
+        )?;
+        s.gauge(
             "conntrack_sync_own_flows",
             "Flows this node forwards and replicates to the peer (known since the daemon started)",
             snap.shell.own_flows as f64,

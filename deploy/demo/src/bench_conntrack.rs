@@ -216,7 +216,14 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
             .env_remove("JOURNAL_STREAM");
         (cmd, n.runtime_dir.join(format!("{daemon}.sock")))
     };
-    cmd.args(extra).stdout(Stdio::null()).stderr(log);
+    cmd.args(extra);
+    if daemon == "conntrack-syncd" {
+        // TANDEM_BENCH_SYNCD_ARGS: extra arguments, e.g. "--nice -10", to
+        // measure a setting against the shipped default.
+        let more = std::env::var("TANDEM_BENCH_SYNCD_ARGS").unwrap_or_default();
+        cmd.args(more.split_whitespace());
+    }
+    cmd.stdout(Stdio::null()).stderr(log);
     let child = lab.lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
     tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
     n.daemons.push((daemon, child));

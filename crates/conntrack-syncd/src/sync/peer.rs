@@ -503,8 +503,9 @@ pub struct SyncPeer {
     last_bulk_begin: Option<u64>,
     /// When the last bulk was queued (bulks are rate-limited).
     last_bulk_at: Option<Instant>,
-    /// A bulk resync is owed to the peer (the queue overflowed).
-    bulk_owed: bool,
+    /// A bulk resync is owed to the peer, and why (the queue overflowed, or
+    /// the shell pushed its table too soon after the last).
+    bulk_owed: Option<ResyncCause>,
     last_send: Option<Instant>,
     lag: LagStats,
     /// Since when the lag has been above the threshold.
@@ -582,7 +583,7 @@ impl SyncPeer {
             tx_bulk: TxBulk::Idle,
             last_bulk_begin: None,
             last_bulk_at: None,
-            bulk_owed: false,
+            bulk_owed: None,
             last_send: None,
             lag: LagStats::default(),
             lag_over_since: None,
@@ -786,7 +787,7 @@ impl SyncPeer {
             let dropped = self.outbox.clear();
             self.counters.queue_overflows += 1;
             self.counters.records_dropped += dropped as u64 + 1;
-            self.bulk_owed = true;
+            self.bulk_owed = Some(ResyncCause::QueueOverflow);
             let log = &mut self.reject_logs[4];
             if log.last.is_some_and(|t| now < t + self.config.log_interval) {
                 log.suppressed += dropped as u64 + 1;
@@ -833,7 +834,8 @@ impl SyncPeer {
             .last_bulk_at
             .is_some_and(|t| now < t + self.config.resync_retry);
         if recent || matches!(self.tx_bulk, TxBulk::AwaitingDump { .. }) {
-            self.bulk_owed = true;
+            // An overflow's table, if also owed, is the same table.
+            self.bulk_owed.get_or_insert(ResyncCause::Local);
         } else {
             self.start_bulk(ResyncCause::Local, now, &mut out);
         }
@@ -855,7 +857,7 @@ impl SyncPeer {
             }));
             return out;
         };
-        self.bulk_owed = false;
+        self.bulk_owed = None;
         self.last_bulk_at = Some(now);
         if complete {
             // The whole table, newer than every change still queued: those
@@ -1671,15 +1673,16 @@ impl SyncPeer {
             self.probe_at = None;
             self.send_unreliable(Message::Alive, now, out);
         }
-        // The table owed after an overflow goes once the peer keeps up
-        // again (alive, everything sent acknowledged).
-        if self.bulk_owed
+        // The table owed (after an overflow, or a push too soon after the
+        // last) goes once the peer keeps up again (alive, everything sent
+        // acknowledged).
+        if let Some(cause) = self.bulk_owed
             && self.peer_state == PeerState::Alive
             && self.window.is_empty()
             && self.tx_bulk == TxBulk::Idle
             && !self.bulk_pending()
         {
-            self.start_bulk(ResyncCause::QueueOverflow, now, out);
+            self.start_bulk(cause, now, out);
         }
         self.fill(now, out);
         if self.resync_retry_due().is_some_and(|t| now >= t) {
