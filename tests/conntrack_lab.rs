@@ -420,13 +420,7 @@ impl ClusterLab {
                         )?;
                         s.set_reuse_address(true)?;
                         s.bind(&(*src).into())?;
-                        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
-                        let s: TcpStream = s.into();
-                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                        s.set_nodelay(true)?;
-                        let mut name = String::new();
-                        BufReader::new(s.try_clone()?).read_line(&mut name)?;
-                        Ok((name.trim().to_owned(), s))
+                        greet(s, &dst)
                     })
                     .collect::<std::io::Result<Vec<_>>>()
             })
@@ -450,13 +444,7 @@ impl ClusterLab {
                             None,
                         )?;
                         s.bind(&src.into())?;
-                        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
-                        let s: TcpStream = s.into();
-                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                        s.set_nodelay(true)?;
-                        let mut name = String::new();
-                        BufReader::new(s.try_clone()?).read_line(&mut name)?;
-                        Ok((name.trim().to_owned(), s))
+                        greet(s, &dst)
                     })
                     .collect::<std::io::Result<Vec<_>>>()
             })
@@ -494,6 +482,22 @@ impl Default for ClusterLab {
 /// The client drops its own resets (the SYN-ACKs find no socket), so each
 /// flow stays half-open (SYN_RECV, 60 s) on the balancer. Returns the
 /// (source address, port) of every flow sent.
+/// Connects a socket to `dst` and reads the backend's greeting (its
+/// name). A loaded machine may drop a SYN (resent after 1 s, 3 s) or be
+/// slow to answer: the connection and the greeting get generous
+/// timeouts; later reads, which decide whether a connection survived a
+/// failover, get 3 s.
+fn greet(s: socket2::Socket, dst: &SocketAddr) -> std::io::Result<(String, TcpStream)> {
+    s.connect_timeout(&(*dst).into(), Duration::from_secs(8))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    let mut name = String::new();
+    BufReader::new(s.try_clone()?).read_line(&mut name)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok((name.trim().to_owned(), s))
+}
+
 pub fn syn_burst(client: &Netns, flows: usize, over: Duration) -> Vec<(IpAddr, u16)> {
     client
         .exec(

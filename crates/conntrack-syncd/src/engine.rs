@@ -472,7 +472,9 @@ impl Engine {
                 () = self.shutdown.wait() => return Ok(Stop::Shutdown),
             }
             let now = Instant::now();
-            let behind = shell.take_input(first_event, now).await;
+            // Behind: a full batch was waiting, or the peer acknowledges
+            // late (this node starved, or the peer).
+            let behind = shell.take_input(first_event, now).await || shell.sync.is_behind();
             if let Some(nice) = self.priority.turn(behind, now) {
                 self.set_niceness(nice, &peer);
                 shell.counters.favoured = self.priority.is_favoured();
@@ -638,8 +640,9 @@ impl Shell {
     }
 
     /// Takes the events and datagrams waiting, and hands them to the
-    /// protocol. True when a batch was full: more was waiting than one turn
-    /// takes (the daemon is behind).
+    /// protocol. True when this node is behind: a batch was full (more was
+    /// waiting than one turn takes), or the peer sent a full datagram (it
+    /// has a backlog, paced by this node's acknowledgements).
     async fn take_input(
         &mut self,
         first: Option<Result<Event, tandem_conntrack::ConntrackError>>,
@@ -667,6 +670,10 @@ impl Shell {
             datagrams += 1;
             match self.socket.try_recv_from(&mut self.buf) {
                 Ok((len, from)) if from.ip() == self.peer.ip() => {
+                    // The peer sends a datagram packed (nearly) full only
+                    // when more is queued behind it: it has a backlog, which
+                    // this node's acknowledgements pace.
+                    behind |= len as u64 * 4 >= self.counters.max_datagram * 3;
                     let out = self.sync.datagram_received(&self.buf[..len], now);
                     self.actions.extend(out);
                 }

@@ -25,7 +25,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
     mode: ModeArg,
     /// Scheduling niceness while replication falls behind (a turn of the
-    /// loop finds more kernel events or datagrams waiting than it takes),
+    /// loop finds more kernel events or datagrams waiting than it takes, the
+    /// peer acknowledges a tenth of the lag threshold late or more, or the
+    /// peer sends full datagrams: it has a backlog),
     /// until it has caught up for 2 s: -20 (most favoured) to 19; not below
     /// the niceness it was started with: never changed. Favoured all the
     /// time, the daemon wakes for every few events and in the bench cost

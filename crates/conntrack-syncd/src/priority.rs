@@ -8,8 +8,10 @@
 //! whose CPUs are saturated starves it instead, and the peer's copies lag
 //! seconds behind. So it runs as started, and is favoured while a turn of
 //! its loop finds more work waiting than it takes in one turn (a full
-//! batch of events or datagrams: it is behind), until it has not been
-//! behind for [`CALM`].
+//! batch of events or datagrams), while the peer acknowledges late (the
+//! lag at least a tenth of its threshold), or while the peer sends full
+//! datagrams (it has a backlog, paced by this node's acknowledgements): it
+//! is behind; until it has not been behind for [`CALM`].
 
 use std::time::{Duration, Instant};
 

@@ -741,6 +741,13 @@ impl SyncPeer {
         }
     }
 
+    /// Whether the stream to the peer is behind: the lag as last judged
+    /// (every 100 ms) at least a tenth of the lag threshold. The shell
+    /// favours the daemon's scheduling meanwhile ([`crate::priority`]).
+    pub fn is_behind(&self) -> bool {
+        self.lag_judged >= self.config.lag_threshold / 10
+    }
+
     /// Age of the oldest change not yet acknowledged by the peer.
     fn lag_now(&self, now: Instant) -> Duration {
         let queued = self.outbox.oldest();
