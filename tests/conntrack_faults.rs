@@ -516,6 +516,11 @@ fn reused_ports_scenario(backup_args: &[&str]) -> (usize, v1::ConntrackSyncStatu
     let mut lab = ClusterLab::new();
     tcp_loose_off(&lab, "lb2");
     start(&mut lab, &[], backup_args);
+    // Every packet through the master until it dies, even if a starved
+    // vrrpd on a saturated machine lets the backup take the VIPs for a
+    // moment (the RSTs below must close the master's entries, not the
+    // backup's copies).
+    lab.pin_neighbours_to("lb1");
     let first = lab.connect_many(1000);
     let sources: Vec<SocketAddr> = first
         .iter()
@@ -572,6 +577,8 @@ fn reused_ports_scenario(backup_args: &[&str]) -> (usize, v1::ConntrackSyncStatu
     lab.wait_for("lb2 to take over", Duration::from_secs(5), |l| {
         l.holds_vip("lb2")
     });
+    // What lb2's gratuitous ARP does to caches that were not pinned.
+    lab.pin_neighbours_to("lb2");
     (survivors(&mut reused, "after"), backup)
 }
 
