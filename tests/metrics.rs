@@ -210,7 +210,13 @@ fn lb_forwarder_reports_backend_health_and_counters_once_metrics_listen_is_reloa
     let spread = lab.spread(6);
     assert_eq!(spread.get("b1"), Some(&3), "{spread:?}");
     assert_eq!(spread.get("b2"), Some(&3), "{spread:?}");
-    let body = scrape(&lab.lb, port).expect("scrape").1;
+    // Counters are sampled once a second, not at each scrape.
+    let counted =
+        |b: &str| format!("tandem_lb_backend_packets_total{{farm=\"web\",backend=\"{b}\"}}");
+    let body = scrape_until(&lab.lb, port, "the connections counted", |b| {
+        value(b, &counted("10.1.0.11:8080")).is_some_and(|v| v > 0.0)
+            && value(b, &counted("10.1.0.12:8080")).is_some_and(|v| v > 0.0)
+    });
     let packets = |b: &str| {
         expect(
             &body,
@@ -287,6 +293,22 @@ fn every_daemon_of_a_node_serves_on_its_own_port_offset() {
             b.contains(&format!("tandem_build_info{{daemon=\"{d}\""))
         });
         bodies.push(body);
+    }
+    // Every daemon reports its own process: CPU, memory, descriptors, start.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for (d, body) in daemons.iter().zip(&bodies) {
+        assert!(expect(body, "process_cpu_seconds_total") >= 0.0, "{d}");
+        assert!(expect(body, "process_resident_memory_bytes") > 1e6, "{d}");
+        assert!(expect(body, "process_open_fds") >= 3.0, "{d}");
+        assert!(expect(body, "process_threads") >= 1.0, "{d}");
+        let started = expect(body, "process_start_time_seconds");
+        assert!(
+            now - started < 600.0 && started <= now + 1.0,
+            "{d}: {started}"
+        );
     }
     // clustermanager's offset (+4) is free: nothing else took it.
     assert!(refused(&ns, BASE + 4));

@@ -31,7 +31,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Ask every daemon of this node for its status and print a table.
-    /// Exits 3 when a daemon is not running.
+    /// Exits 3 when a daemon is not running, 4 when this node is red
+    /// (failure), 5 when it is yellow (degraded: replication lagging, a
+    /// foreign VRRP speaker, configuration set aside or refused); 0 when it
+    /// is green, or orange (maintenance).
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -56,6 +59,11 @@ enum Command {
     Backend {
         #[command(subcommand)]
         command: BackendCommand,
+    },
+    /// The connection table (ipvsadm -L -n -c).
+    Conn {
+        #[command(subcommand)]
+        command: ConnCommand,
     },
     /// The cluster: its settings and its two nodes.
     Cluster {
@@ -134,27 +142,49 @@ enum FarmCommand {
     Delete { name: String },
     /// Farms and backends with state, health and active connections (ipvsadm -L -n).
     List {
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Packet, byte and connection counters read from the kernel (ipvsadm -L --stats).
     Stats {
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Every farm as one TOML document (or JSON), for `farm restore`.
     Save {
         #[arg(long)]
         json: bool,
     },
-    /// Replace every farm with those of a saved document (FILE or stdin);
-    /// the whole configuration is validated first, nothing changes if invalid.
+    /// Replace every farm with those of a saved document (FILE or stdin),
+    /// through the master, replicated; the whole configuration is validated
+    /// first, nothing changes if invalid; unchanged farm files are kept.
     Restore { file: Option<PathBuf> },
-    /// Remove every farm (ipvsadm -C).
+    /// Remove every farm (ipvsadm -C), through the master, replicated.
     Clear {
         /// Confirm.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnCommand {
+    /// Every live connection of the farms, with farm and backend (ipvsadm -L -n -c).
+    List {
+        /// Only this farm's connections.
+        #[arg(long)]
+        farm: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -204,11 +234,21 @@ fn main() -> ExitCode {
                         status::reload(&cli.runtime_dir, daemon.as_deref()).await
                     }
                     Command::Farm { command } => match command {
-                        FarmCommand::List { json } => {
-                            farms::list(&cli.runtime_dir, json, false).await
+                        FarmCommand::List { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::List
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
-                        FarmCommand::Stats { json } => {
-                            farms::list(&cli.runtime_dir, json, true).await
+                        FarmCommand::Stats { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::Stats
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
                         FarmCommand::Save { json } => farms::save(&cli.config_dir, json),
                         FarmCommand::Restore { file } => {
@@ -275,6 +315,9 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
+                    Command::Conn {
+                        command: ConnCommand::List { farm, json },
+                    } => farms::connections(&cli.runtime_dir, farm.as_deref(), json).await,
                     Command::Config { .. } | Command::Completions { .. } => {
                         unreachable!("handled above")
                     }
