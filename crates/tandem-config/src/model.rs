@@ -416,7 +416,19 @@ pub struct SyncSettings {
     /// Replication lag above this for more than a few seconds makes
     /// conntrack-syncd's health degraded (yellow), 10 to 600000 ms, default 1000.
     pub conntrack_lag_threshold_ms: u32,
+    /// Configuration replication refuses a file larger than this, naming it
+    /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
+    pub max_file_bytes: u64,
+    /// Configuration replication refuses the files beyond this many (after
+    /// cluster.toml, keys/sync.key and farms/, in path order), naming them;
+    /// 1-1,000,000, default 100,000.
+    pub max_files: u32,
 }
+
+/// Default of `[sync] max_file_bytes`: 4 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default of `[sync] max_files`.
+pub const DEFAULT_MAX_FILES: u32 = 100_000;
 
 impl SyncSettings {
     /// `key_file` resolved against the configuration directory.
@@ -433,6 +445,8 @@ impl Default for SyncSettings {
             key_file: None,
             conntrack_queue_limit: 131_072,
             conntrack_lag_threshold_ms: 1000,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }
