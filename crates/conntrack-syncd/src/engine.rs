@@ -96,7 +96,8 @@ fn setup(config: &Config, config_dir: &Path) -> anyhow::Result<Setup> {
     let cluster = config
         .cluster
         .as_ref()
-        .context("this node is standalone (no cluster.toml): there is no peer to replicate to")?;
+        .filter(|c| c.mode.is_active_passive())
+        .context("this node is standalone (no cluster.toml) or in an active-active cluster (DSR only, no connection state): there is no peer to replicate to")?;
     let peer = cluster
         .nodes
         .iter()
