@@ -28,7 +28,12 @@ impl CfgSyncApi {
         };
         let mut status = v1::CfgSyncStatus {
             daemon: Some(s.config.daemon_info()),
-            peer: s.peer().map(|p| p.addr.to_string()).unwrap_or_default(),
+            peer: s
+                .peers()
+                .iter()
+                .map(|p| p.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             paused: *s.paused.borrow(),
             last_sync_unix_ms: c.last_sync.map(tandem_runtime::unix_ms).unwrap_or(0),
             pending_changes: u32::try_from(c.pending).unwrap_or(u32::MAX),
@@ -49,7 +54,8 @@ impl CfgSyncApi {
 async fn reload_local_daemons(shared: &Shared) -> Vec<String> {
     use tandem_proto::v1::{
         cluster_manager_client::ClusterManagerClient, conntrack_sync_client::ConntrackSyncClient,
-        lb_forwarder_client::LbForwarderClient, vrrpd_client::VrrpdClient,
+        lb_forwarder_client::LbForwarderClient, routed_client::RoutedClient,
+        vrrpd_client::VrrpdClient,
     };
     let mut reloaded = Vec::new();
     for daemon in tandem_proto::DAEMONS {
@@ -70,6 +76,7 @@ async fn reload_local_daemons(shared: &Shared) -> Vec<String> {
                     "vrrpd" => VrrpdClient::new(ch).reload(req).await,
                     "lb-forwarder" => LbForwarderClient::new(ch).reload(req).await,
                     "conntrack-syncd" => ConntrackSyncClient::new(ch).reload(req).await,
+                    "routed" => RoutedClient::new(ch).reload(req).await,
                     _ => ClusterManagerClient::new(ch).reload(req).await,
                 }
             };

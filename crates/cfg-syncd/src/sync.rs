@@ -205,40 +205,84 @@ impl Shared {
         scanner.scan(&self.config_dir)
     }
 
-    /// The peer named by the configuration in force: the other node of
-    /// cluster.toml's [[nodes]]. None on a standalone node.
-    pub fn peer(&self) -> Option<PeerSpec> {
+    /// The peers named by the configuration in force: the other node of a
+    /// pair, every other node of an active-active cluster (the leader pushes
+    /// to all of them). Empty on a standalone node.
+    pub fn peers(&self) -> Vec<PeerSpec> {
         let loaded = self.config.current();
-        let cluster = loaded.config.cluster.as_ref()?;
-        let node = cluster
+        let Some(cluster) = loaded.config.cluster.as_ref() else {
+            return Vec::new();
+        };
+        cluster
             .nodes
             .iter()
-            .find(|n| n.name != loaded.config.node.name)?;
-        Some(PeerSpec {
-            name: node.name.clone(),
-            addr: std::net::SocketAddr::new(node.address, cluster.sync.ssh_port),
-            user: "root".into(),
-            identity: self.config_dir.join("ssh/id_ed25519"),
-            known_hosts: self.config_dir.join("ssh/known_hosts"),
-            peer_config_dir: self.peer_config_dir.clone(),
-            peer_runtime_dir: self.peer_runtime_dir.clone(),
-        })
+            .filter(|n| n.name != loaded.config.node.name)
+            .map(|node| PeerSpec {
+                name: node.name.clone(),
+                addr: std::net::SocketAddr::new(node.address, cluster.sync.ssh_port),
+                user: "root".into(),
+                identity: self.config_dir.join("ssh/id_ed25519"),
+                known_hosts: self.config_dir.join("ssh/known_hosts"),
+                peer_config_dir: self.peer_config_dir.clone(),
+                peer_runtime_dir: self.peer_runtime_dir.clone(),
+            })
+            .collect()
     }
 }
 
-/// The push loop.
-pub struct Engine {
-    shared: Arc<Shared>,
-    changes: mpsc::UnboundedReceiver<Change>,
+/// One peer's link: its session, what it acknowledged, its retries.
+#[derive(Default)]
+struct PeerLink {
     session: Option<PeerSession>,
     /// What the peer holds, as acknowledged; None: ask it.
     remote: Option<Manifest>,
+    /// This peer still has to be made equal to this node.
     dirty: bool,
-    pending: BTreeSet<String>,
     backoff: Backoff,
     retry_at: Option<Instant>,
     link: LinkLog,
     last_refusal: String,
+    connected: bool,
+    /// Why its last round failed (empty: it did not).
+    error: String,
+}
+
+impl PeerLink {
+    fn due(&self, now: Instant) -> bool {
+        self.dirty && self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    /// Everything must be compared again (a full sync, a new direction).
+    fn forget(&mut self) {
+        self.dirty = true;
+        self.remote = None;
+    }
+
+    fn set_link(&mut self, peer: &PeerSpec, now: Link, log: bool) {
+        self.connected = now == Link::Up;
+        if self.link.changed(now.clone()) && log {
+            match now {
+                Link::Up => tracing::info!(peer = %peer, "connected to the peer"),
+                Link::Down(why) => {
+                    tracing::warn!(peer = %peer, "peer lost, retrying with backoff up to {} s: {why}", BACKOFF_MAX.as_secs())
+                }
+                Link::HostKeyRefused(why) => tracing::error!(peer = %peer, "{why}"),
+            }
+        }
+    }
+}
+
+/// The push loop: one link per peer (the pair's one peer, or every other
+/// node of an active-active cluster), each made equal to this node on its
+/// own schedule, so one unreachable peer never holds the others back.
+pub struct Engine {
+    shared: Arc<Shared>,
+    changes: mpsc::UnboundedReceiver<Change>,
+    links: std::collections::BTreeMap<String, PeerLink>,
+    /// Changed paths not yet in a round that reached every peer.
+    pending: BTreeSet<String>,
+    /// A change arrived while no peer was configured.
+    dirty: bool,
     batch_seq: u64,
 }
 
@@ -252,15 +296,21 @@ impl Engine {
         Engine {
             shared,
             changes,
-            session: None,
-            remote: None,
-            dirty: true,
+            links: std::collections::BTreeMap::new(),
             pending: BTreeSet::new(),
-            backoff: Backoff::default(),
-            retry_at: None,
-            link: LinkLog::default(),
-            last_refusal: String::new(),
+            dirty: true,
             batch_seq: 0,
+        }
+    }
+
+    fn mark_all(&mut self, forget: bool) {
+        self.dirty = true;
+        for l in self.links.values_mut() {
+            if forget {
+                l.forget();
+            } else {
+                l.dirty = true;
+            }
         }
     }
 
@@ -270,19 +320,32 @@ impl Engine {
         let shared = self.shared.clone();
         loop {
             let pushing = *direction.borrow() == SyncDirection::Push && !*paused.borrow();
-            if !pushing && self.session.is_some() {
-                // Not the master any more (or paused long): let the link go.
-                if let Some(s) = self.session.take() {
-                    s.close().await;
+            if !pushing {
+                // Not the pusher any more (or paused long): let the links go.
+                let peers = self.shared.peers();
+                for (name, l) in &mut self.links {
+                    if let Some(s) = l.session.take() {
+                        s.close().await;
+                        if let Some(p) = peers.iter().find(|p| p.name == *name) {
+                            l.set_link(p, Link::Down("not pushing".into()), false);
+                        }
+                        l.connected = false;
+                    }
                 }
-                self.set_link(Link::Down("not pushing".into()), false);
+                self.publish_links();
             }
-            let due = self.retry_at.is_none_or(|t| Instant::now() >= t);
-            if pushing && self.dirty && due {
+            let now = Instant::now();
+            let due = self.dirty || self.links.values().any(|l| l.due(now));
+            if pushing && due {
                 self.round().await;
                 continue;
             }
-            let retry = self.retry_at;
+            let retry = self
+                .links
+                .values()
+                .filter(|l| l.dirty)
+                .filter_map(|l| l.retry_at)
+                .min();
             tokio::select! {
                 c = self.changes.recv() => match c {
                     Some(Change::Paths(p)) => {
@@ -293,26 +356,26 @@ impl Engine {
                                 watcher.add_tree(tree);
                             }
                         }
-                        self.dirty = true;
+                        self.mark_all(false);
                         self.pending.extend(p);
                         self.publish_pending();
                     }
                     Some(Change::Rescan(why)) => {
                         tracing::warn!("file watch: {why}; rescanning the whole tree");
-                        self.dirty = true;
+                        self.mark_all(false);
                     }
                     None => break,
                 },
                 () = shared.sync_now.notified() => {
-                    // A full sync: ask the peer what it has, whatever we believe.
-                    self.dirty = true;
-                    self.remote = None;
-                    self.retry_at = None;
+                    // A full sync: ask the peers what they have, whatever we believe.
+                    self.mark_all(true);
+                    for l in self.links.values_mut() {
+                        l.retry_at = None;
+                    }
                 }
                 r = direction.changed() => {
                     if r.is_err() { break; }
-                    self.dirty = true;
-                    self.remote = None;
+                    self.mark_all(true);
                 }
                 r = paused.changed() => {
                     if r.is_err() { break; }
@@ -326,8 +389,10 @@ impl Engine {
                 () = shutdown.wait() => break,
             }
         }
-        if let Some(s) = self.session.take() {
-            s.close().await;
+        for l in self.links.values_mut() {
+            if let Some(s) = l.session.take() {
+                s.close().await;
+            }
         }
     }
 
@@ -336,107 +401,144 @@ impl Engine {
         self.shared.with_counters(|c| c.pending = n);
     }
 
-    fn set_link(&mut self, now: Link, log: bool) {
-        let connected = now == Link::Up;
-        self.shared.with_counters(|c| c.peer_connected = connected);
-        let peer = self
-            .shared
-            .peer()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        if self.link.changed(now.clone()) && log {
-            match now {
-                Link::Up => tracing::info!(peer = %peer, "connected to the peer"),
-                Link::Down(why) => {
-                    tracing::warn!(peer = %peer, "peer lost, retrying with backoff up to {} s: {why}", BACKOFF_MAX.as_secs())
-                }
-                Link::HostKeyRefused(why) => tracing::error!(peer = %peer, "{why}"),
-            }
-        }
+    /// The links' state in Status: connected when every peer is, and the
+    /// failing peers' errors.
+    fn publish_links(&self) {
+        let connected = !self.links.is_empty() && self.links.values().all(|l| l.connected);
+        let errors: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| !l.error.is_empty())
+            .map(|l| l.error.clone())
+            .collect();
+        self.shared.with_counters(|c| {
+            c.peer_connected = connected;
+            c.last_error = errors.join("; ");
+        });
     }
 
-    /// One attempt to make the peer equal to this node.
+    /// One attempt to make every due peer equal to this node.
     async fn round(&mut self) {
-        let Some(peer) = self.shared.peer() else {
-            // Standalone: nothing to push to until cluster.toml names a peer.
-            self.dirty = false;
-            return;
-        };
-        self.dirty = false;
-        match self.push(&peer).await {
-            Ok(()) => {
-                self.backoff.success();
-                self.retry_at = None;
-            }
-            Err(RoundError::Local(why)) => {
-                tracing::error!("{why}");
-                self.shared.with_counters(|c| {
-                    c.last_error = why;
-                    c.errors += 1;
-                });
-                self.dirty = true;
-                self.retry_at = Some(Instant::now() + self.backoff.failure());
-            }
-            Err(RoundError::Transport(e)) => {
-                let text = e.to_string();
-                let link = if e.is_host_key() {
-                    Link::HostKeyRefused(text.clone())
-                } else {
-                    Link::Down(text.clone())
-                };
-                self.set_link(link, true);
-                self.shared.with_counters(|c| {
-                    c.last_error = text;
-                    c.errors += 1;
-                });
-                if let Some(s) = self.session.take() {
-                    s.close().await;
-                }
-                self.remote = None;
-                self.dirty = true;
-                self.retry_at = Some(Instant::now() + self.backoff.failure());
+        let peers = self.shared.peers();
+        // Peers no longer in cluster.toml (a node removed) are let go.
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|k| !peers.iter().any(|p| p.name == **k))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(mut l) = self.links.remove(&name)
+                && let Some(s) = l.session.take()
+            {
+                s.close().await;
             }
         }
+        for p in &peers {
+            if !self.links.contains_key(&p.name) {
+                self.links.insert(
+                    p.name.clone(),
+                    PeerLink {
+                        dirty: true,
+                        ..PeerLink::default()
+                    },
+                );
+            }
+        }
+        self.dirty = false;
+        if peers.is_empty() {
+            // Standalone: nothing to push to until cluster.toml names a peer.
+            self.publish_links();
+            return;
+        }
+        // Whatever changes from here on is caught by the next round.
+        let covered = std::mem::take(&mut self.pending);
+        let mut all_reached = true;
+        let now = Instant::now();
+        for peer in &peers {
+            let Some(mut link) = self.links.remove(&peer.name) else {
+                continue;
+            };
+            if link.due(now) {
+                link.dirty = false;
+                match self.push(peer, &mut link).await {
+                    Ok(()) => {
+                        link.backoff.success();
+                        link.retry_at = None;
+                    }
+                    Err(RoundError::Local(why)) => {
+                        tracing::error!(peer = %peer, "{why}");
+                        link.error = why;
+                        self.shared.with_counters(|c| c.errors += 1);
+                        link.dirty = true;
+                        link.retry_at = Some(Instant::now() + link.backoff.failure());
+                    }
+                    Err(RoundError::Transport(e)) => {
+                        let text = e.to_string();
+                        let state = if e.is_host_key() {
+                            Link::HostKeyRefused(text.clone())
+                        } else {
+                            Link::Down(text.clone())
+                        };
+                        link.set_link(peer, state, true);
+                        link.error = text;
+                        self.shared.with_counters(|c| c.errors += 1);
+                        if let Some(s) = link.session.take() {
+                            s.close().await;
+                        }
+                        link.remote = None;
+                        link.dirty = true;
+                        link.retry_at = Some(Instant::now() + link.backoff.failure());
+                    }
+                }
+            }
+            all_reached &= !link.dirty && link.error.is_empty();
+            self.links.insert(peer.name.clone(), link);
+        }
+        if !all_reached {
+            // Not every peer has these paths yet.
+            self.pending.extend(covered);
+        }
+        self.publish_links();
+        self.publish_pending();
     }
 
-    async fn push(&mut self, peer: &PeerSpec) -> Result<(), RoundError> {
-        if self
+    async fn push(&mut self, peer: &PeerSpec, link: &mut PeerLink) -> Result<(), RoundError> {
+        if link
             .session
             .as_ref()
             .is_some_and(|s| s.is_closed() || s.peer.addr != peer.addr)
         {
-            self.session = None;
+            link.session = None;
         }
-        if self.session.is_none() {
+        if link.session.is_none() {
             let s = PeerSession::connect(peer)
                 .await
                 .map_err(RoundError::Transport)?;
-            self.session = Some(s);
-            self.remote = None;
-            self.set_link(Link::Up, true);
+            link.session = Some(s);
+            link.remote = None;
+            link.set_link(peer, Link::Up, true);
         }
-        let Some(session) = self.session.as_ref() else {
+        let Some(session) = link.session.as_ref() else {
             return Ok(());
         };
-        // Whatever changes from here on is caught by the next round.
-        let covered = std::mem::take(&mut self.pending);
         let local = match tokio::task::block_in_place(|| self.shared.local_manifest()) {
             Ok(m) => m,
             Err(e) => {
-                self.pending.extend(covered);
                 return Err(RoundError::Local(format!(
                     "scanning {}: {e}",
                     self.shared.config_dir.display()
                 )));
             }
         };
-        let remote = match self.remote.take() {
+        let remote = match link.remote.take() {
             Some(r) => r,
             None => session.manifest().await.map_err(RoundError::Transport)?,
         };
         let plan = diff(&local, &remote);
         if plan.is_empty() {
-            self.remote = Some(remote);
+            link.remote = Some(remote);
+            link.error.clear();
             self.finish_sync(0, None);
             return Ok(());
         }
@@ -467,29 +569,30 @@ impl Engine {
                 "peer {peer} refused batch {batch}, nothing applied: {}",
                 reply.errors.join("; ")
             );
-            if why.split_once(": ").map(|x| x.1) != self.last_refusal.split_once(": ").map(|x| x.1)
+            if why.split_once(": ").map(|x| x.1) != link.last_refusal.split_once(": ").map(|x| x.1)
             {
-                tracing::error!("{why}");
+                tracing::error!(peer = %peer, "{why}");
             }
-            self.last_refusal = why.clone();
+            link.last_refusal = why.clone();
+            link.error = why;
             self.shared.with_counters(|c| {
-                c.last_error = why;
                 c.errors += 1;
                 c.pending = plan.len();
             });
             // The peer still holds what it held; wait for the next change.
-            self.remote = Some(remote);
+            link.remote = Some(remote);
             return Ok(());
         }
-        self.last_refusal.clear();
+        link.last_refusal.clear();
+        link.error.clear();
         let expected = expected_after(&remote, &plan, &sent);
         if expected.hash() != reply.manifest_hash {
             // Someone else touched the peer's tree, or a file changed under
             // us: ask the peer again next round.
             tracing::debug!(peer = %peer, "peer manifest differs from the expected one; refetching");
-            self.dirty = true;
+            link.dirty = true;
         } else {
-            self.remote = Some(expected);
+            link.remote = Some(expected);
         }
         let bytes = plan.upload_bytes();
         tracing::info!(
@@ -501,7 +604,7 @@ impl Engine {
             deleted = plan.deletes.len(),
             mode_only = plan.attrs.len(),
             ms = started.elapsed().as_millis() as u64,
-            "peer applied the batch"
+            "peer {peer} applied the batch"
         );
         if !reply.reloaded.is_empty() {
             tracing::debug!(peer = %peer, daemons = ?reply.reloaded, "peer daemons reloaded");
@@ -511,11 +614,8 @@ impl Engine {
     }
 
     fn finish_sync(&mut self, files: u64, batch: Option<()>) {
-        let pending = self.pending.len();
         self.shared.with_counters(|c| {
             c.last_sync = Some(SystemTime::now());
-            c.last_error.clear();
-            c.pending = pending;
             c.files_transferred += files;
             if batch.is_some() {
                 c.batches_applied += 1;
