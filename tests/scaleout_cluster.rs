@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tandem_e2e::cluster_lab::text;
 use tandem_e2e::scaleout_cluster_lab::{ClusterLab, ROOT_PASSWORD, SEED};
+use tandem_e2e::scaleout_lab::RequestLoop;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -82,6 +83,7 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
         &format!("{ROOT_PASSWORD}\n"),
     );
     let stdout = ok("cluster create", &out, &lab);
+    eprintln!("cluster create:\n{stdout}");
     assert!(stdout.contains("cluster created"), "{stdout}");
     // One cluster.toml everywhere, the leader first; the joining nodes'
     // own farms erased, the leader's farm everywhere.
@@ -145,7 +147,40 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
     assert!(err.contains("not the cluster's leader"), "{err}");
     assert!(lab.nodes[lb4].read("cluster.toml").is_none());
 
-    // 3. add-node lb4: trusted by its host key, joins, announces.
+    // 3. Trust before secrets: another key than lb4's (lb3's, as a
+    // mistyped fingerprint would be) stops add-node before the password
+    // is sent; lb4's sshd sees no password. Control: below, with lb4's
+    // real key, lb4's sshd accepts the password.
+    let out = lab.tandemctl(
+        lb1,
+        &[
+            "cluster",
+            "add-node",
+            &lab.nodes[lb4].addr,
+            "--host-key",
+            &lab.host_key_fingerprint(lb3),
+            "--yes",
+            "--password-stdin",
+        ],
+        &format!("{ROOT_PASSWORD}\n"),
+    );
+    assert!(
+        !out.status.success(),
+        "add-node with another node's host key"
+    );
+    let err = text(&out.stdout) + &text(&out.stderr);
+    assert!(
+        err.contains(&lab.host_key_fingerprint(lb4)) && err.contains("nothing was sent to it"),
+        "{err}"
+    );
+    assert!(
+        !lab.nodes[lb4].log("sshd").contains("password"),
+        "{}",
+        lab.nodes[lb4].log("sshd")
+    );
+    assert!(lab.nodes[lb4].read("cluster.toml").is_none());
+
+    // add-node lb4: trusted by its host key, joins, announces.
     let out = lab.tandemctl(
         lb1,
         &[
@@ -160,6 +195,7 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
         &format!("{ROOT_PASSWORD}\n"),
     );
     let stdout = ok("cluster add-node", &out, &lab);
+    eprintln!("cluster add-node:\n{stdout}");
     assert!(
         stdout.contains("lb4 joined the cluster (4 nodes)"),
         "{stdout}"
@@ -175,6 +211,13 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
         None,
         "lb4's own farm erased"
     );
+    assert!(
+        lab.nodes[lb4]
+            .log("sshd")
+            .contains("Accepted password for root"),
+        "control: with lb4's real key the password is sent\n{}",
+        lab.nodes[lb4].log("sshd")
+    );
     let all4 = [
         ("lb1", "green"),
         ("lb2", "green"),
@@ -184,6 +227,11 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
     lab.wait_table(lb1, &all4, CONVERGE);
     lab.wait_table(lb4, &all4, CONVERGE);
     assert_traffic(&lab, &["lb1", "lb2", "lb3", "lb4"]);
+    // cfg-syncd of the leader pushes a changed file to every other node.
+    lab.nodes[lb1].write("checks/fanout.sh", "#!/bin/sh\nexit 0\n");
+    for i in [lb2, lb3, lb4] {
+        lab.wait_file(i, "checks/fanout.sh", "#!/bin/sh\nexit 0\n", CONVERGE);
+    }
 
     // 4. Maintenance of lb2 from the leader: routed withdraws its VIPs,
     // its row is orange; back in service, green.
@@ -224,14 +272,25 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
     lab.wait_next_hops(&["lb1", "lb2", "lb3", "lb4"], CONVERGE);
     lab.wait_table(lb1, &all4, CONVERGE);
 
-    // 5. remove-node lb2: drained, forgotten, standalone.
+    // 5. remove-node lb2: drained, forgotten, standalone; new requests
+    // keep being answered meanwhile.
+    let requests = RequestLoop::start(&lab.client, Duration::from_millis(20));
     let out = lab.tandemctl(lb1, &["cluster", "remove-node", "lb2", "--yes"], "");
     let stdout = ok("cluster remove-node lb2", &out, &lab);
+    eprintln!("cluster remove-node:\n{stdout}");
     assert!(
         stdout.contains("lb2 removed from the cluster (3 nodes: lb1, lb3, lb4)"),
         "{stdout}"
     );
     lab.wait_next_hops(&["lb1", "lb3", "lb4"], CONVERGE);
+    std::thread::sleep(Duration::from_secs(1));
+    let (answered, failed, errors) = requests.finish();
+    eprintln!("remove-node lb2: {answered} requests answered, {failed} failed meanwhile");
+    assert!(
+        answered > 0 && failed == 0,
+        "{failed} of {} requests failed during remove-node: {errors:?}",
+        answered + failed
+    );
     let cluster = lab.nodes[lb1].read("cluster.toml").expect("cluster.toml");
     assert!(!cluster.contains("name = \"lb2\""), "{cluster}");
     for i in [lb3, lb4] {
