@@ -320,4 +320,24 @@ fn an_active_active_cluster_is_created_grown_and_shrunk_with_tandemctl() {
         );
     }
     assert_traffic(&lab, &["lb1", "lb3", "lb4"]);
+
+    // 6. destroy on the leader: every node leaves, nothing is announced.
+    let out = lab.tandemctl(lb1, &["cluster", "destroy", "--yes"], "");
+    let stdout = ok("cluster destroy", &out, &lab);
+    eprintln!("cluster destroy:\n{stdout}");
+    lab.wait_until(CONVERGE, "the router forgot the VIP", || {
+        lab.next_hops().is_empty()
+    });
+    for i in [lb1, lb3, lb4] {
+        let n = &lab.nodes[i];
+        assert!(
+            n.read("cluster.toml").is_none(),
+            "{} still clustered",
+            n.name
+        );
+        lab.wait_until(CONVERGE, &format!("{}'s BIRD shut down", n.name), || {
+            !lab.bird_running(i)
+        });
+        assert_eq!(lab.routed_status(i).mode, "standalone");
+    }
 }
