@@ -408,7 +408,19 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Configuration replication refuses a file larger than this, naming it
+    /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
+    pub max_file_bytes: u64,
+    /// Configuration replication refuses the files beyond this many (after
+    /// cluster.toml, keys/sync.key and farms/, in path order), naming them;
+    /// 1-1,000,000, default 100,000.
+    pub max_files: u32,
 }
+
+/// Default of `[sync] max_file_bytes`: 4 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default of `[sync] max_files`.
+pub const DEFAULT_MAX_FILES: u32 = 100_000;
 
 impl SyncSettings {
     /// `key_file` resolved against the configuration directory.
@@ -423,6 +435,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }

@@ -140,6 +140,7 @@ pub fn node(n: &NodeConfig) -> Report {
 
 pub fn cluster(c: &ClusterConfig) -> Report {
     let mut r = Report::default();
+    replication_caps(&mut r, &c.sync);
     if c.virtual_router_id == 0 {
         r.add(
             vec![Key("virtual_router_id")],
@@ -410,6 +411,26 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         }
     }
     r
+}
+
+/// `[sync] max_file_bytes` and `max_files`: cfg-syncd's bounds.
+fn replication_caps(r: &mut Report, s: &SyncSettings) {
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_file_bytes")],
+        "cluster: max_file_bytes",
+        s.max_file_bytes,
+        1024,
+        1 << 30,
+    );
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_files")],
+        "cluster: max_files",
+        s.max_files,
+        1,
+        1_000_000,
+    );
 }
 
 /// Why a path given relative to the configuration directory would reach

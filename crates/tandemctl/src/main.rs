@@ -1,5 +1,6 @@
 //! tandemctl — the operator's CLI for a Tandem cluster.
 
+mod ack;
 mod cluster;
 mod cluster_create;
 mod completions;
@@ -103,6 +104,14 @@ enum ClusterCommand {
     Nodes {
         #[arg(long)]
         json: bool,
+    },
+    /// Acknowledge the local changes this node set aside when the peer's
+    /// configuration replaced them (listed in `cluster nodes` until then);
+    /// the files stay in their set-aside directory.
+    Ack {
+        /// Set-aside directories to acknowledge (default: every one listed).
+        #[arg(value_name = "DIRECTORY")]
+        directories: Vec<String>,
     },
     /// Change cluster settings on the master; replicated to the backup.
     Edit {
@@ -296,6 +305,9 @@ fn main() -> ExitCode {
                         }
                         ClusterCommand::Nodes { json } => {
                             cluster::nodes(&cli.runtime_dir, json).await
+                        }
+                        ClusterCommand::Ack { directories } => {
+                            ack::run(&cli.runtime_dir, directories).await
                         }
                         ClusterCommand::Edit {
                             failback,
