@@ -594,6 +594,7 @@ impl ClusterLifecycleLab {
             confirmed,
             virtual_router_id: vrid,
             host_key: host_key.into(),
+            ..Default::default()
         };
         self.rpc("lb1", "clustermanager", async move |ch| {
             let mut s = v1::cluster_manager_client::ClusterManagerClient::new(ch)

@@ -61,7 +61,8 @@ pub fn status_of(s: &Shared) -> v1::CfgSyncStatus {
 pub async fn reload_local_daemons(shared: &Shared, include_self: bool) -> Vec<String> {
     use tandem_proto::v1::{
         cluster_manager_client::ClusterManagerClient, conntrack_sync_client::ConntrackSyncClient,
-        lb_forwarder_client::LbForwarderClient, vrrpd_client::VrrpdClient,
+        lb_forwarder_client::LbForwarderClient, routed_client::RoutedClient,
+        vrrpd_client::VrrpdClient,
     };
     let mut reloaded = Vec::new();
     let mut running = Vec::new();
@@ -86,6 +87,7 @@ pub async fn reload_local_daemons(shared: &Shared, include_self: bool) -> Vec<St
                 "vrrpd" => VrrpdClient::new(ch).reload(req).await,
                 "lb-forwarder" => LbForwarderClient::new(ch).reload(req).await,
                 "conntrack-syncd" => ConntrackSyncClient::new(ch).reload(req).await,
+                "routed" => RoutedClient::new(ch).reload(req).await,
                 _ => ClusterManagerClient::new(ch).reload(req).await,
             }
         };

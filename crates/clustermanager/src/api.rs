@@ -9,6 +9,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::active;
 use crate::local;
 use crate::node_table::{self, Verdict};
 use crate::peer::PeerError;
@@ -25,6 +26,14 @@ pub struct ClusterManagerApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl ClusterManagerApi {
+    /// The same API, for a task that outlives the request.
+    fn again(&self) -> ClusterManagerApi {
+        ClusterManagerApi {
+            shared: self.shared.clone(),
+            create: self.create.clone(),
+        }
+    }
+
     async fn local_verdict(&self) -> (Verdict, local::LocalStatuses) {
         node_table::local_verdict(&self.shared).await
     }
@@ -33,6 +42,9 @@ impl ClusterManagerApi {
     /// standalone); the error names the master.
     async fn require_master(&self) -> Result<bool, Status> {
         let loaded = self.shared.config.current();
+        if active::is_active(&loaded.config) {
+            return require_leader(&loaded.config).map(|()| true);
+        }
         let Some((peer, peer_addr)) = peer_of(&loaded.config) else {
             return Ok(false);
         };
@@ -91,7 +103,7 @@ impl ClusterManagerApi {
     /// replicated to the peer. A peer that cannot be reached (a partition,
     /// the peer down) leaves the change applied and pending: cfg-syncd
     /// carries the files when the peer returns.
-    async fn apply_change_inner(
+    pub(crate) async fn apply_change_inner(
         &self,
         changes: Vec<Change>,
     ) -> Result<v1::ApplyChangeReply, Status> {
@@ -104,6 +116,11 @@ impl ClusterManagerApi {
         let what = describe(&changes);
         let sequence = self.shared.sequence();
         let msg = to_message(&changes, sequence, self.shared.node_name());
+        if active::is_active(&self.shared.config.current().config) {
+            self.replicate_to_members(&what, sequence, msg, &mut reply)
+                .await;
+            return Ok(reply);
+        }
         let peer = self
             .shared
             .peer
@@ -184,12 +201,16 @@ impl ClusterManagerApi {
                 .map(|c| c.listen.to_string())
                 .unwrap_or_default(),
             control_fingerprint: control.map(|c| c.fingerprint).unwrap_or_default(),
+            mode: active::mode_word(&loaded.config).to_owned(),
         };
         (status, st)
     }
 
     async fn node_table(&self) -> v1::NodeTable {
         let loaded = self.shared.config.current();
+        if active::is_active(&loaded.config) {
+            return self.members_table().await;
+        }
         let (v, _) = self.local_verdict().await;
         let own_addr = loaded
             .config
@@ -300,6 +321,22 @@ impl ClusterManager for ClusterManagerApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn add_node(
+        &self,
+        req: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<BoxStream<v1::CreateClusterProgress>>, Status> {
+        let job = crate::membership::Job::Add(req.into_inner());
+        Ok(Response::new(crate::membership::stream(self.again(), job)))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<BoxStream<v1::CreateClusterProgress>>, Status> {
+        let job = crate::membership::Job::Remove(req.into_inner());
+        Ok(Response::new(crate::membership::stream(self.again(), job)))
+    }
+
     async fn peer_host_key(
         &self,
         req: Request<v1::PeerHostKeyRequest>,
@@ -387,6 +424,16 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         req: Request<v1::DestroyClusterRequest>,
     ) -> Result<Response<v1::DestroyClusterReply>, Status> {
+        let loaded = self.shared.config.current();
+        if active::is_active(&loaded.config) {
+            return crate::membership::destroy(self, &loaded.config)
+                .await
+                .map(|message| {
+                    tracing::info!("cluster destroyed: {message}");
+                    Response::new(v1::DestroyClusterReply { message })
+                })
+                .map_err(|e| Status::failed_precondition(format!("{e:#}")));
+        }
         let _one = self.shared.change_lock.lock().await;
         crate::destroy::destroy_cluster(&self.create, req.into_inner())
             .await
@@ -408,6 +455,10 @@ impl ClusterManager for ClusterManagerApi {
                 if req.enabled { "enter" } else { "leave" }
             )));
         }
+        if active::is_active(&loaded.config) {
+            self.members_maintenance(&me, &loaded.config, req).await?;
+            return Ok(Response::new(self.node_table().await));
+        }
         if req.node.is_empty() || req.node == me {
             let s = local::set_maintenance(&self.shared.runtime_dir, req.enabled)
                 .await
@@ -422,6 +473,7 @@ impl ClusterManager for ClusterManagerApi {
             let fwd = v1::SetNodeMaintenanceRequest {
                 node: String::new(),
                 enabled: req.enabled,
+                reason: req.reason.clone(),
             };
             tracing::info!(peer = %req.node, "forwarding maintenance {word} to the peer");
             self.shared
@@ -461,6 +513,15 @@ impl ClusterManager for ClusterManagerApi {
         req: Request<v1::ConfigChange>,
     ) -> Result<Response<v1::ApplyChangeReply>, Status> {
         let req = req.into_inner();
+        // The leader of an active-active cluster takes no change from
+        // another node: changes are made on it.
+        if active::leads(&self.shared.config.current().config) {
+            tracing::warn!(from = %req.from_node, file = %req.path, "refused a replicated change from {}: this node is the cluster's leader", req.from_node);
+            return Err(Status::failed_precondition(format!(
+                "{} leads the active-active cluster and does not take changes from other nodes",
+                self.shared.node_name()
+            )));
+        }
         // A master never takes a change from its peer (split brain: the
         // operator's change on this side wins until one side steps down).
         if let local::Probe::Running(s) = local::vrrpd_status(&self.shared.runtime_dir).await
@@ -543,8 +604,50 @@ fn cluster_info(shared: &Shared) -> v1::ClusterInfo {
                 interface: f.interface.clone(),
             })
             .collect(),
+        mode: c.mode.as_str().to_owned(),
+        leader: if c.mode == tandem_config::ClusterMode::ActiveActive {
+            active::leader(c)
+                .map(|n| n.name.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        },
+        nodes: c.nodes.iter().map(|n| n.name.clone()).collect(),
+        local_as: c.bgp.as_ref().map_or(0, |b| b.local_as),
+        bgp_peers: c
+            .bgp
+            .iter()
+            .flat_map(|b| b.peers.iter())
+            .map(|p| v1::BgpPeerInfo {
+                name: p.name.clone(),
+                address: p.address.to_string(),
+                remote_as: p.remote_as,
+                bfd: p.bfd,
+            })
+            .collect(),
+        bfd_interval_ms: c.bgp.as_ref().map_or(0, |b| b.bfd.interval_ms),
+        bfd_multiplier: c.bgp.as_ref().map_or(0, |b| u32::from(b.bfd.multiplier)),
+        hash_seed: c.hash_seed,
         ..Default::default()
     }
+}
+
+/// Refuses a change on a node that does not lead its active-active
+/// cluster, naming the leader.
+fn require_leader(c: &tandem_config::Config) -> Result<(), Status> {
+    if active::leads(c) {
+        return Ok(());
+    }
+    let leader = c
+        .cluster
+        .as_ref()
+        .and_then(active::leader)
+        .map(|n| format!("{} ({})", n.name, n.address))
+        .unwrap_or_else(|| "the first of cluster.toml's [[nodes]]".into());
+    Err(Status::failed_precondition(format!(
+        "{} is not the leader of the active-active cluster; make changes on the leader {leader}, the first of cluster.toml's [[nodes]]",
+        c.node.name
+    )))
 }
 
 /// The files of a change request.

@@ -22,6 +22,13 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
     let mut waiting_logged = false;
     let mut retries = Retries::default();
     loop {
+        if crate::active::is_active(&shared.config.current().config) {
+            // No VRRP in an active-active cluster: the leader pushes.
+            if crate::active_conductor::run(&shared, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
         let stream = match tandem_runtime::connect(&shared.runtime_dir, "vrrpd").await {
             Ok(ch) => VrrpdClient::new(ch)
                 .watch_state(v1::WatchStateRequest {})
@@ -61,6 +68,9 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
                             None => break,
                         },
                         _ = tick.tick() => {
+                            if crate::active::is_active(&shared.config.current().config) {
+                                break;
+                            }
                             let preferred = shared.preferred();
                             let mut actions = shared.with_orchestrator(|o| o.set_preferred(preferred));
                             if shared.with_orchestrator(|o| o.gate()) == Gate::Holding {

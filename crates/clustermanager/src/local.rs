@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tandem_proto::v1::{
     self, cfg_sync_client::CfgSyncClient, conntrack_sync_client::ConntrackSyncClient,
-    lb_forwarder_client::LbForwarderClient, vrrpd_client::VrrpdClient,
+    lb_forwarder_client::LbForwarderClient, routed_client::RoutedClient, vrrpd_client::VrrpdClient,
 };
 use tandem_runtime::{ConfigCell, RuntimeError};
 use tonic::transport::Channel;
@@ -17,7 +17,13 @@ use tonic::transport::Channel;
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The daemons clustermanager conducts (itself excluded).
-pub const CONDUCTED: [&str; 4] = ["vrrpd", "lb-forwarder", "conntrack-syncd", "cfg-syncd"];
+pub const CONDUCTED: [&str; 5] = [
+    "vrrpd",
+    "lb-forwarder",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "routed",
+];
 
 /// What asking one daemon gave.
 #[derive(Debug, Clone)]
@@ -44,6 +50,8 @@ pub struct LocalStatuses {
     pub forwarder: Probe<v1::LbForwarderStatus>,
     pub conntrack: Probe<v1::ConntrackSyncStatus>,
     pub cfgsync: Probe<v1::CfgSyncStatus>,
+    /// Asked only in an active-active cluster (NotRunning otherwise).
+    pub routed: Probe<v1::RoutedStatus>,
 }
 
 async fn channel(runtime_dir: &Path, daemon: &str) -> Result<Channel, Probe<()>> {
@@ -95,23 +103,52 @@ pub async fn conntrack_status(runtime_dir: &Path) -> Probe<v1::ConntrackSyncStat
     .await
 }
 
-/// Every conducted daemon's Status, asked concurrently.
-pub async fn statuses(runtime_dir: &Path) -> LocalStatuses {
-    let (vrrpd, forwarder, conntrack, cfgsync) = tokio::join!(
-        vrrpd_status(runtime_dir),
+pub async fn routed_status(runtime_dir: &Path) -> Probe<v1::RoutedStatus> {
+    probe(runtime_dir, "routed", |ch| async move {
+        RoutedClient::new(ch).status(v1::StatusRequest {}).await
+    })
+    .await
+}
+
+/// Every conducted daemon's Status, asked concurrently: the pair's daemons
+/// (`active` false) or an active-active node's (`active` true: vrrpd and
+/// conntrack-syncd idle there and are not asked, routed is).
+pub async fn statuses(runtime_dir: &Path, active: bool) -> LocalStatuses {
+    let (vrrpd, forwarder, conntrack, cfgsync, routed) = tokio::join!(
+        async {
+            if active {
+                Probe::NotRunning
+            } else {
+                vrrpd_status(runtime_dir).await
+            }
+        },
         probe(runtime_dir, "lb-forwarder", |ch| async move {
             LbForwarderClient::new(ch)
                 .status(v1::StatusRequest {})
                 .await
         }),
-        conntrack_status(runtime_dir),
+        async {
+            if active {
+                Probe::NotRunning
+            } else {
+                conntrack_status(runtime_dir).await
+            }
+        },
         cfgsync_status(runtime_dir),
+        async {
+            if active {
+                routed_status(runtime_dir).await
+            } else {
+                Probe::NotRunning
+            }
+        },
     );
     LocalStatuses {
         vrrpd,
         forwarder,
         conntrack,
         cfgsync,
+        routed,
     }
 }
 
@@ -152,6 +189,7 @@ pub async fn reload_all(runtime_dir: &Path, own: &ConfigCell) -> Reloaded {
                 "vrrpd" => VrrpdClient::new(ch).reload(req).await,
                 "lb-forwarder" => LbForwarderClient::new(ch).reload(req).await,
                 "conntrack-syncd" => ConntrackSyncClient::new(ch).reload(req).await,
+                "routed" => RoutedClient::new(ch).reload(req).await,
                 _ => CfgSyncClient::new(ch).reload(req).await,
             }
         };
@@ -242,5 +280,25 @@ pub async fn resync_conntrack(runtime_dir: &Path) -> Result<(), String> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(s)) => Err(rpc_error("conntrack-syncd", s)),
         Err(_) => Err("conntrack-syncd: no answer to Resync".into()),
+    }
+}
+
+/// routed's SetMaintenance (an active-active node): returns once BIRD has
+/// taken the change (or routed's wait is over), with routed's Status.
+pub async fn set_routed_maintenance(
+    runtime_dir: &Path,
+    on: bool,
+    reason: &str,
+) -> Result<v1::RoutedStatus, String> {
+    let ch = connect_to(runtime_dir, "routed").await?;
+    let mut client = RoutedClient::new(ch);
+    let call = client.set_maintenance(v1::SetRoutedMaintenanceRequest {
+        maintenance: on,
+        reason: reason.to_owned(),
+    });
+    match tokio::time::timeout(RPC_TIMEOUT * 5, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(rpc_error("routed", s)),
+        Err(_) => Err("routed: no answer to SetMaintenance within 10 s".into()),
     }
 }

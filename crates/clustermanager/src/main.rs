@@ -1,5 +1,8 @@
 //! clustermanager — the cluster lifecycle, the node table, role orchestration and command replication.
 
+mod active;
+mod active_api;
+mod active_conductor;
 mod api;
 mod auth;
 mod conductor;
@@ -9,6 +12,7 @@ mod destroy;
 mod edit;
 mod hooks;
 mod local;
+mod membership;
 mod node_table;
 mod orchestrate;
 mod peer;
@@ -81,6 +85,16 @@ struct Args {
         default_value = "systemctl start tandem.target"
     )]
     peer_start_command: String,
+
+    /// Run on this node once it is in an active-active cluster (cluster
+    /// create): BIRD's unit starts only once routed has written its
+    /// configuration ("" for nothing).
+    #[arg(
+        long,
+        value_name = "COMMAND",
+        default_value = "systemctl start tandem.target"
+    )]
+    start_command: String,
 }
 
 fn main() -> ExitCode {
@@ -116,14 +130,17 @@ fn main() -> ExitCode {
             peer_sshd_config: args.peer_sshd_config,
             host_key_pub: args.host_key_pub,
             peer_start_command: args.peer_start_command,
+            start_command: args.start_command,
             ..create::CreateContext::new(config_dir.clone(), ctx.runtime_dir().to_owned())
         };
-        let peer = peer::PeerLink::new(config_dir.clone(), args.peer_runtime_dir);
+        let peer = peer::PeerLink::new(config_dir.clone(), args.peer_runtime_dir.clone());
+        let members = active::Members::new(config_dir.clone(), args.peer_runtime_dir);
         let shared = Arc::new(state::Shared::new(
             config,
             config_dir,
             ctx.runtime_dir().to_owned(),
             peer,
+            members,
         ));
         // Opt-in /metrics (node.toml metrics_listen, port + 4): build info.
         tandem_runtime::metrics::spawn(
@@ -152,6 +169,7 @@ fn main() -> ExitCode {
             )))
             .await;
         shared.peer.close().await;
+        shared.members.close().await;
         served
     })
 }

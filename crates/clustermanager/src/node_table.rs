@@ -281,8 +281,19 @@ pub fn colour(h: NodeHealth) -> &'static str {
 
 /// This node's row: its daemons' Status asked and judged now.
 pub async fn local_verdict(shared: &Shared) -> (Verdict, LocalStatuses) {
-    let st = crate::local::statuses(&shared.runtime_dir).await;
     let loaded = shared.config.current();
+    if crate::active::is_active(&loaded.config) {
+        let st = crate::local::statuses(&shared.runtime_dir, true).await;
+        let mut unreachable = Vec::new();
+        for (name, _) in crate::active::others(&loaded.config) {
+            if !shared.members.link(&name).seems_reachable().await {
+                unreachable.push(name);
+            }
+        }
+        let v = crate::active::judge(&st, &crate::active::Context { unreachable });
+        return (v, st);
+    }
+    let st = crate::local::statuses(&shared.runtime_dir, false).await;
     let ctx = Context {
         peer_reachable: shared.peer.seems_reachable().await,
         peer_name: peer_of(&loaded.config).map(|p| p.0).unwrap_or_default(),
@@ -307,27 +318,19 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 pub async fn watch_health(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
     let mut last: Option<(NodeHealth, String)> = None;
     let mut peer_last: Option<Result<(), String>> = None;
+    let mut members_last = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.wait() => return,
         }
-        let peer = match shared.peer.status(&shared.config).await {
-            Ok(_) => Ok(()),
-            Err(PeerError::Standalone) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        };
-        if peer_last.as_ref().map(Result::is_ok) != Some(peer.is_ok()) {
-            let msg = match &peer {
-                Ok(()) => "the peer's clustermanager answers".to_owned(),
-                Err(e) => e.clone(),
-            };
-            if peer_last.is_some() || peer.is_err() {
-                shared.event("peer", msg);
-            }
+        if crate::active::is_active(&shared.config.current().config) {
+            watch_members(&shared, &mut members_last).await;
+        } else {
+            members_last.clear();
+            watch_peer(&shared, &mut peer_last).await;
         }
-        peer_last = Some(peer);
         let (v, _) = local_verdict(&shared).await;
         let now = (v.health, v.message.clone());
         if last.as_ref() != Some(&now) {
@@ -350,6 +353,56 @@ pub async fn watch_health(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shu
             shared.event("health", msg);
             last = Some(now);
         }
+    }
+}
+
+/// Asks the pair's peer (keeping its session warm); one event per change
+/// of its reachability.
+async fn watch_peer(shared: &Shared, last: &mut Option<Result<(), String>>) {
+    let peer = match shared.peer.status(&shared.config).await {
+        Ok(_) => Ok(()),
+        Err(PeerError::Standalone) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    if last.as_ref().map(Result::is_ok) != Some(peer.is_ok()) {
+        let msg = match &peer {
+            Ok(()) => "the peer's clustermanager answers".to_owned(),
+            Err(e) => e.clone(),
+        };
+        if last.is_some() || peer.is_err() {
+            shared.event("peer", msg);
+        }
+    }
+    *last = Some(peer);
+}
+
+/// Asks every other node of an active-active cluster at once (keeping
+/// their sessions warm); one log line and one event per change of a
+/// node's reachability.
+async fn watch_members(shared: &Shared, last: &mut std::collections::HashMap<String, bool>) {
+    let others = crate::active::others(&shared.config.current().config);
+    let asks = others.iter().map(|(name, _)| {
+        let link = shared.members.link(name);
+        async move { (name.clone(), link.status(&shared.config).await) }
+    });
+    let answers = futures::future::join_all(asks).await;
+    last.retain(|n, _| others.iter().any(|(o, _)| o == n));
+    for (name, r) in answers {
+        let ok = r.is_ok();
+        let before = last.insert(name.clone(), ok);
+        if before == Some(ok) || (before.is_none() && ok) {
+            continue;
+        }
+        let msg = match r {
+            Ok(_) => format!("node {name}'s clustermanager answers again"),
+            Err(e) => format!("node {name} unreachable: {e}"),
+        };
+        if ok {
+            tracing::info!(node = %name, "{msg}");
+        } else {
+            tracing::warn!(node = %name, "{msg}");
+        }
+        shared.event("peer", msg);
     }
 }
 
@@ -413,6 +466,7 @@ mod tests {
                 c
             }),
             cfgsync: Probe::Running(cfg),
+            routed: Probe::NotRunning,
         }
     }
 

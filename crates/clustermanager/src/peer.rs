@@ -34,6 +34,9 @@ struct Link {
 pub struct PeerLink {
     config_dir: PathBuf,
     peer_runtime_dir: PathBuf,
+    /// The node this link reaches: None for the pair's other node (whoever
+    /// cluster.toml names), Some for one node of an active-active cluster.
+    node: Option<String>,
     link: Mutex<Link>,
     /// Held while a connection attempt runs.
     connecting: Mutex<()>,
@@ -46,6 +49,8 @@ pub struct PeerLink {
 pub enum PeerError {
     #[error("this node is standalone (no peer in cluster.toml)")]
     Standalone,
+    #[error("node {0} is not one of cluster.toml's nodes")]
+    NotANode(String),
     #[error("peer {peer} unreachable: {why}")]
     Unreachable { peer: String, why: String },
     /// The peer answered with an error.
@@ -55,9 +60,19 @@ pub enum PeerError {
 
 impl PeerLink {
     pub fn new(config_dir: PathBuf, peer_runtime_dir: PathBuf) -> PeerLink {
+        PeerLink::to(config_dir, peer_runtime_dir, None)
+    }
+
+    /// A link to the node `name` of cluster.toml (active-active).
+    pub fn for_node(config_dir: PathBuf, peer_runtime_dir: PathBuf, name: &str) -> PeerLink {
+        PeerLink::to(config_dir, peer_runtime_dir, Some(name.to_owned()))
+    }
+
+    fn to(config_dir: PathBuf, peer_runtime_dir: PathBuf, node: Option<String>) -> PeerLink {
         PeerLink {
             config_dir,
             peer_runtime_dir,
+            node,
             link: Mutex::new(Link {
                 session: None,
                 target: None,
@@ -106,8 +121,15 @@ impl PeerLink {
         patient: bool,
     ) -> Result<(String, ClusterManagerClient<Channel>), PeerError> {
         let loaded = config.current();
-        let Some((name, ip)) = peer_of(&loaded.config) else {
-            return Err(PeerError::Standalone);
+        let target = match &self.node {
+            None => peer_of(&loaded.config),
+            Some(n) => node_of(&loaded.config, n),
+        };
+        let Some((name, ip)) = target else {
+            return Err(match &self.node {
+                Some(n) if loaded.config.cluster.is_some() => PeerError::NotANode(n.clone()),
+                _ => PeerError::Standalone,
+            });
         };
         let port = loaded
             .config
@@ -315,6 +337,17 @@ impl PeerLink {
             s.close().await;
         }
     }
+}
+
+/// The node `name` of cluster.toml, if it is one: its name and cluster
+/// address.
+pub fn node_of(c: &tandem_config::Config, name: &str) -> Option<(String, std::net::IpAddr)> {
+    c.cluster
+        .as_ref()?
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .map(|n| (n.name.clone(), n.address))
 }
 
 /// The other node of cluster.toml: its name and cluster address.

@@ -9,6 +9,7 @@ use tandem_proto::v1;
 use tandem_runtime::ConfigCell;
 use tokio::sync::broadcast;
 
+use crate::active::Members;
 use crate::orchestrate::Orchestrator;
 use crate::peer::PeerLink;
 
@@ -16,7 +17,10 @@ pub struct Shared {
     pub config: Arc<ConfigCell>,
     pub config_dir: PathBuf,
     pub runtime_dir: PathBuf,
+    /// The pair's other node.
     pub peer: PeerLink,
+    /// The other nodes of an active-active cluster.
+    pub members: Members,
     pub events: broadcast::Sender<v1::ClusterEvent>,
     /// One configuration change at a time (ApplyChange, ReplicateChange,
     /// EditCluster).
@@ -39,6 +43,7 @@ impl Shared {
         config_dir: PathBuf,
         runtime_dir: PathBuf,
         peer: PeerLink,
+        members: Members,
     ) -> Shared {
         let (node, preferred) = {
             let loaded = config.current();
@@ -55,6 +60,7 @@ impl Shared {
             config_dir,
             runtime_dir,
             peer,
+            members,
             events: broadcast::channel(256).0,
             change_lock: tokio::sync::Mutex::new(()),
             next_sequence: AtomicU64::new(start_us),

@@ -140,6 +140,8 @@ struct Setup {
 enum NotRunning {
     /// No cluster.toml: nothing to replicate to, and nothing wrong.
     Standalone,
+    /// An active-active cluster: DSR only, no connection state to replicate.
+    ActiveActive,
     Misconfigured(anyhow::Error),
 }
 
@@ -189,6 +191,9 @@ fn setup(config: &Config, config_dir: &Path) -> Result<Setup, NotRunning> {
     let Some(cluster) = config.cluster.as_ref() else {
         return Err(NotRunning::Standalone);
     };
+    if !cluster.mode.is_active_passive() {
+        return Err(NotRunning::ActiveActive);
+    }
     let bad = |e: anyhow::Error| NotRunning::Misconfigured(e);
     let peer = cluster
         .nodes
@@ -264,10 +269,14 @@ impl Engine {
                     said = None;
                     continue;
                 }
-                Err(NotRunning::Standalone) => {
+                Err(idle @ (NotRunning::Standalone | NotRunning::ActiveActive)) => {
                     // A node without a peer is healthy: nothing to say
                     // beyond one line.
-                    let why = "this node is standalone (no cluster.toml): there is no peer to replicate to";
+                    let why = if matches!(idle, NotRunning::ActiveActive) {
+                        "this node is in an active-active cluster (DSR only, no connection state): there is no peer to replicate to"
+                    } else {
+                        "this node is standalone (no cluster.toml): there is no peer to replicate to"
+                    };
                     if said.as_deref() != Some(why) {
                         tracing::info!("conntrack replication is off: {why}");
                         said = Some(why.to_owned());

@@ -222,6 +222,7 @@ impl Engine {
             if self.idle_logged.as_deref() != Some(mode.as_str()) {
                 tracing::info!(node = %node, mode = %mode, "not an active-active cluster ({mode}): routed announces nothing");
                 self.idle_logged = Some(mode.clone());
+                self.leave_bird(&node, &mode).await;
             }
             self.snapshot.send_modify(|s| {
                 s.mode = mode;
@@ -284,6 +285,48 @@ impl Engine {
                 Datapath::NotReady(why) => (false, why.clone()),
             };
             s.vips = vips;
+        });
+    }
+
+    /// The node is not (or no longer) in an active-active cluster: BIRD's
+    /// file goes, so that `tandem-bird` (ConditionPathExists) does not
+    /// start again, and a BIRD that routed configured is shut down (`down`
+    /// on its control socket: every BGP session ends with a Cease and the
+    /// routers withdraw the node at once; remove-node withdraws the VIPs
+    /// first, with maintenance, so nothing is lost).
+    async fn leave_bird(&mut self, node: &str, mode: &str) {
+        let had = self.written.take().is_some();
+        self.pending = false;
+        let removed = match std::fs::remove_file(&self.bird_config) {
+            Ok(()) => {
+                tracing::info!(node = %node, path = %self.bird_config.display(), "not an active-active cluster ({mode}): removed BIRD's configuration {}", self.bird_config.display());
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::warn!(node = %node, path = %self.bird_config.display(), "cannot remove BIRD's configuration {}: {e}", self.bird_config.display());
+                false
+            }
+        };
+        if !(had || removed) {
+            return;
+        }
+        match self.control.request("down").await {
+            Ok(reply) if !reply.is_error() => {
+                tracing::info!(node = %node, socket = %self.control.path().display(), "BIRD shut down: this node is not in an active-active cluster any more ({mode}); its BGP sessions are closed")
+            }
+            Ok(reply) => {
+                tracing::warn!(node = %node, socket = %self.control.path().display(), "BIRD refused to shut down: {}", reply.message())
+            }
+            // Not running: nothing to shut down.
+            Err(e) => {
+                tracing::debug!(node = %node, "BIRD not shut down (not answering): {e}")
+            }
+        }
+        self.snapshot.send_modify(|s| {
+            s.sessions.clear();
+            s.bird_reachable = false;
+            s.bird_message.clear();
         });
     }
 

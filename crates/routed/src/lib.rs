@@ -10,6 +10,7 @@
 //! - [`decide`]: what to announce and why, pure.
 //! - [`forwarder`]: the datapath's view from lb-forwarder.
 //! - [`maintenance`]: maintenance kept across restarts.
+//! - [`metrics`]: the Prometheus series (port + 5).
 //! - [`engine`]: the loop that ties them together.
 
 pub mod bird_conf;
@@ -18,3 +19,4 @@ pub mod decide;
 pub mod engine;
 pub mod forwarder;
 pub mod maintenance;
+pub mod metrics;

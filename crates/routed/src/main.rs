@@ -55,6 +55,13 @@ fn main() -> ExitCode {
         }
         let (maintenance_tx, maintenance_rx) = watch::channel(persisted);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
+        // Opt-in /metrics (node.toml metrics_listen, port + 5).
+        tandem_runtime::metrics::spawn(
+            ctx.daemon,
+            &config,
+            std::sync::Arc::new(routed::metrics::registry(snapshot_rx.clone())),
+            ctx.shutdown(),
+        );
         let mut engine = Engine::new(
             bird_config.clone(),
             Control::new(&bird_socket, Duration::from_secs(2)),

@@ -1,9 +1,9 @@
 //! The opt-in Prometheus endpoint every daemon shares.
 //!
-//! `metrics_listen` in node.toml names one address; the five daemons of a
+//! `metrics_listen` in node.toml names one address; the six daemons of a
 //! node cannot share one port, so each listens on that address with the
 //! port plus a fixed offset ([`port_offset`]): vrrpd +0, lb-forwarder +1,
-//! conntrack-syncd +2, cfg-syncd +3, clustermanager +4. Absent, nothing
+//! conntrack-syncd +2, cfg-syncd +3, clustermanager +4, routed +5. Absent, nothing
 //! listens. The endpoint follows reloads: a changed address moves the
 //! listener, a removed one closes it.
 //!
@@ -45,6 +45,7 @@ pub fn port_offset(daemon: &str) -> Option<u16> {
         "conntrack-syncd" => 2,
         "cfg-syncd" => 3,
         "clustermanager" => 4,
+        "routed" => 5,
         _ => return None,
     })
 }
@@ -311,11 +312,12 @@ mod tests {
             "conntrack-syncd",
             "cfg-syncd",
             "clustermanager",
+            "routed",
         ]
         .iter()
         .map(|d| listen_address(d, base).unwrap().port())
         .collect();
-        assert_eq!(ports, [9500, 9501, 9502, 9503, 9504]);
+        assert_eq!(ports, [9500, 9501, 9502, 9503, 9504, 9505]);
         let top: SocketAddr = "127.0.0.1:65535".parse().unwrap();
         assert!(listen_address("cfg-syncd", top).is_err());
         assert!(listen_address("unknown", base).is_err());

@@ -26,6 +26,7 @@ pub fn role_word(r: NodeRole) -> &'static str {
         NodeRole::Backup => "backup",
         NodeRole::Maintenance => "maintenance",
         NodeRole::Standalone => "standalone",
+        NodeRole::Active => "active",
         NodeRole::Unspecified => "unknown",
     }
 }
@@ -154,12 +155,38 @@ pub async fn nodes(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
 #[derive(Serialize)]
 struct ClusterView {
     clustered: bool,
+    /// "active-passive" or "active-active" ("" standalone).
+    mode: String,
+    /// Active-active: the node where changes are made, every node, BGP.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    leader: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    nodes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bgp: Option<BgpView>,
     virtual_router_id: u32,
     interface: String,
     failback: String,
     check_interval_ms: u32,
     tracked_interfaces: Vec<String>,
     floating_ips: Vec<FloatingView>,
+}
+
+#[derive(Serialize)]
+struct BgpView {
+    local_as: u32,
+    bfd_interval_ms: u32,
+    bfd_multiplier: u32,
+    hash_seed: u32,
+    peers: Vec<BgpPeerView>,
+}
+
+#[derive(Serialize)]
+struct BgpPeerView {
+    name: String,
+    address: String,
+    remote_as: u32,
+    bfd: bool,
 }
 
 #[derive(Serialize)]
@@ -170,8 +197,28 @@ struct FloatingView {
 
 fn print_cluster(c: &v1::ClusterInfo, json: bool) -> anyhow::Result<()> {
     if json {
+        let active = c.mode == "active-active";
         let view = ClusterView {
             clustered: c.clustered,
+            mode: c.mode.clone(),
+            leader: c.leader.clone(),
+            nodes: c.nodes.clone(),
+            bgp: active.then(|| BgpView {
+                local_as: c.local_as,
+                bfd_interval_ms: c.bfd_interval_ms,
+                bfd_multiplier: c.bfd_multiplier,
+                hash_seed: c.hash_seed,
+                peers: c
+                    .bgp_peers
+                    .iter()
+                    .map(|p| BgpPeerView {
+                        name: p.name.clone(),
+                        address: p.address.clone(),
+                        remote_as: p.remote_as,
+                        bfd: p.bfd,
+                    })
+                    .collect(),
+            }),
             virtual_router_id: c.virtual_router_id,
             interface: c.interface.clone(),
             failback: c.failback.clone(),
@@ -191,6 +238,24 @@ fn print_cluster(c: &v1::ClusterInfo, json: bool) -> anyhow::Result<()> {
     }
     if !c.clustered {
         println!("standalone node (no cluster.toml)");
+        return Ok(());
+    }
+    if c.mode == "active-active" {
+        println!("mode:               active-active");
+        println!("leader:             {} (changes are made there)", c.leader);
+        println!("nodes:              {}", c.nodes.join(", "));
+        println!("interface:          {}", c.interface);
+        println!("local AS:           {}", c.local_as);
+        println!(
+            "BFD:                {} ms x {}",
+            c.bfd_interval_ms, c.bfd_multiplier
+        );
+        println!("hash seed:          {:#010x}", c.hash_seed);
+        println!("BGP peers:");
+        for p in &c.bgp_peers {
+            let bfd = if p.bfd { "BFD" } else { "no BFD" };
+            println!("  {} {} AS {} ({bfd})", p.name, p.address, p.remote_as);
+        }
         return Ok(());
     }
     let tracked = if c.tracked_interfaces.is_empty() {
@@ -267,12 +332,14 @@ pub async fn maintenance(
     runtime_dir: &Path,
     enabled: bool,
     node: Option<String>,
+    reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let t = client(runtime_dir)
         .await?
         .set_node_maintenance(v1::SetNodeMaintenanceRequest {
             node: node.unwrap_or_default(),
             enabled,
+            reason: reason.unwrap_or_default(),
         })
         .await
         .map_err(rpc)?

@@ -22,27 +22,55 @@ pub struct CreateArgs {
     /// This node's address on the cluster link.
     #[arg(long, value_name = "IP")]
     pub local_ip: IpAddr,
-    /// The peer's address on the cluster link (its sshd listens there).
-    #[arg(long, value_name = "IP")]
-    pub remote_ip: IpAddr,
+    /// The pair: the peer's address on the cluster link (its sshd listens
+    /// there).
+    #[arg(
+        long,
+        value_name = "IP",
+        required_unless_present = "node",
+        conflicts_with = "node"
+    )]
+    pub remote_ip: Option<IpAddr>,
+    /// An active-active cluster (3-8 nodes): each other node's address on
+    /// the cluster link, in order (this node is first: the leader). Needs
+    /// --local-as and --bgp-peer.
+    #[arg(long, value_name = "IP", num_args = 1)]
+    pub node: Vec<IpAddr>,
+    /// Active-active: the cluster's AS number, every node's.
+    #[arg(long, value_name = "AS", requires = "node")]
+    pub local_as: Option<u32>,
+    /// Active-active: an upstream router every node announces the VIPs to,
+    /// `NAME,ADDRESS,AS` (e.g. tor1,10.2.0.1,65000); repeat for each.
+    #[arg(long, value_name = "NAME,ADDRESS,AS", requires = "node")]
+    pub bgp_peer: Vec<String>,
+    /// Active-active: BFD interval toward the routers [default: 100].
+    #[arg(long, value_name = "MS", requires = "node")]
+    pub bfd_interval: Option<u32>,
+    /// Active-active: BFD detection multiplier [default: 3].
+    #[arg(long, value_name = "N", requires = "node")]
+    pub bfd_multiplier: Option<u32>,
+    /// Active-active: the hash schedulers' shared seed [default: random].
+    #[arg(long, value_name = "N", requires = "node")]
+    pub hash_seed: Option<u32>,
     /// VRRP virtual router id, unique on the cluster link (default: derived
     /// from the two cluster addresses, never 51; preflight refuses a VRID
     /// another router advertises on the link).
-    #[arg(long, value_name = "1-255", value_parser = clap::value_parser!(u8).range(1..))]
+    #[arg(long, conflicts_with = "node", value_name = "1-255", value_parser = clap::value_parser!(u8).range(1..))]
     pub vrid: Option<u8>,
     /// The peer's SSH host key fingerprint, for scripts: `SHA256:...` as
     /// `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` prints it on the
     /// peer. Without it, the key the peer presents is shown and must be
     /// confirmed on the terminal before the password is asked (--yes does
     /// not confirm it). A peer presenting another key is refused before the
-    /// password is sent.
-    #[arg(long, value_name = "SHA256:...")]
-    pub host_key: Option<String>,
+    /// password is sent. Active-active: `IP=SHA256:...`, once per node.
+    #[arg(long, value_name = "[IP=]SHA256:...")]
+    pub host_key: Vec<String>,
     /// Do not ask before the peer's replicated files are erased (the host
     /// key must still be confirmed, or given with --host-key).
     #[arg(long)]
     pub yes: bool,
-    /// Read the peer's root password from the first line of stdin.
+    /// Read the peer's root password from the first line of stdin
+    /// (active-active: one line per --node, in order, or one line for all).
     #[arg(long)]
     pub password_stdin: bool,
 }
@@ -54,12 +82,12 @@ pub struct DestroyArgs {
     pub yes: bool,
 }
 
-async fn client(runtime_dir: &Path) -> anyhow::Result<crate::remote::Cm> {
+pub(crate) async fn client(runtime_dir: &Path) -> anyhow::Result<crate::remote::Cm> {
     crate::remote::cluster_manager(runtime_dir).await
 }
 
 /// The controlling terminal, for prompts (stdin may carry the password).
-fn tty() -> anyhow::Result<(std::fs::File, std::io::BufReader<std::fs::File>)> {
+pub(crate) fn tty() -> anyhow::Result<(std::fs::File, std::io::BufReader<std::fs::File>)> {
     let out = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/tty")
@@ -97,7 +125,7 @@ fn stty(arg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_password(from_stdin: bool, remote: IpAddr) -> anyhow::Result<String> {
+pub(crate) fn read_password(from_stdin: bool, remote: IpAddr) -> anyhow::Result<String> {
     let mut line = String::new();
     if from_stdin {
         std::io::stdin()
@@ -119,7 +147,7 @@ fn read_password(from_stdin: bool, remote: IpAddr) -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn confirm(question: &str) -> anyhow::Result<bool> {
+pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
     let (mut out, mut input) = tty()?;
     write!(out, "{question} [y/N] ")?;
     out.flush()?;
@@ -129,7 +157,7 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 }
 
 /// Prints the stream; returns its last message.
-async fn follow(
+pub(crate) async fn follow(
     mut stream: tonic::Streaming<v1::CreateClusterProgress>,
 ) -> anyhow::Result<v1::CreateClusterProgress> {
     let mut last = None;
@@ -141,7 +169,11 @@ async fn follow(
         }
         if !p.would_erase.is_empty() && p.step == "preflight" {
             for f in &p.would_erase {
-                println!("    will be erased on the peer: {f}");
+                // Active-active: "<node>: <file>".
+                match f.split_once(": ") {
+                    Some((node, file)) => println!("    will be erased on {node}: {file}"),
+                    None => println!("    will be erased on the peer: {f}"),
+                }
             }
         }
         let done = p.done;
@@ -155,7 +187,7 @@ async fn follow(
 
 /// The host key the peer presents, confirmed by the operator on the
 /// terminal; None when the operator says no.
-async fn confirm_host_key(
+pub(crate) async fn confirm_host_key(
     cm: &mut crate::remote::Cm,
     remote: IpAddr,
 ) -> anyhow::Result<Option<String>> {
@@ -196,10 +228,22 @@ async fn confirm_host_key(
 }
 
 pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<ExitCode> {
+    let Some(remote_ip) = args.remote_ip else {
+        return crate::membership::create_active(runtime_dir, args).await;
+    };
     let mut cm = client(runtime_dir).await?;
     // Trust before secrets: the host key is settled before the password is
     // even read.
-    let host_key = match &args.host_key {
+    let given = match args.host_key.as_slice() {
+        [] => None,
+        [one] => Some(
+            one.split_once('=')
+                .map_or(one.as_str(), |(_, k)| k)
+                .to_owned(),
+        ),
+        _ => bail!("a pair has one peer: give --host-key once"),
+    };
+    let host_key = match &given {
         Some(k) => {
             if !k.contains("SHA256:") {
                 bail!(
@@ -208,7 +252,7 @@ pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<Exi
             }
             k.clone()
         }
-        None => match confirm_host_key(&mut cm, args.remote_ip).await? {
+        None => match confirm_host_key(&mut cm, remote_ip).await? {
             Some(k) => k,
             None => {
                 eprintln!(
@@ -218,14 +262,15 @@ pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<Exi
             }
         },
     };
-    let password = read_password(args.password_stdin, args.remote_ip)?;
+    let password = read_password(args.password_stdin, remote_ip)?;
     let mut req = v1::CreateClusterRequest {
         local_ip: args.local_ip.to_string(),
-        remote_ip: args.remote_ip.to_string(),
+        remote_ip: remote_ip.to_string(),
         remote_root_password: password,
         confirmed: args.yes,
         virtual_router_id: args.vrid.map_or(0, u32::from),
         host_key,
+        ..Default::default()
     };
     let last = follow(cm.create_cluster(req.clone()).await?.into_inner()).await?;
     if !last.ok {
@@ -237,7 +282,7 @@ pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<Exi
     if !confirm(&format!(
         "Erase the {} file(s) above on {} and create the cluster?",
         last.would_erase.len(),
-        args.remote_ip
+        remote_ip
     ))? {
         eprintln!("cancelled; nothing was changed");
         return Ok(ExitCode::from(2));

@@ -6,6 +6,7 @@ mod cluster_create;
 mod completions;
 mod config_check;
 mod farms;
+mod membership;
 mod remote;
 mod status;
 
@@ -88,7 +89,7 @@ enum Command {
         #[command(subcommand)]
         command: ConnCommand,
     },
-    /// The cluster: its settings and its two nodes.
+    /// The cluster: its settings and its nodes.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
@@ -137,7 +138,14 @@ enum ApiKeyCommand {
 enum ClusterCommand {
     /// Run on the future master: join the peer over SSH (its root password,
     /// asked once), check the pair, erase the peer's configuration, sync.
+    /// With --node (repeated): an active-active cluster of 3-8 nodes, this
+    /// one the leader.
     Create(cluster_create::CreateArgs),
+    /// Active-active, on the leader: a standalone node joins the cluster.
+    AddNode(membership::AddNodeArgs),
+    /// Active-active, on the leader: a node leaves the cluster (its VIPs
+    /// withdrawn first) and becomes standalone.
+    RemoveNode(membership::RemoveNodeArgs),
     /// Both nodes standalone again; the node that serves keeps the VIPs.
     Destroy(cluster_create::DestroyArgs),
     /// Interface, failback, check interval, tracked interfaces, floating IPs.
@@ -190,6 +198,9 @@ enum MaintenanceAction {
     Enable {
         /// The node (default: this node).
         node: Option<String>,
+        /// Why, for the logs and the node table.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
     },
     /// Out of maintenance: the node serves again as backup (or master).
     Disable {
@@ -386,6 +397,12 @@ fn main() -> ExitCode {
                         ClusterCommand::Create(args) => {
                             cluster_create::create(&cli.runtime_dir, &args).await
                         }
+                        ClusterCommand::AddNode(args) => {
+                            membership::add_node(&cli.runtime_dir, &args).await
+                        }
+                        ClusterCommand::RemoveNode(args) => {
+                            membership::remove_node(&cli.runtime_dir, &args).await
+                        }
                         ClusterCommand::Destroy(args) => {
                             cluster_create::destroy(&cli.runtime_dir, &args).await
                         }
@@ -409,11 +426,11 @@ fn main() -> ExitCode {
                     Command::Node {
                         command: NodeCommand::Maintenance { action },
                     } => match action {
-                        MaintenanceAction::Enable { node } => {
-                            cluster::maintenance(&cli.runtime_dir, true, node).await
+                        MaintenanceAction::Enable { node, reason } => {
+                            cluster::maintenance(&cli.runtime_dir, true, node, reason).await
                         }
                         MaintenanceAction::Disable { node } => {
-                            cluster::maintenance(&cli.runtime_dir, false, node).await
+                            cluster::maintenance(&cli.runtime_dir, false, node, None).await
                         }
                     },
                     Command::Backend {

@@ -11,7 +11,7 @@ use tandem_proto::DAEMONS;
 use tandem_proto::v1::{
     self, NodeHealth, cfg_sync_client::CfgSyncClient, cluster_manager_client::ClusterManagerClient,
     conntrack_sync_client::ConntrackSyncClient, lb_forwarder_client::LbForwarderClient,
-    vrrpd_client::VrrpdClient,
+    routed_client::RoutedClient, vrrpd_client::VrrpdClient,
 };
 use tandem_runtime::RuntimeError;
 use tonic::transport::Channel;
@@ -77,7 +77,12 @@ pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let all_running = rows.iter().all(|r| r.state == "running");
+    // A daemon idle in this node's mode (vrrpd and conntrack-syncd in an
+    // active-active cluster, routed elsewhere) may be stopped.
+    let mode = node.as_ref().map(|n| n.mode.clone()).unwrap_or_default();
+    let all_running = rows
+        .iter()
+        .all(|r| r.state == "running" || !tandem_proto::needed_in(&r.daemon, &mode));
     Ok(ExitCode::from(exit_code(
         all_running,
         node.map(|n| n.health()),
@@ -336,6 +341,25 @@ async fn status_of(daemon: &str, ch: Channel) -> anyhow::Result<(v1::DaemonInfo,
                 s.peer.clone()
             };
             (s.daemon, format!("direction {dir}, peer {peer}"))
+        }
+        "routed" => {
+            let s = RoutedClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            let detail = if s.mode != "active-active" {
+                format!("{}: nothing to announce", s.mode)
+            } else {
+                format!(
+                    "{}/{} VIPs announced, {}/{} BGP sessions established{}",
+                    s.vips.iter().filter(|v| v.announced).count(),
+                    s.vips.len(),
+                    s.sessions.iter().filter(|x| x.established).count(),
+                    s.sessions.len(),
+                    if s.maintenance { ", maintenance" } else { "" }
+                )
+            };
+            (s.daemon, detail)
         }
         other => bail!("unknown daemon `{other}`"),
     };

@@ -85,7 +85,12 @@ impl VrrpSetup {
 /// node, that node preempts and advertises a priority above its peer's, so a
 /// returning preferred master takes the role back (clustermanager gates when).
 pub fn from_config(config: &Config) -> Result<Option<VrrpSetup>, String> {
-    let Some(cluster) = &config.cluster else {
+    // An active-active cluster has no VRRP (routed announces its VIPs).
+    let Some(cluster) = config
+        .cluster
+        .as_ref()
+        .filter(|c| c.mode.is_active_passive())
+    else {
         return Ok(None);
     };
     let node = &config.node;

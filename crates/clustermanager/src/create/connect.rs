@@ -3,7 +3,7 @@
 //! host key the operator confirmed. Another key ends the handshake before
 //! authentication: the password never reaches it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tandem_ssh::{Auth, HostKeyCheck, SshSession};
 
@@ -16,12 +16,24 @@ pub async fn open(
     password: &str,
     p: &Progress,
 ) -> anyhow::Result<SshSession> {
-    let addr = SocketAddr::new(plan.remote_ip, ctx.ssh_port);
+    open_to(ctx, plan.remote_ip, &plan.host_key, password, p).await
+}
+
+/// Opens a session to the node at `ip` whose host key the operator
+/// confirmed as `host_key`, and reports it.
+pub async fn open_to(
+    ctx: &CreateContext,
+    ip: IpAddr,
+    host_key: &str,
+    password: &str,
+    p: &Progress,
+) -> anyhow::Result<SshSession> {
+    let addr = SocketAddr::new(ip, ctx.ssh_port);
     let ssh = SshSession::connect(
         addr,
         "root",
         HostKeyCheck::Confirmed {
-            fingerprint: plan.host_key.clone(),
+            fingerprint: host_key.to_owned(),
         },
         Auth::Password(password.to_owned()),
     )

@@ -85,7 +85,7 @@ pub fn sync_key() -> anyhow::Result<String> {
 }
 
 /// Adds `public` to a local authorized_keys (once).
-fn authorize_local(path: &Path, public: &str) -> anyhow::Result<()> {
+pub(super) fn authorize_local(path: &Path, public: &str) -> anyhow::Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -97,7 +97,11 @@ fn authorize_local(path: &Path, public: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn authorize_peer(ssh: &SshSession, path: &Path, public: &str) -> anyhow::Result<()> {
+pub(super) async fn authorize_peer(
+    ssh: &SshSession,
+    path: &Path,
+    public: &str,
+) -> anyhow::Result<()> {
     let old = ssh
         .read_file(path)
         .await?

@@ -11,16 +11,17 @@
 //! operator has confirmed what the peer loses, and both configurations
 //! that will be written have been validated.
 
-mod configure;
-mod connect;
+pub mod active;
+pub(crate) mod configure;
+pub(crate) mod connect;
 pub mod facts;
 pub mod files;
 pub mod keys;
-mod preflight;
-mod sshd;
+pub(crate) mod preflight;
+pub(crate) mod sshd;
 pub mod start;
-mod sync;
-mod undo;
+pub(crate) mod sync;
+pub(crate) mod undo;
 mod vrid;
 
 use std::net::IpAddr;
@@ -42,10 +43,11 @@ pub const AUTHORIZED_KEYS: &str = "ssh/authorized_keys";
 pub const MASTER_PRIORITY: u8 = 150;
 pub const BACKUP_PRIORITY: u8 = 100;
 /// Every daemon of a node, reloaded after its configuration changed.
-pub const DAEMONS: [&str; 5] = [
+pub const DAEMONS: [&str; 6] = [
     "lb-forwarder",
     "vrrpd",
     "conntrack-syncd",
+    "routed",
     "cfg-syncd",
     "clustermanager",
 ];
@@ -80,6 +82,10 @@ pub struct CreateContext {
     /// Run on the peer once its configuration is in place (default
     /// `systemctl start tandem.target`; empty: nothing).
     pub peer_start_command: String,
+    /// Run on this node once it is in an active-active cluster (default
+    /// `systemctl start tandem.target`: BIRD's unit starts only once
+    /// routed has written its configuration; empty: nothing).
+    pub start_command: String,
     /// Both sshds' port (`[sync] ssh_port`, default 22).
     pub ssh_port: u16,
 }
@@ -100,6 +106,7 @@ impl CreateContext {
             peer_sshd_config: "/etc/ssh/sshd_config".into(),
             host_key_pub: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
             peer_start_command: "systemctl start tandem.target".into(),
+            start_command: "systemctl start tandem.target".into(),
             ssh_port: 22,
         }
     }
@@ -114,12 +121,12 @@ impl CreateContext {
 }
 
 /// The progress stream's sender, with the step names in one place.
-struct Progress {
-    tx: mpsc::Sender<v1::CreateClusterProgress>,
+pub(crate) struct Progress {
+    pub(crate) tx: mpsc::Sender<v1::CreateClusterProgress>,
 }
 
 impl Progress {
-    async fn step(&self, step: &str, message: impl Into<String>) {
+    pub(crate) async fn step(&self, step: &str, message: impl Into<String>) {
         let message = message.into();
         tracing::info!(step, "cluster create: {message}");
         let _ = self
@@ -133,7 +140,7 @@ impl Progress {
             .await;
     }
 
-    async fn send(&self, p: v1::CreateClusterProgress) {
+    pub(crate) async fn send(&self, p: v1::CreateClusterProgress) {
         let _ = self.tx.send(p).await;
     }
 }
@@ -148,7 +155,13 @@ pub async fn create_cluster(
 ) {
     let p = Progress { tx: progress };
     let mut current = String::from("request");
-    let result = run(ctx, &req, &p, &mut current).await;
+    let result = match req.mode.as_str() {
+        "" | "active-passive" => run(ctx, &req, &p, &mut current).await,
+        "active-active" => active::run(ctx, &req, &p, &mut current).await,
+        other => Err(anyhow!(
+            "unknown cluster mode `{other}`: active-passive (the pair) or active-active"
+        )),
+    };
     match result {
         Ok(last) => p.send(last).await,
         Err(e) => {
@@ -167,7 +180,7 @@ pub async fn create_cluster(
 }
 
 /// What the request asks, checked.
-struct Plan {
+pub(crate) struct Plan {
     local_ip: IpAddr,
     remote_ip: IpAddr,
     vrid: u8,
@@ -286,7 +299,7 @@ async fn run(
         // From here on the run writes: what it may change is saved on
         // both nodes first, and put back if any later step fails.
         *current = "keys".into();
-        let mut undo = undo::Undo::save(ctx, &ssh, undo::held(&pre.floating, &pre.local)).await?;
+        let mut undo = undo::Undo::save(ctx, &[&ssh], undo::held(&pre.floating, &pre.local)).await?;
         let steps = async {
             *current = "keys".into();
             keys::install(ctx, &plan, &ssh, &pre, p).await?;
@@ -300,13 +313,19 @@ async fn run(
         .await;
         let message = match steps {
             Ok(m) => {
-                undo.discard(&ssh).await;
+                undo.discard(&[&ssh]).await;
                 m
             }
             Err(e) => {
-                let names = (pre.local.node_name.as_str(), pre.peer.node_name.as_str());
+                let target = undo::Target {
+                    name: &pre.peer.node_name,
+                    ssh: &ssh,
+                    addr: std::net::SocketAddr::new(plan.remote_ip, ctx.ssh_port),
+                    host_key: &plan.host_key,
+                    password: &req.remote_root_password,
+                };
                 let report = undo
-                    .roll_back(ctx, &plan, &req.remote_root_password, &ssh, names)
+                    .roll_back(ctx, &pre.local.node_name, &[target])
                     .await;
                 bail!("{e:#}; {report}");
             }
@@ -361,6 +380,7 @@ mod tests {
             confirmed: false,
             virtual_router_id: 0,
             host_key: "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".into(),
+            ..Default::default()
         }
     }
 

@@ -45,7 +45,7 @@ pub async fn run(
     listening: Option<vrid::Listening>,
 ) -> anyhow::Result<Prepared> {
     let local = facts::gather_local(&ctx.config_dir, Some(plan.remote_ip)).await?;
-    let answers = gather_peer(ctx, ssh, plan).await?;
+    let answers = gather_peer(ctx, ssh, plan.local_ip, plan.remote_ip).await?;
     let (peer, skew_ms) = (answers.facts, answers.skew_ms);
     // Each sshd must let the other node in with the cluster key.
     let mut problems = Vec::new();
@@ -174,33 +174,33 @@ pub async fn run(
 
 /// What the peer told preflight, in one SSH round trip (its clock in a
 /// second, short one).
-struct PeerAnswers {
-    facts: Facts,
+pub(crate) struct PeerAnswers {
+    pub facts: Facts,
     /// Its clock minus ours, ms.
-    skew_ms: i64,
-    node_toml: String,
+    pub skew_ms: i64,
+    pub node_toml: String,
     /// Its replicated files (relative paths): what the creation erases.
-    replicated: Vec<String>,
+    pub replicated: Vec<String>,
     /// Its sshd (`sshd -T`), or why it could not be read.
-    sshd: Result<sshd::SshdFacts, String>,
+    pub sshd: Result<sshd::SshdFacts, String>,
 }
 
-async fn gather_peer(
+/// Asks the peer at `remote_ip` (over `ssh`) what preflight needs to know;
+/// `local_ip` is this node's address (its route back, its sshd's view of a
+/// login from here).
+pub(crate) async fn gather_peer(
     ctx: &CreateContext,
     ssh: &SshSession,
-    plan: &Plan,
+    local_ip: IpAddr,
+    remote_ip: IpAddr,
 ) -> anyhow::Result<PeerAnswers> {
     let bin = ctx.peer_bin_dir.join("clustermanager");
     let node_file = ctx.peer_path(tandem_config::NODE_FILE);
-    let sshd_cmd: Vec<String> = sshd::command(
-        &ctx.peer_sshd_config,
-        plan.local_ip,
-        plan.remote_ip,
-        ctx.ssh_port,
-    )
-    .iter()
-    .map(|a| sh_quote(a))
-    .collect();
+    let sshd_cmd: Vec<String> =
+        sshd::command(&ctx.peer_sshd_config, local_ip, remote_ip, ctx.ssh_port)
+            .iter()
+            .map(|a| sh_quote(a))
+            .collect();
     let script = facts::sections_script(&[
         (
             "version",
@@ -212,7 +212,7 @@ async fn gather_peer(
         ),
         ("link", "ip -o link show".into()),
         ("addr", "ip -o addr show".into()),
-        ("route", format!("ip -o route get {}", plan.local_ip)),
+        ("route", format!("ip -o route get {local_ip}")),
         (
             "replicated",
             facts::list_replicated_command(&ctx.peer_config_dir),
@@ -356,7 +356,7 @@ fn contains(net: &IpNet, ip: IpAddr) -> bool {
 
 /// Loads the configuration a node would have (its node.toml, the new
 /// cluster.toml, this node's farms) in a scratch directory.
-fn validate(
+pub(crate) fn validate(
     config_dir: &Path,
     node_toml: &str,
     cluster_toml: &str,

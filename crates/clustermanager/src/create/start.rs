@@ -45,7 +45,7 @@ pub(super) async fn start(
     }
     p.step("start", format!("{} is master", local.node_name))
         .await;
-    undo.peer_reloaded = true;
+    undo.peer_reloaded(0);
     let reloaded = reload_peer(ssh, &ctx.peer_runtime_dir).await;
     p.step(
         "start",
@@ -92,6 +92,7 @@ pub async fn reload_over(
                 .await
         }
         "vrrpd" => vrrpd_client::VrrpdClient::new(channel).reload(req).await,
+        "routed" => routed_client::RoutedClient::new(channel).reload(req).await,
         "conntrack-syncd" => {
             conntrack_sync_client::ConntrackSyncClient::new(channel)
                 .reload(req)

@@ -19,26 +19,50 @@ pub async fn first_sync(
     pre: &Prepared,
     p: &Progress,
 ) -> anyhow::Result<()> {
+    first_sync_to(ctx, ssh, &pre.peer.node_name, &pre.would_erase, &[], p).await
+}
+
+/// Makes the replicated trees of `peer` (over `ssh`) exactly this node's,
+/// its files `would_erase` kept in its backups first; `overrides` are
+/// replicated files sent with another content than this node's (a
+/// cluster.toml that will be written here afterwards).
+pub async fn first_sync_to(
+    ctx: &CreateContext,
+    ssh: &SshSession,
+    peer: &str,
+    would_erase: &[String],
+    overrides: &[(&str, &[u8])],
+    p: &Progress,
+) -> anyhow::Result<()> {
     // Backed up, then erased, in one round trip.
-    let (backup, keep) = backup_command(ctx, &pre.would_erase);
+    let (backup, keep) = backup_command(ctx, would_erase);
     ssh.exec_ok(&format!("{keep}{}", erase_command(ctx)))
         .await?;
-    let files = facts::replicated_files(&ctx.config_dir)
+    let mut files = facts::replicated_files(&ctx.config_dir)
         .with_context(|| format!("listing {}", ctx.config_dir.display()))?;
+    for (rel, _) in overrides {
+        if !files.iter().any(|f| f == rel) {
+            files.push((*rel).to_owned());
+        }
+    }
     let mut bytes = 0usize;
     for rel in &files {
         let path = ctx.local_path(rel);
-        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mode = file_mode(&path)?;
+        let (data, mode) = match overrides.iter().find(|(r, _)| r == rel) {
+            Some((_, content)) => (content.to_vec(), 0o644),
+            None => (
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                file_mode(&path)?,
+            ),
+        };
         bytes += data.len();
         ssh.write_file(&ctx.peer_path(rel), &data, mode).await?;
     }
     p.step(
         "sync",
         format!(
-            "{} replicated file(s), {bytes} bytes, copied to {}{}",
+            "{} replicated file(s), {bytes} bytes, copied to {peer}{}",
             files.len(),
-            pre.peer.node_name,
             backup
                 .map(|b| format!(" (its previous files are kept in {b})"))
                 .unwrap_or_default()

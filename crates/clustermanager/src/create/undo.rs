@@ -17,9 +17,9 @@ use tandem_config::IpNet;
 use tandem_proto::v1;
 use tandem_ssh::{Auth, HostKeyCheck, SshSession};
 
+use super::CreateContext;
 use super::facts::{self, run_local, sh_quote};
 use super::start::{reload_local, reload_peer, wait_local_vrrp};
-use super::{CreateContext, Plan};
 
 /// What a node may lose to the run, relative to its configuration
 /// directory (its authorized_keys file is added when outside).
@@ -69,27 +69,44 @@ fn restore_script(dir: &str, paths: &[PathBuf]) -> String {
     )
 }
 
-/// The saved state of both nodes, and what the run did beyond files.
+/// A node the run changes over SSH, and how to reach it again if the
+/// session is gone when the run must be rolled back.
+pub struct Target<'a> {
+    pub name: &'a str,
+    pub ssh: &'a SshSession,
+    pub addr: SocketAddr,
+    /// The confirmed host key fingerprint.
+    pub host_key: &'a str,
+    pub password: &'a str,
+}
+
+/// One remote node's saved state.
+struct Saved {
+    dir: String,
+    /// Its daemons were reloaded with the new configuration.
+    reloaded: bool,
+}
+
+/// The saved state of every node, and what the run did beyond files.
 pub struct Undo {
     local_dir: String,
     local_paths: Vec<PathBuf>,
-    peer_dir: String,
+    /// In the order of the sessions given to `save`.
+    peers: Vec<Saved>,
     peer_paths: Vec<PathBuf>,
     /// This node's daemons were reloaded with the new configuration.
     pub local_reloaded: bool,
-    /// The peer's were.
-    pub peer_reloaded: bool,
     /// Floating IPs this node held before the run (a standalone node's
     /// plain addresses), with their interfaces.
     held: Vec<(IpNet, String)>,
 }
 
 impl Undo {
-    /// Saves both nodes' state before the first write. An error here has
-    /// changed nothing (the archives are removed).
+    /// Saves this node's state and each peer's before the first write. An
+    /// error here has changed nothing (the archives are removed).
     pub async fn save(
         ctx: &CreateContext,
-        ssh: &SshSession,
+        peers: &[&SshSession],
         held: Vec<(IpNet, String)>,
     ) -> anyhow::Result<Undo> {
         let local_paths = touched(&ctx.config_dir, &ctx.authorized_keys);
@@ -109,54 +126,64 @@ impl Undo {
             let _ = std::fs::remove_dir_all(&local_dir);
             return Err(e);
         }
-        let peer_dir = ssh
-            .exec_ok(&format!(
-                "d=$(mktemp -d /tmp/tandem-create-undo.XXXXXX) && {} && echo \"$d\"",
-                save_script("\"$d\"", &peer_paths)
-            ))
-            .await
-            .map(|o| o.stdout_text().trim().to_owned());
-        let peer_dir = match peer_dir {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&local_dir);
-                bail!("saving the peer's configuration before the creation: {e}");
+        let mut saved: Vec<Saved> = Vec::new();
+        for ssh in peers {
+            let dir = ssh
+                .exec_ok(&format!(
+                    "d=$(mktemp -d /tmp/tandem-create-undo.XXXXXX) && {} && echo \"$d\"",
+                    save_script("\"$d\"", &peer_paths)
+                ))
+                .await
+                .map(|o| o.stdout_text().trim().to_owned());
+            match dir {
+                Ok(dir) => saved.push(Saved {
+                    dir,
+                    reloaded: false,
+                }),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&local_dir);
+                    for (s, ssh) in saved.iter().zip(peers) {
+                        let _ = ssh.exec(&format!("rm -rf -- {}", sh_quote(&s.dir))).await;
+                    }
+                    bail!(
+                        "saving the configuration of {} before the creation: {e}",
+                        ssh.label()
+                    );
+                }
             }
-        };
+        }
         Ok(Undo {
             local_dir,
             local_paths,
-            peer_dir,
+            peers: saved,
             peer_paths,
             local_reloaded: false,
-            peer_reloaded: false,
             held,
         })
     }
 
-    /// The run succeeded: the saved state is no longer needed.
-    pub async fn discard(self, ssh: &SshSession) {
-        let _ = std::fs::remove_dir_all(&self.local_dir);
-        let _ = ssh
-            .exec(&format!("rm -rf -- {}", sh_quote(&self.peer_dir)))
-            .await;
+    /// The `i`th peer's daemons were reloaded with the new configuration.
+    pub fn peer_reloaded(&mut self, i: usize) {
+        if let Some(p) = self.peers.get_mut(i) {
+            p.reloaded = true;
+        }
     }
 
-    /// Puts both nodes back as they were; the sentence that tells the
+    /// The run succeeded: the saved state is no longer needed.
+    pub async fn discard(self, peers: &[&SshSession]) {
+        let _ = std::fs::remove_dir_all(&self.local_dir);
+        for (s, ssh) in self.peers.iter().zip(peers) {
+            let _ = ssh.exec(&format!("rm -rf -- {}", sh_quote(&s.dir))).await;
+        }
+    }
+
+    /// Puts every node back as it was; the sentence that tells the
     /// operator what was done (or what is left, if a rollback failed).
-    pub async fn roll_back(
-        self,
-        ctx: &CreateContext,
-        plan: &Plan,
-        password: &str,
-        ssh: &SshSession,
-        names: (&str, &str),
-    ) -> String {
-        let (me, peer) = names;
+    pub async fn roll_back(self, ctx: &CreateContext, me: &str, peers: &[Target<'_>]) -> String {
         let mut done = Vec::new();
         let mut failed = Vec::new();
         // This node first: once its daemons have reloaded the restored
-        // configuration, its cfg-syncd no longer pushes to the peer, whose
+        // configuration, its cfg-syncd no longer pushes to the peers, whose
         // files are restored next.
         let local = run_local(
             "sh",
@@ -192,12 +219,14 @@ impl Undo {
                 }
             }
         }
-        match self.roll_back_peer(ctx, plan, password, ssh).await {
-            Ok(()) => done.push(peer.to_owned()),
-            Err(e) => failed.push(format!(
-                "on {peer}: {e:#}; its files from before are in {peer}:{}/undo.tar (`tar --extract --absolute-names --preserve-permissions --file` restores them)",
-                self.peer_dir
-            )),
+        for (saved, target) in self.peers.iter().zip(peers) {
+            match self.roll_back_peer(ctx, saved, target).await {
+                Ok(()) => done.push(target.name.to_owned()),
+                Err(e) => failed.push(format!(
+                    "on {}: {e:#}; its files from before are in {}:{}/undo.tar (`tar --extract --absolute-names --preserve-permissions --file` restores them)",
+                    target.name, target.name, saved.dir
+                )),
+            }
         }
         let text = if failed.is_empty() {
             format!(
@@ -222,40 +251,44 @@ impl Undo {
     async fn roll_back_peer(
         &self,
         ctx: &CreateContext,
-        plan: &Plan,
-        password: &str,
-        ssh: &SshSession,
+        saved: &Saved,
+        target: &Target<'_>,
     ) -> anyhow::Result<()> {
-        let script = restore_script(&sh_quote(&self.peer_dir), &self.peer_paths);
-        let restored = if ssh.is_closed() {
+        let script = restore_script(&sh_quote(&saved.dir), &self.peer_paths);
+        let restored = if target.ssh.is_closed() {
             Err(anyhow!("the SSH session is closed"))
         } else {
-            ssh.exec_ok(&script).await.map_err(anyhow::Error::from)
+            target
+                .ssh
+                .exec_ok(&script)
+                .await
+                .map_err(anyhow::Error::from)
         };
         let reconnected;
         let session = match restored {
-            Ok(_) => ssh,
+            Ok(_) => target.ssh,
             Err(_) => {
                 // The session died with the failure (the peer's sshd
                 // restarted, the link flapped): once more, to the same
                 // confirmed key.
                 reconnected = SshSession::connect(
-                    SocketAddr::new(plan.remote_ip, ctx.ssh_port),
+                    target.addr,
                     "root",
                     HostKeyCheck::Confirmed {
-                        fingerprint: plan.host_key.clone(),
+                        fingerprint: target.host_key.to_owned(),
                     },
-                    Auth::Password(password.to_owned()),
+                    Auth::Password(target.password.to_owned()),
                 )
                 .await?;
                 reconnected.exec_ok(&script).await?;
                 &reconnected
             }
         };
-        if self.peer_reloaded {
+        if saved.reloaded {
             let reloaded = reload_peer(session, &ctx.peer_runtime_dir).await;
             tracing::info!(
-                "cluster create rollback: the peer reloaded: {}",
+                "cluster create rollback: {} reloaded: {}",
+                target.name,
                 reloaded.join(", ")
             );
         }
