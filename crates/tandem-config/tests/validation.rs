@@ -555,6 +555,37 @@ fn node_names_and_api_keys_are_checked() {
     );
 }
 
+#[test]
+fn control_api_keys_are_checked() {
+    let node = "name = \"lb1\"\ncontrol_listen = \"0.0.0.0:0\"\ncontrol_tls_key = \"tls/key.pem\"\n\n[[api_keys]]\nname = \"ci\"\nrole = \"root\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let d = dir(&[("node.toml", node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    let e = errors(d.path());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("node.toml:7:8: unknown variant `root`, expected `read` or `admin`"),
+        "{e:?}"
+    );
+    let node = node.replace("\"root\"", "\"admin\"");
+    let d = dir(&[("node.toml", &node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    assert_eq!(
+        errors(d.path()),
+        [
+            "node.toml:2:18: control_listen 0.0.0.0:0: give a port (1-65535), e.g. 0.0.0.0:9443",
+            "node.toml:3:19: control_tls_key is set but control_tls_cert is not: give both (or neither, for a generated self-signed pair)",
+        ]
+    );
+    // Control: a port, and both files (or neither), is valid; a key
+    // without `role` reads only.
+    let node = "name = \"lb1\"\ncontrol_listen = \"0.0.0.0:9443\"\n\n[[api_keys]]\nname = \"mon\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let d = dir(&[("node.toml", node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    let c = Config::load(d.path()).expect("valid");
+    assert_eq!(c.node.api_keys[0].role, tandem_config::ApiRole::Read);
+    assert_eq!(c.node.control_listen, Some("0.0.0.0:9443".parse().unwrap()));
+}
+
 // ---- nonsense that parses ----
 
 #[test]
