@@ -447,6 +447,14 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Most connection changes conntrack-syncd queues for the peer, 1024 to
+    /// 16777216, default 131072 (about 25 MB at most). Changes of one flow
+    /// fold into one entry, so this bounds the flows with unsent changes;
+    /// beyond it the queue is dropped and one bulk resync follows.
+    pub conntrack_queue_limit: u32,
+    /// Replication lag above this for more than a few seconds makes
+    /// conntrack-syncd's health degraded (yellow), 10 to 600000 ms, default 1000.
+    pub conntrack_lag_threshold_ms: u32,
     /// Configuration replication refuses a file larger than this, naming it
     /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
     pub max_file_bytes: u64,
@@ -474,6 +482,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            conntrack_queue_limit: 131_072,
+            conntrack_lag_threshold_ms: 1000,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_files: DEFAULT_MAX_FILES,
         }

@@ -419,6 +419,24 @@ pub fn cluster(c: &ClusterConfig) -> Report {
             "cluster: conntrack_port must be 1-65535",
         );
     }
+    if !(1024..=16_777_216).contains(&c.sync.conntrack_queue_limit) {
+        r.add(
+            vec![Key("sync"), Key("conntrack_queue_limit")],
+            format!(
+                "cluster: conntrack_queue_limit {} is out of range (1024-16777216 entries)",
+                c.sync.conntrack_queue_limit
+            ),
+        );
+    }
+    if !(10..=600_000).contains(&c.sync.conntrack_lag_threshold_ms) {
+        r.add(
+            vec![Key("sync"), Key("conntrack_lag_threshold_ms")],
+            format!(
+                "cluster: conntrack_lag_threshold_ms {} is out of range (10-600000)",
+                c.sync.conntrack_lag_threshold_ms
+            ),
+        );
+    }
     if c.sync.ssh_port == 0 {
         r.add(
             vec![Key("sync"), Key("ssh_port")],

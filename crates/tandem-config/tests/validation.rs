@@ -93,6 +93,42 @@ fn a_vrrp_interval_must_fit_the_wire_format() {
 }
 
 #[test]
+fn conntrack_sync_limits_are_checked_with_their_ranges() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &format!("{}\n[sync]\nconntrack_queue_limit = 100\n", common::CLUSTER),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:24:25: cluster: conntrack_queue_limit 100 is out of range (1024-16777216 entries)"
+    );
+    let e = one_error(&[(
+        "cluster.toml",
+        &format!(
+            "{}\n[sync]\nconntrack_lag_threshold_ms = 5\n",
+            common::CLUSTER
+        ),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:24:30: cluster: conntrack_lag_threshold_ms 5 is out of range (10-600000)"
+    );
+    let d = dir(&[(
+        "cluster.toml",
+        &format!(
+            "{}\n[sync]\nconntrack_queue_limit = 50000\nconntrack_lag_threshold_ms = 250\n",
+            common::CLUSTER
+        ),
+    )]);
+    let c = Config::load(d.path()).expect("valid");
+    let sync = &c.cluster.expect("clustered").sync;
+    assert_eq!(
+        (sync.conntrack_queue_limit, sync.conntrack_lag_threshold_ms),
+        (50000, 250)
+    );
+}
+
+#[test]
 fn the_vrrp_fault_handling_keys_are_range_checked_at_their_position() {
     for (key, bad, message) in [
         (
