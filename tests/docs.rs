@@ -58,7 +58,7 @@ fn rel(p: &Path) -> String {
 
 /// The lines of the shell-like fenced blocks of a page, with line numbers.
 fn fenced_shell_lines(text: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
+    let mut out: Vec<(usize, String)> = Vec::new();
     let mut fence: Option<bool> = None; // Some(is_shell) inside a block
     for (i, line) in text.lines().enumerate() {
         let t = line.trim_start();
@@ -73,7 +73,15 @@ fn fenced_shell_lines(text: &str) -> Vec<(usize, String)> {
             continue;
         }
         if fence == Some(true) {
-            out.push((i + 1, t.to_owned()));
+            // A line ending in `\` continues on the next one.
+            match out.last_mut() {
+                Some((_, prev)) if prev.ends_with('\\') => {
+                    prev.pop();
+                    prev.push(' ');
+                    prev.push_str(t);
+                }
+                _ => out.push((i + 1, t.to_owned())),
+            }
         }
     }
     out
