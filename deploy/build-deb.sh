@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the tandem .deb: every binary, the systemd units, tmpfiles.d, the
-# example configuration, the docs, a man page per binary (help2man) and
+# example configuration, the docs, the man pages (deploy/man.sh) and
 # tandemctl's bash/zsh/fish completions. The package metadata lives in
 # crates/tandemctl/Cargo.toml, [package.metadata.deb].
 #
 #   deploy/build-deb.sh            -> target/debian/tandem_<version>-1_<arch>.deb
 #
-# Needs cargo, help2man and dpkg-dev (dpkg-shlibdeps, for the libc dependency);
+# Needs cargo, help2man, go-md2man and dpkg-dev (dpkg-shlibdeps, for the libc dependency);
 # installs cargo-deb with `cargo install --locked` if it is missing.
 set -euo pipefail
 
@@ -16,6 +16,7 @@ cd "$repo"
 die() { echo "build-deb.sh: $*" >&2; exit 1; }
 
 command -v help2man >/dev/null || die "help2man is missing: apt-get install help2man"
+command -v go-md2man >/dev/null || die "go-md2man is missing: apt-get install go-md2man"
 if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing cargo-deb"
     cargo install cargo-deb --locked
@@ -35,22 +36,10 @@ version=$("$release/tandemctl" --version | awk '{print $2}')
 # metadata (cargo-deb maps target/release to the real target directory).
 gen=$release/tandem-deb
 rm -rf "$gen"
-mkdir -p "$gen/man8" "$gen/completions"
-# A fixed date keeps the man pages reproducible from one build to the next.
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
-declare -A names=(
-    [lb-forwarder]="Tandem load balancer: farms, health checks and the nftables datapath"
-    [vrrpd]="Tandem VRRPv3 heartbeat and floating IPs"
-    [conntrack-syncd]="Tandem connection-tracking replication"
-    [cfg-syncd]="Tandem configuration replication over SSH"
-    [clustermanager]="Tandem cluster manager"
-    [tandemctl]="the operator's CLI of a Tandem load-balancer cluster"
-)
-for b in "${!names[@]}"; do
-    help2man --no-info --section 8 --name "${names[$b]}" \
-        --source "Tandem $version" --manual Tandem "$release/$b" \
-        | gzip -9n > "$gen/man8/$b.8.gz"
-done
+mkdir -p "$gen/completions"
+# Man pages: each binary's --help with EXIT STATUS, FILES and EXAMPLES, and
+# tandem.toml(5) from docs/configuration.md.
+"$repo/deploy/man.sh" "$release" "$gen" "$version"
 "$release/tandemctl" completions bash > "$gen/completions/tandemctl"
 "$release/tandemctl" completions zsh > "$gen/completions/_tandemctl"
 "$release/tandemctl" completions fish > "$gen/completions/tandemctl.fish"

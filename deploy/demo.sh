@@ -5,14 +5,15 @@
 # the master under live traffic and print the failover time, the connections
 # that survived, the requests that failed and the node table before and
 # after. Needs root (namespaces); installs the Debian packages it needs
-# (nftables conntrack iproute2 openssh-server openssl) when they are missing.
+# (a C compiler for the build, nftables conntrack iproute2 openssh-server
+# openssl) when they are missing.
 # Leaves nothing behind: the lab removes its namespaces and processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/common.sh
 need_root
 need_cargo
-need_packages nftables conntrack iproute2 openssh-server openssl util-linux
+need_packages gcc libc6-dev nftables conntrack iproute2 openssh-server openssl util-linux
 cargo build --workspace --quiet
 target=$(target_dir)
 [ -n "$target" ] || { echo "cannot find cargo's target directory (cargo metadata failed)" >&2; exit 1; }

@@ -10,8 +10,8 @@
 #   PREFIX/lib/systemd/system/           five daemon units + tandem.target
 #   PREFIX/lib/tmpfiles.d/tandem.conf    /run/tandem, the shared socket directory
 #   PREFIX/share/doc/tandem/             docs, examples/ (the example /etc/tandem)
-#   PREFIX/share/man/man8/               a man page per binary (help2man, from --help)
-#   PREFIX/share/doc/tandem/help/        the same as plain --help text if help2man is missing
+#   PREFIX/share/man/man8/               a man page per binary, man5/tandem.toml.5 (deploy/man.sh)
+#   PREFIX/share/doc/tandem/help/        the plain --help texts if help2man or go-md2man is missing
 #   PREFIX/share/{bash-completion,zsh,fish}/...   tandemctl completions
 #   /etc/tandem/                         created empty (0750) if missing; never removed
 #
@@ -69,6 +69,7 @@ case $prefix in
 esac
 docdir=$prefix/share/doc/tandem
 mandir=$prefix/share/man/man8
+man5dir=$prefix/share/man/man5
 bashdir=$prefix/share/bash-completion/completions
 zshdir=$prefix/share/zsh/site-functions
 fishdir=$prefix/share/fish/vendor_completions.d
@@ -85,6 +86,7 @@ installed_files() {
         echo "$mandir/$b.8.gz"
     done
     for u in "${units[@]}"; do echo "$unitdir/$u"; done
+    echo "$man5dir/tandem.toml.5.gz"
     echo "$tmpfilesdir/tandem.conf"
     echo "$bashdir/tandemctl"
     echo "$zshdir/_tandemctl"
@@ -123,27 +125,25 @@ find_binaries() {
     fi
 }
 
-# A man page from --help/--version (help2man), else the --help text itself.
-document_binary() {
-    local b=$1 name
-    case $b in
-        lb-forwarder) name="Tandem load balancer: farms, health checks and the nftables datapath" ;;
-        vrrpd) name="Tandem VRRPv3 heartbeat and floating IPs" ;;
-        conntrack-syncd) name="Tandem connection-tracking replication" ;;
-        cfg-syncd) name="Tandem configuration replication over SSH" ;;
-        clustermanager) name="Tandem cluster manager" ;;
-        tandemctl) name="the operator's CLI of a Tandem load-balancer cluster" ;;
-    esac
-    if command -v help2man >/dev/null; then
-        install -d -m 0755 "$root$mandir"
-        help2man --no-info --section 8 --name "$name" \
-            --source Tandem --manual "Tandem" "$bin_dir/$b" \
-            | gzip -9n > "$root$mandir/$b.8.gz"
-        chmod 0644 "$root$mandir/$b.8.gz"
+# The man pages (deploy/man.sh: each binary's --help with its EXIT STATUS,
+# FILES and EXAMPLES, and tandem.toml(5)), else the --help texts themselves.
+document_binaries() {
+    local b pages
+    if command -v help2man >/dev/null && command -v go-md2man >/dev/null; then
+        pages=$(mktemp -d)
+        "$repo/deploy/man.sh" "$bin_dir" "$pages" >/dev/null
+        for b in "${BINARIES[@]}"; do
+            install -D -m 0644 "$pages/man8/$b.8.gz" "$root$mandir/$b.8.gz"
+        done
+        install -D -m 0644 "$pages/man5/tandem.toml.5.gz" "$root$man5dir/tandem.toml.5.gz"
+        rm -rf "$pages"
     else
+        echo "help2man or go-md2man is missing: the --help texts go to $docdir/help instead of man pages"
         install -d -m 0755 "$root$docdir/help"
-        "$bin_dir/$b" --help > "$root$docdir/help/$b.txt"
-        chmod 0644 "$root$docdir/help/$b.txt"
+        for b in "${BINARIES[@]}"; do
+            "$bin_dir/$b" --help > "$root$docdir/help/$b.txt"
+            chmod 0644 "$root$docdir/help/$b.txt"
+        done
     fi
 }
 
@@ -170,7 +170,7 @@ install_all() {
     find "$root$docdir/examples" -type f -exec chmod 0644 {} +
     find "$root$docdir/examples" -type f -name '*.sh' -exec chmod 0755 {} +
 
-    for b in "${BINARIES[@]}"; do document_binary "$b"; done
+    document_binaries
 
     install -d -m 0755 "$root$bashdir" "$root$zshdir" "$root$fishdir"
     "$bin_dir/tandemctl" completions bash > "$root$bashdir/tandemctl"

@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// Drive and inspect a Tandem load-balancer node.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Where the daemons' gRPC sockets live.
     #[arg(long, global = true, value_name = "DIR", env = "TANDEM_RUNTIME_DIR", default_value = tandem_runtime::DEFAULT_RUNTIME_DIR)]
