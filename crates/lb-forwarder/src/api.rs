@@ -48,6 +48,16 @@ fn admin(s: BackendState) -> BackendAdminState {
     }
 }
 
+/// The state as the operator typed it (`tandemctl backend set … drain`).
+fn state_name(s: BackendState) -> &'static str {
+    match s {
+        BackendState::Up => "up",
+        BackendState::Down => "down",
+        BackendState::Drain => "drain",
+        BackendState::Maintenance => "maintenance",
+    }
+}
+
 fn counters(c: Option<&Count>) -> Option<v1::Counters> {
     let c = c.copied().unwrap_or_default();
     Some(v1::Counters {
@@ -269,7 +279,15 @@ impl LbForwarder for LbForwarderApi {
             }
         };
         let key = BackendKey::of(farm, backend);
-        tracing::info!(farm = %farm.name, backend = %address, "backend state set to {state:?} by the operator");
+        let target = std::net::SocketAddr::new(address, farm.check_port(backend));
+        tracing::info!(
+            farm = %farm.name,
+            backend = %target,
+            state = state_name(state),
+            "farm {}: backend {target} set to {} by the operator",
+            farm.name,
+            state_name(state)
+        );
         let wanted = (state != backend.state).then_some(state);
         self.datapath.set_override(key.clone(), wanted);
         // Answer once the datapath has taken it in.

@@ -76,6 +76,7 @@ pub async fn run(
     // What the kernel holds, as last applied; None forces a full replacement.
     let mut applied: Option<ruleset::Rendered> = None;
     let mut loads: HashMap<BackendKey, u64> = HashMap::new();
+    let mut loads_unreadable = false;
     let mut lc_tick = tokio::time::interval(LC_REFRESH);
     lc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -118,7 +119,9 @@ pub async fn run(
                 tracing::info!(
                     farms = farms.len(),
                     took_ms = took.as_millis() as u64,
-                    "datapath applied"
+                    "datapath applied: {} in {} ms",
+                    count(farms.len(), "farm"),
+                    took.as_millis()
                 );
                 applied = Some(parts);
                 dp.state.send_modify(|s| {
@@ -130,7 +133,12 @@ pub async fn run(
                 });
             }
             Some(Err(e)) => {
-                tracing::error!("datapath not applied, the previous one stays in force: {e}");
+                tracing::error!(
+                    farms = farms.len(),
+                    error = %e,
+                    "datapath for {} not applied, the rules in force stay: {e}",
+                    count(farms.len(), "farm")
+                );
                 // Whatever the kernel holds now, the next change replaces it whole.
                 applied = None;
                 dp.state.send_modify(|s| {
@@ -150,7 +158,25 @@ pub async fn run(
             r = failing.changed() => if r.is_err() { return },
             () = dp.kick.notified() => {}
             _ = lc_tick.tick(), if has_lc => {
-                loads = read_loads(&loaded.config.farms).await;
+                match read_loads(&loaded.config.farms).await {
+                    Ok(l) => {
+                        if loads_unreadable {
+                            tracing::info!("least-connections farms: connection counts readable again (conntrack -L)");
+                        }
+                        loads_unreadable = false;
+                        loads = l;
+                    }
+                    // Logged once per failure, not every second.
+                    Err(e) => {
+                        if !loads_unreadable {
+                            tracing::warn!(
+                                error = %e,
+                                "least-connections farms: cannot read connection counts (conntrack -L), scheduling on the last counts: {e}"
+                            );
+                        }
+                        loads_unreadable = true;
+                    }
+                }
             }
             () = shutdown.wait() => return,
         }
@@ -158,15 +184,11 @@ pub async fn run(
 }
 
 /// Established connections per backend of the `lc` farms.
-async fn read_loads(farms: &[tandem_config::Farm]) -> HashMap<BackendKey, u64> {
-    let by_mark = match nft::connections_by_mark().await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!("least-connections: cannot read connection counts: {e}");
-            return HashMap::new();
-        }
-    };
-    farms
+async fn read_loads(
+    farms: &[tandem_config::Farm],
+) -> Result<HashMap<BackendKey, u64>, nft::NftError> {
+    let by_mark = nft::connections_by_mark().await?;
+    Ok(farms
         .iter()
         .filter(|f| f.scheduler == Scheduler::Lc)
         .flat_map(|f| f.backends.iter().map(move |b| BackendKey::of(f, b)))
@@ -174,5 +196,14 @@ async fn read_loads(farms: &[tandem_config::Farm]) -> HashMap<BackendKey, u64> {
             let n = by_mark.get(&k.mark()).copied().unwrap_or(0);
             (k, n)
         })
-        .collect()
+        .collect())
+}
+
+/// `1 farm`, `3 farms`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
