@@ -13,9 +13,13 @@
 #   PREFIX/share/man/man8/               a man page per binary (help2man, from --help)
 #   PREFIX/share/doc/tandem/help/        the same as plain --help text if help2man is missing
 #   PREFIX/share/{bash-completion,zsh,fish}/...   tandemctl completions
+#   /etc/ssh/sshd_config.d/tandem.conf   sshd reads the cluster key from /etc/tandem/ssh
+#                                        (kept if you changed it; removed by --uninstall
+#                                        only if unchanged)
 #   /etc/tandem/                         created empty (0750) if missing; never removed
 #
-# Without DESTDIR it also creates /run/tandem, reloads systemd and enables the
+# Without DESTDIR it also creates /run/tandem, reloads systemd (and sshd, for
+# its drop-in) and enables the
 # units (they start only once /etc/tandem/node.toml exists: see
 # docs/install.md). With DESTDIR the units are enabled offline
 # (systemctl --root), so an image built this way boots with Tandem enabled.
@@ -73,6 +77,7 @@ bashdir=$prefix/share/bash-completion/completions
 zshdir=$prefix/share/zsh/site-functions
 fishdir=$prefix/share/fish/vendor_completions.d
 units=("${DAEMONS[@]/%/.service}" tandem.target)
+sshd_dropin=/etc/ssh/sshd_config.d/tandem.conf
 
 # True when this script acts on the running system and systemd manages it.
 live_systemd() { [ -z "$root" ] && [ -d /run/systemd/system ]; }
@@ -103,8 +108,32 @@ uninstall() {
     while read -r f; do rm -f "$root$f"; done < <(installed_files)
     # share/doc/tandem is Tandem's own: docs, examples, --help texts.
     rm -rf "$root$docdir"
+    # sshd's drop-in, unless the administrator changed it.
+    if [ -f "$root$sshd_dropin" ] && cmp -s "$root$sshd_dropin" "$repo/deploy/sshd/tandem.conf"; then
+        rm -f "$root$sshd_dropin"
+        reload_sshd
+    fi
     if live_systemd; then systemctl daemon-reload; fi
     echo "Tandem removed from ${root:-/}; /etc/tandem was kept."
+}
+
+# sshd reads its drop-ins when it starts or reloads.
+reload_sshd() {
+    if live_systemd; then
+        systemctl try-reload-or-restart ssh.service >/dev/null 2>&1 || true
+    fi
+}
+
+# /etc/ssh/sshd_config.d/tandem.conf: installed when missing or unchanged, an
+# administrator's edited copy is kept (as dpkg keeps a changed conffile).
+install_sshd_dropin() {
+    local src=$repo/deploy/sshd/tandem.conf dst=$root$sshd_dropin
+    if [ -f "$dst" ] && ! cmp -s "$dst" "$src"; then
+        echo "keeping your $sshd_dropin (it differs from $src)"
+        return
+    fi
+    install -D -m 0644 "$src" "$dst"
+    reload_sshd
 }
 
 find_binaries() {
@@ -177,6 +206,8 @@ install_all() {
     "$bin_dir/tandemctl" completions zsh > "$root$zshdir/_tandemctl"
     "$bin_dir/tandemctl" completions fish > "$root$fishdir/tandemctl.fish"
     chmod 0644 "$root$bashdir/tandemctl" "$root$zshdir/_tandemctl" "$root$fishdir/tandemctl.fish"
+
+    install_sshd_dropin
 
     # The administrator's directory: created, never overwritten, never removed.
     [ -d "$root/etc/tandem" ] || install -d -m 0750 "$root/etc/tandem"
