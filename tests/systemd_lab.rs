@@ -28,8 +28,16 @@
 //!
 //! Found on the way (this host): nspawn drops CAP_NET_ADMIN unless it creates
 //! the network itself, so it is given back (`--capability=`, as a real
-//! node's root has it), with CAP_IPC_LOCK (vrrpd's mlockall); cgroups are
-//! v1, where `systemctl kill` needs `--kill-who=main`.
+//! node's root has it), with CAP_IPC_LOCK (vrrpd's mlockall); nspawn
+//! without a machine manager puts its container in `payload/` under its own
+//! cgroup, so two containers started from one process would share their
+//! units' cgroups (one node's `systemctl stop` then removes the other's,
+//! whose next start fails with `status=219/CGROUP`): each nspawn starts in a
+//! cgroup of its own, removed with the container; and the containers run
+//! cgroup v2 (`SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`), as a Debian bookworm
+//! machine does, on this host whose own cgroups are v1 (hybrid), where
+//! `systemctl kill` without `--kill-who=main` fails with "Input/output
+//! error".
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -385,6 +393,45 @@ fn unmount(path: &Path) {
     }
 }
 
+/// Where a container's own cgroup goes: below this process's cgroup in the
+/// unified (cgroup v2) hierarchy, which nspawn names its cgroups after
+/// (`/sys/fs/cgroup` on a v2 host, `/sys/fs/cgroup/unified` on a hybrid one
+/// like this), and the same path in the v1 `name=systemd` hierarchy, where
+/// nspawn makes a compatible copy on a hybrid host.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let Ok(own) = fs::read_to_string("/proc/self/cgroup") else {
+        return Vec::new();
+    };
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Vec::new();
+    };
+    let rel = Path::new(path.trim_start_matches('/')).join(name);
+    let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|d| Path::new(d).join("cgroup.controllers").exists());
+    let Some(unified) = unified else {
+        return Vec::new();
+    };
+    let mut dirs = vec![Path::new(unified).join(&rel)];
+    if Path::new("/sys/fs/cgroup/systemd/cgroup.procs").exists() {
+        dirs.push(Path::new("/sys/fs/cgroup/systemd").join(&rel));
+    }
+    dirs
+}
+
+/// Removes a cgroup and everything below it that is empty (deepest first).
+fn remove_cgroup(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// Removes what runs of processes that are gone left behind: the container
@@ -420,6 +467,11 @@ fn sweep_leftovers() {
             }
         }
         unmount(&root);
+        if let Ok(cgroups) = fs::read_to_string(dir.join("cgroups")) {
+            for cg in cgroups.lines() {
+                remove_cgroup(Path::new(cg));
+            }
+        }
         if let Err(e) = fs::remove_dir_all(&dir) {
             eprintln!("systemd lab: removing {}: {e}", dir.display());
         }
@@ -437,6 +489,8 @@ pub struct Container {
     nspawn: Option<Child>,
     leader: Option<u32>,
     mounted: bool,
+    /// The container's own cgroups (see [`cgroup_dirs`]).
+    cgroups: Vec<PathBuf>,
 }
 
 impl Container {
@@ -460,6 +514,7 @@ impl Container {
             nspawn: None,
             leader: None,
             mounted: false,
+            cgroups: Vec::new(),
         };
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -561,8 +616,31 @@ impl Container {
             .append(true)
             .open(self.dir.join("console.log"))
             .expect("console log");
-        let mut cmd = Command::new("systemd-nspawn");
-        cmd.args(["--quiet", "--boot", "--register=no", "--keep-unit"])
+        // nspawn starts in a cgroup of the container's own (`sh` moves
+        // itself there, then becomes nspawn: same process), or both
+        // containers would share their units' cgroups.
+        self.cgroups = cgroup_dirs(&self.machine);
+        let list: Vec<String> = self
+            .cgroups
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        fs::write(self.dir.join("cgroups"), list.join("\n")).expect("cgroups");
+        let mut cmd = Command::new("sh");
+        match self.cgroups.first() {
+            Some(cg) => {
+                fs::create_dir_all(cg).unwrap_or_else(|e| panic!("cgroup {}: {e}", cg.display()));
+                cmd.arg("-c")
+                    .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
+                    .arg("sh")
+                    .arg(cg)
+            }
+            None => cmd.arg("-c").arg("exec \"$@\"").arg("sh"),
+        };
+        // cgroup v2 inside, as on a Debian bookworm machine.
+        cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
+            .arg("systemd-nspawn")
+            .args(["--quiet", "--boot", "--register=no", "--keep-unit"])
             .arg("--capability=CAP_NET_ADMIN,CAP_IPC_LOCK")
             .arg(format!(
                 "--network-namespace-path={}",
@@ -676,6 +754,9 @@ impl Container {
         }
         self.leader = None;
         let _ = fs::remove_file(self.dir.join("leader.pid"));
+        for cg in &self.cgroups {
+            remove_cgroup(cg);
+        }
         started.elapsed()
     }
 
@@ -714,14 +795,27 @@ impl Container {
     /// everything it said.
     pub fn sh(&self, script: &str) -> String {
         let out = self.exec(&["sh", "-c", script], None);
-        assert!(
-            out.status.success(),
-            "{}: `{script}` failed ({}):\n{}{}",
-            self.name,
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+        if !out.status.success() {
+            let journal = self.exec(
+                &[
+                    "journalctl",
+                    "--no-pager",
+                    "-n",
+                    "40",
+                    "-o",
+                    "short-precise",
+                ],
+                None,
+            );
+            panic!(
+                "{}: `{script}` failed ({}):\n{}{}\nthe journal's end:\n{}",
+                self.name,
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr),
+                text(&journal.stdout)
+            );
+        }
         text(&out.stdout)
     }
 
@@ -838,6 +932,9 @@ impl Drop for Container {
                 let _ = child.kill();
             }
             let _ = child.wait();
+        }
+        for cg in &self.cgroups {
+            remove_cgroup(cg);
         }
         if self.mounted {
             unmount(&self.root);
@@ -1082,8 +1179,12 @@ impl VipWatch {
         }
     }
 
-    /// Stops; returns the longest time neither node held the VIP after
-    /// `from` (since the start), and when each node last gained/lost it.
+    /// The time since the watch started, the clock of [`VipHistory`].
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops; the history of both nodes.
     pub fn finish(self) -> VipHistory {
         let end = self.started.elapsed();
         self.stop.store(true, Ordering::Relaxed);
@@ -1150,9 +1251,17 @@ impl VipHistory {
 
     /// When `node` first gained the VIP.
     pub fn gained(&self, node: usize) -> Option<Duration> {
+        self.gained_after(node, Duration::ZERO)
+    }
+
+    /// When `node` first held the VIP at or after `after`.
+    pub fn gained_after(&self, node: usize, after: Duration) -> Option<Duration> {
+        if self.holds(node, after) {
+            return Some(after);
+        }
         self.per_node[node]
             .iter()
-            .find(|(_, h)| *h)
+            .find(|(t, h)| *h && *t >= after)
             .map(|(t, _)| *t)
     }
 }
