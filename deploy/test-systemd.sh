@@ -6,7 +6,8 @@
 #
 #   deploy/test-systemd.sh [NEXTEST ARGS...]
 #
-# Builds the .deb (deploy/build-deb.sh: a release build), then runs the
+# Builds the .deb (deploy/build-deb.sh --fast: a release build, packed with
+# faster compression), then runs the
 # test, which is ignored by `cargo nextest run --workspace` because it takes
 # minutes. Needs root and the Debian packages systemd-container (nspawn),
 # debootstrap, dpkg-dev, help2man, openssh-client and openssl. The first run
@@ -24,5 +25,6 @@ for tool in systemd-nspawn debootstrap; do
     command -v "$tool" >/dev/null || die "$tool is missing: apt-get install systemd-container debootstrap"
 done
 
-deploy/build-deb.sh
+# The same package, compressed faster: it is installed at once, not shipped.
+deploy/build-deb.sh --fast
 exec cargo nextest run --workspace --run-ignored only -E 'binary(systemd)' --no-capture "$@"

@@ -944,6 +944,11 @@ fn journal_checks(lab: &SystemdLab, controls: &[(&str, u64, u64)], checks: &mut 
         }),
         || format!("lb-forwarder's `datapath applied` entry: {applied:?}"),
     );
+    if let Some(e) = applied {
+        let own: BTreeMap<&String, &String> =
+            e.iter().filter(|(k, _)| !k.starts_with('_')).collect();
+        eprintln!("a journal entry of lb-forwarder, its own fields: {own:?}");
+    }
     let vrrpd = lab.lb1.journal_entries("vrrpd.service");
     let vip_entry = vrrpd.iter().find(|e| e.contains_key("VIP"));
     checks.check(
