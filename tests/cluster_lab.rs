@@ -80,9 +80,12 @@ impl LabNode {
         fs::write(&p, text).expect("write");
     }
 
-    /// root's authorized_keys as this node's sshd reads it.
+    /// The authorized_keys this node's sshd reads: Tandem's own,
+    /// `<config>/ssh/authorized_keys` (as the package's sshd drop-in
+    /// points sshd at /etc/tandem/ssh/authorized_keys). Absent until the
+    /// cluster is created.
     pub fn authorized_keys(&self) -> PathBuf {
-        self.dir.join("authorized_keys")
+        self.config.join("ssh/authorized_keys")
     }
 
     pub fn log(&self, daemon: &str) -> String {
@@ -111,6 +114,13 @@ pub struct ClusterLifecycleLab {
     pub lb1: LabNode,
     pub lb2: LabNode,
     pub backends: Vec<Netns>,
+    /// The cluster link, for a third router on it.
+    link: tandem_lab::Bridge,
+    /// A neighbouring keepalived router on the cluster link, when started.
+    pub keepalived: Option<(Netns, LabChild)>,
+    /// What each clustermanager runs on the peer once its configuration is
+    /// in place (`--peer-start-command`; the daemons already run: `true`).
+    peer_start_command: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -138,6 +148,12 @@ fn shadow(password: &str) -> String {
 impl ClusterLifecycleLab {
     /// Both nodes standalone, every daemon and both sshds running.
     pub fn new() -> ClusterLifecycleLab {
+        ClusterLifecycleLab::with_peer_start_command("true")
+    }
+
+    /// As `new`, each clustermanager running `command` on the peer at the
+    /// end of a creation (e.g. one that fails, to see it rolled back).
+    pub fn with_peer_start_command(command: &str) -> ClusterLifecycleLab {
         let lab = Lab::new().expect("lab");
         let tmp = tempfile::tempdir().expect("tempdir");
         let lan = lab.bridge("lan").expect("lan");
@@ -176,11 +192,11 @@ impl ClusterLifecycleLab {
                 "node.toml",
                 &format!("# {name}, standalone\nname = \"{name}\"\n"),
             );
-            // sshd: its host key, root's authorized_keys (empty), the shadow.
+            // sshd: its host key, the shadow; it reads authorized keys from
+            // Tandem's file only (none yet).
             let sshd_dir = node.dir.join("sshd");
             fs::create_dir_all(&sshd_dir).expect("sshd dir");
             crate::keygen(&sshd_dir.join("host_ed25519"), &format!("{name}-host"));
-            fs::write(node.authorized_keys(), "").expect("authorized_keys");
             fs::write(sshd_dir.join("shadow"), &shadow_text).expect("shadow");
             fs::set_permissions(sshd_dir.join("shadow"), fs::Permissions::from_mode(0o600))
                 .expect("chmod shadow");
@@ -218,6 +234,9 @@ impl ClusterLifecycleLab {
             lb1,
             lb2,
             backends,
+            link,
+            keepalived: None,
+            peer_start_command: command.to_owned(),
             _tmp: tmp,
         };
         l.start_sshd("lb1");
@@ -270,6 +289,119 @@ impl ClusterLifecycleLab {
         self.node_mut(name).sshd = Some(child);
     }
 
+    /// A neighbouring keepalived router on the cluster link (192.168.100.9,
+    /// Debian's keepalived, VRRPv2 as keepalived defaults to, simple
+    /// password authentication), master at once, advertising `vrid` every
+    /// second with priority 254.
+    pub fn start_keepalived(&mut self, vrid: u8) {
+        let ns = self.lab.netns("ka").expect("keepalived namespace");
+        self.lab
+            .attach(&ns, "eth0", &self.link, &["192.168.100.9/24"])
+            .expect("keepalived eth0");
+        let dir = self._tmp.path().join("keepalived");
+        crate::write_file(
+            &dir.join("keepalived.conf"),
+            &format!(
+                "global_defs {{\n  router_id neighbour\n}}\n\
+                 vrrp_instance NEIGHBOUR {{\n  state MASTER\n  interface eth0\n  virtual_router_id {vrid}\n  \
+                 priority 254\n  advert_int 1\n  authentication {{\n    auth_type PASS\n    auth_pass secret\n  }}\n  \
+                 virtual_ipaddress {{\n    192.168.100.99/24 dev eth0\n  }}\n}}\n"
+            ),
+        );
+        let log = fs::File::create(dir.join("keepalived.log")).expect("log");
+        let mut cmd = Command::new("keepalived");
+        cmd.args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+            .arg(dir.join("keepalived.conf"))
+            .arg("--pid")
+            .arg(dir.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(dir.join("keepalived-vrrp.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived");
+        // Master at once: it holds its address within a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ns
+            .addresses("eth0")
+            .map(|a| a.iter().any(|a| a.starts_with("192.168.100.99/")))
+            .unwrap_or(false)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "keepalived did not become master"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.keepalived = Some((ns, child));
+    }
+
+    pub fn stop_keepalived(&mut self) {
+        if let Some((_, mut child)) = self.keepalived.take() {
+            let _ = child.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// The SHA-256 fingerprint of a node's sshd host key, as an operator
+    /// reads it on that node (`ssh-keygen -lf`).
+    pub fn host_key_fingerprint(&self, name: &str) -> String {
+        fingerprint_of(&self.node(name).dir.join("sshd/host_ed25519.pub"))
+    }
+
+    /// Replaces a node's sshd by an impostor on the same address: another
+    /// host key, the same root password, its own log (`sshd-impostor.log`,
+    /// every authentication attempt logged). Returns the impostor's
+    /// fingerprint.
+    pub fn start_impostor_sshd(&mut self, name: &str) -> String {
+        self.stop_sshd(name);
+        let node = self.node(name);
+        let dir = node.dir.join("sshd-impostor");
+        fs::create_dir_all(&dir).expect("impostor dir");
+        crate::keygen(&dir.join("host_ed25519"), &format!("{name}-impostor"));
+        crate::write_file(
+            &dir.join("sshd_config"),
+            &crate::sshd_config(
+                &node.addr,
+                22,
+                &dir,
+                &node.authorized_keys(),
+                crate::RootLogin::Password,
+            ),
+        );
+        let log = fs::File::create(node.dir.join("sshd-impostor.log")).expect("log");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {shadow} /etc/shadow && exec /usr/sbin/sshd -D -e -f {dir}/sshd_config",
+                shadow = node.dir.join("sshd/shadow").display(),
+                dir = dir.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self
+            .lab
+            .spawn(&node.ns, &mut cmd)
+            .expect("spawn impostor sshd");
+        let addr = format!("{}:22", node.addr).parse().expect("addr");
+        self.other(name)
+            .ns
+            .wait_tcp(addr, Duration::from_secs(10))
+            .expect("impostor sshd listening");
+        self.node_mut(name).sshd = Some(child);
+        fingerprint_of(&dir.join("host_ed25519.pub"))
+    }
+
+    /// What an sshd of a node logged (`sshd.log`, or the impostor's).
+    pub fn sshd_log(&self, name: &str, impostor: bool) -> String {
+        let file = if impostor {
+            "sshd-impostor.log"
+        } else {
+            "sshd.log"
+        };
+        fs::read_to_string(self.node(name).dir.join(file)).unwrap_or_default()
+    }
+
     pub fn stop_sshd(&mut self, name: &str) {
         if let Some(mut s) = self.node_mut(name).sshd.take() {
             let _ = s.stop(Duration::from_secs(5));
@@ -283,14 +415,23 @@ impl ClusterLifecycleLab {
             .append(true)
             .open(node.dir.join(format!("{daemon}.log")))
             .expect("log file");
-        let mut cmd = Command::new(crate::bin(daemon));
+        let mut cmd = if daemon == "clustermanager" {
+            // As under a systemd unit that forbids locking memory: no
+            // CAP_IPC_LOCK, RLIMIT_MEMLOCK 0 (mlock fails with EPERM).
+            let mut c = Command::new("setpriv");
+            c.args(["--bounding-set", "-ipc_lock", "prlimit", "--memlock=0:0"])
+                .arg(crate::bin(daemon));
+            c
+        } else {
+            Command::new(crate::bin(daemon))
+        };
         cmd.arg("--config-dir")
             .arg(&node.config)
             .arg("--runtime-dir")
             .arg(&node.runtime)
             .arg("--state-dir")
             .arg(crate::state_dir_beside(&node.runtime))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,clustermanager=debug")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -306,16 +447,18 @@ impl ClusterLifecycleLab {
                 .parent()
                 .expect("bin dir")
                 .to_owned();
+            // The authorized_keys files are the defaults
+            // (<config-dir>/ssh/authorized_keys on both nodes).
             cmd.arg("--peer-bin-dir")
                 .arg(bin_dir)
-                .arg("--authorized-keys")
-                .arg(node.authorized_keys())
-                .arg("--peer-authorized-keys")
-                .arg(peer.authorized_keys())
+                .arg("--sshd-config")
+                .arg(node.dir.join("sshd/sshd_config"))
+                .arg("--peer-sshd-config")
+                .arg(peer.dir.join("sshd/sshd_config"))
                 .arg("--host-key-pub")
                 .arg(node.dir.join("sshd/host_ed25519.pub"))
                 .arg("--peer-start-command")
-                .arg("true");
+                .arg(&self.peer_start_command);
         }
         let child = self.lab.spawn(&node.ns, &mut cmd).expect("spawn daemon");
         let sock = node.runtime.join(format!("{daemon}.sock"));
@@ -326,10 +469,14 @@ impl ClusterLifecycleLab {
     }
 
     /// `tandemctl ARGS` against a node's daemons, `stdin` fed to it.
+    /// Runs without a controlling terminal (`setsid`), as a script would:
+    /// whatever tandemctl would ask on the terminal, it cannot.
     pub fn tandemctl(&self, name: &str, args: &[&str], stdin: &str) -> Output {
         use std::io::Write;
         let node = self.node(name);
-        let mut child = Command::new(crate::bin("tandemctl"))
+        let mut child = Command::new("setsid")
+            .arg("--wait")
+            .arg(crate::bin("tandemctl"))
             .arg("--runtime-dir")
             .arg(&node.runtime)
             .arg("--config-dir")
@@ -349,22 +496,61 @@ impl ClusterLifecycleLab {
         child.wait_with_output().expect("tandemctl")
     }
 
-    /// `tandemctl cluster create` on lb1 toward lb2, `--yes --password-stdin`.
+    /// `tandemctl ARGS` on a terminal of its own (`script` gives it a pty):
+    /// `typed` is what the operator types; the output is everything the
+    /// terminal showed.
+    pub fn tandemctl_on_terminal(&self, name: &str, args: &[&str], typed: &str) -> Output {
+        use std::io::Write;
+        let node = self.node(name);
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let mut line = vec![
+            quote(&crate::bin("tandemctl").display().to_string()),
+            "--runtime-dir".into(),
+            quote(&node.runtime.display().to_string()),
+            "--config-dir".into(),
+            quote(&node.config.display().to_string()),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        let mut child = Command::new("script")
+            .args(["--quiet", "--return", "--command"])
+            .arg(line.join(" "))
+            .arg("/dev/null")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn script (util-linux)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(typed.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("script")
+    }
+
+    /// `tandemctl cluster create` on lb1 toward lb2, `--yes --password-stdin`
+    /// and `--host-key` with lb2's real host key (what an operator checked
+    /// on lb2).
     pub fn create(&self, password: &str) -> Output {
-        self.tandemctl(
-            "lb1",
-            &[
-                "cluster",
-                "create",
-                "--local-ip",
-                &self.lb1.addr,
-                "--remote-ip",
-                &self.lb2.addr,
-                "--yes",
-                "--password-stdin",
-            ],
-            &format!("{password}\n"),
-        )
+        self.create_with(password, &["--host-key", &self.host_key_fingerprint("lb2")])
+    }
+
+    /// `tandemctl cluster create --yes --password-stdin` on lb1 toward lb2,
+    /// with `extra` arguments.
+    pub fn create_with(&self, password: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "cluster",
+            "create",
+            "--local-ip",
+            &self.lb1.addr,
+            "--remote-ip",
+            &self.lb2.addr,
+            "--yes",
+            "--password-stdin",
+        ];
+        args.extend_from_slice(extra);
+        self.tandemctl("lb1", &args, &format!("{password}\n"))
     }
 
     fn rpc<T>(
@@ -376,14 +562,38 @@ impl ClusterLifecycleLab {
         crate::rpc(&self.node(name).runtime, daemon, f)
     }
 
-    /// CreateCluster without confirmation (preflight only): every message.
+    /// CreateCluster without confirmation (preflight only), lb2's real host
+    /// key confirmed: every message.
     pub fn preflight_only(&self, password: &str) -> Vec<v1::CreateClusterProgress> {
+        self.create_rpc(password, &self.host_key_fingerprint("lb2"), false)
+    }
+
+    /// CreateCluster on lb1 toward lb2 with `host_key` as the confirmed
+    /// fingerprint: every message of the stream.
+    pub fn create_rpc(
+        &self,
+        password: &str,
+        host_key: &str,
+        confirmed: bool,
+    ) -> Vec<v1::CreateClusterProgress> {
+        self.create_rpc_vrid(password, host_key, confirmed, 0)
+    }
+
+    /// As `create_rpc`, with a virtual router id (0: the default).
+    pub fn create_rpc_vrid(
+        &self,
+        password: &str,
+        host_key: &str,
+        confirmed: bool,
+        vrid: u32,
+    ) -> Vec<v1::CreateClusterProgress> {
         let req = v1::CreateClusterRequest {
             local_ip: self.lb1.addr.clone(),
             remote_ip: self.lb2.addr.clone(),
             remote_root_password: password.into(),
-            confirmed: false,
-            virtual_router_id: 0,
+            confirmed,
+            virtual_router_id: vrid,
+            host_key: host_key.into(),
         };
         self.rpc("lb1", "clustermanager", async move |ch| {
             let mut s = v1::cluster_manager_client::ClusterManagerClient::new(ch)
@@ -498,6 +708,25 @@ pub fn diff(
         }
     }
     out
+}
+
+/// `SHA256:...` of an OpenSSH public key file, from `ssh-keygen -lf`.
+pub fn fingerprint_of(public_key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(public_key)
+        .output()
+        .expect("ssh-keygen -lf");
+    assert!(
+        out.status.success(),
+        "ssh-keygen -lf {}",
+        public_key.display()
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .expect("a SHA256 fingerprint")
+        .to_owned()
 }
 
 pub fn text(o: &[u8]) -> String {

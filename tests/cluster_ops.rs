@@ -576,3 +576,234 @@ fn backend_state_set_on_the_master_is_replicated_to_the_backup() {
             .contains("state = \"drain\"")
     );
 }
+
+/// `tandemctl status` on a node: its first line and exit status.
+fn status(lab: &OpsLab, node: &str) -> (String, Option<i32>) {
+    let out = lab.node(node).tandemctl(&["status"]);
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    (first, out.status.code())
+}
+
+/// A deaf peer is never green. lb2 stops hearing (and answering) the
+/// conntrack sync (nft drops UDP 3780 both ways in lb2's namespace; SSH and
+/// VRRP still flow): both rows turn red naming conntrack-syncd, and
+/// `tandemctl status` exits 4 on both nodes. Control: before the drop and
+/// after it is lifted, both are green and `tandemctl status` exits 0.
+#[test]
+fn a_deaf_peer_turns_both_rows_red_and_tandemctl_status_fails() {
+    let lab = OpsLab::running();
+    for node in ["lb1", "lb2"] {
+        assert_eq!(status(&lab, node).1, Some(0), "{:?}", status(&lab, node));
+    }
+    let ns = &lab.node("lb2").ns;
+    let rules = "table inet lab_deaf {\n\
+                 chain input { type filter hook input priority -10; udp dport 3780 drop; udp sport 3780 drop; }\n\
+                 chain output { type filter hook output priority -10; udp dport 3780 drop; udp sport 3780 drop; }\n}\n";
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), rules).unwrap();
+    ns.exec("nft", &["-f", file.path().to_str().unwrap()])
+        .expect("nft drop rules");
+    let took = lab.wait_for(
+        "both rows red naming conntrack-syncd",
+        Duration::from_secs(30),
+        |l| {
+            let t = l.nodes_json("lb1");
+            ["lb1", "lb2"].iter().all(|n| {
+                row(&t, n).is_some_and(|r| {
+                    r["status"] == "red"
+                        && r["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("conntrack-syncd"))
+                })
+            })
+        },
+    );
+    eprintln!("red {} ms after the peer went deaf", took.as_millis());
+    for node in ["lb1", "lb2"] {
+        let (line, code) = status(&lab, node);
+        assert_eq!(code, Some(4), "{line}");
+        assert!(
+            line.starts_with(&format!("{node}: ● red failure, "))
+                && line.contains("conntrack-syncd"),
+            "{line}"
+        );
+    }
+
+    ns.exec("nft", &["delete", "table", "inet", "lab_deaf"])
+        .expect("lift the drop");
+    lab.wait_for("both green again", Duration::from_secs(30), |l| {
+        let t = l.nodes_json("lb1");
+        ["lb1", "lb2"]
+            .iter()
+            .all(|n| row(&t, n).is_some_and(|r| r["status"] == "green"))
+    });
+    for node in ["lb1", "lb2"] {
+        assert_eq!(status(&lab, node).1, Some(0), "{:?}", status(&lab, node));
+    }
+}
+
+/// `farm restore` and `farm clear` are configuration changes like `farm
+/// add`: refused on the backup (naming the master), validated as a whole
+/// on the master (an invalid document changes nothing on either node),
+/// applied there and replicated to the backup, whose lb-forwarder reloads;
+/// a farm file the restore leaves as it was keeps its comments.
+#[test]
+fn farm_restore_and_clear_go_through_the_master_and_reach_the_backup() {
+    let lab = OpsLab::running();
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.toml");
+    std::fs::write(&api, format!("# the API farm\n{}", farm("api", 8081))).unwrap();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", api.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let saved = lab.node("lb1").tandemctl(&["farm", "save"]);
+    assert!(saved.status.success(), "{}", text(&saved));
+    let doc = dir.path().join("saved.toml");
+    std::fs::write(&doc, &saved.stdout).unwrap();
+    let extra = dir.path().join("extra.toml");
+    std::fs::write(&extra, farm("extra", 8083)).unwrap();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", extra.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(lab.forwarder("lb2").farms, 3);
+
+    // On the backup: refused, naming the master; nothing changes.
+    let out = lab
+        .node("lb2")
+        .tandemctl(&["farm", "restore", doc.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("make changes on the master lb1"),
+        "{}",
+        text(&out)
+    );
+    assert!(lab.node("lb2").config_dir.join("farms/extra.toml").exists());
+
+    // An invalid document (two farms on one port) changes nothing anywhere.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        String::from_utf8_lossy(&saved.stdout).replace("port = 8081", "port = 80"),
+    )
+    .unwrap();
+    let before = (
+        lab.node("lb1").read("farms/api.toml"),
+        lab.node("lb2").read("farms/api.toml"),
+    );
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "restore", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("refused, nothing changed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        before,
+        (
+            lab.node("lb1").read("farms/api.toml"),
+            lab.node("lb2").read("farms/api.toml")
+        )
+    );
+
+    // On the master: applied and replicated; `extra` goes, `web` and `api`
+    // are as saved, api.toml untouched (its comment kept) on both nodes.
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "restore", doc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("applied and replicated to the peer"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("delete farms/extra.toml"),
+        "{}",
+        text(&out)
+    );
+    for node in ["lb1", "lb2"] {
+        let n = lab.node(node);
+        assert!(!n.config_dir.join("farms/extra.toml").exists(), "{node}");
+        assert!(
+            n.read("farms/api.toml").starts_with("# the API farm\n"),
+            "{node}"
+        );
+        assert_eq!(lab.forwarder(node).farms, 2, "{node}");
+    }
+
+    let out = lab.node("lb1").tandemctl(&["farm", "clear", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("applied and replicated to the peer"),
+        "{}",
+        text(&out)
+    );
+    for node in ["lb1", "lb2"] {
+        let files = std::fs::read_dir(lab.node(node).config_dir.join("farms"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(files, 0, "{node} has no farm file");
+        assert_eq!(lab.forwarder(node).farms, 0, "{node}");
+    }
+}
+
+/// During a partition, a change on the master is applied there and said
+/// to be replicated when the peer returns — exit 0, never "failed" — and it
+/// is, once the link heals. (failback = lb1: lb1 stays master at the heal.)
+#[test]
+fn farm_add_during_a_partition_is_applied_here_and_replicated_when_the_peer_returns() {
+    let lab = OpsLab::running_with_failback("lb1");
+    lab.node("lb2")
+        .ns
+        .set_link("eth2", false)
+        .expect("cut the link");
+    lab.wait_for("lb2 grey on lb1's table", Duration::from_secs(20), |l| {
+        let t = l.nodes_json("lb1");
+        row(&t, "lb2").is_some_and(|r| r["status"] == "grey")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api.toml");
+    std::fs::write(&file, farm("api", 8081)).unwrap();
+    let started = Instant::now();
+    let out = lab
+        .node("lb1")
+        .tandemctl(&["farm", "add", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "farms/api.toml: applied here, will be replicated when the peer returns (peer lb2"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("fail"), "{}", text(&out));
+    eprintln!(
+        "farm add during the partition answered in {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "it does not wait for the unreachable peer: {took:?}"
+    );
+    assert_eq!(lab.forwarder("lb1").farms, 2, "applied on lb1");
+    assert!(!lab.node("lb2").config_dir.join("farms/api.toml").exists());
+
+    lab.node("lb2")
+        .ns
+        .set_link("eth2", true)
+        .expect("heal the link");
+    lab.wait_for("the change on lb2", Duration::from_secs(30), |l| {
+        l.node("lb2").read("farms/api.toml") == farm("api", 8081) && l.forwarder("lb2").farms == 2
+    });
+    assert!(lab.holds_vip("lb1"), "lb1 stayed master");
+}

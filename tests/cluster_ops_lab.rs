@@ -1,5 +1,6 @@
 //! A two-node Tandem cluster with every daemon running, configured by
-//! writing files directly (as `cluster create` would leave them): a client,
+//! writing files directly (as `cluster create` would leave them, lb1
+//! priority 150 and lb2 100): a client,
 //! nodes `lb1` and `lb2` (lb1 started first, so master), two backends.
 //! Each node runs lb-forwarder, conntrack-syncd, cfg-syncd, clustermanager
 //! and vrrpd on its own config and runtime dirs, and a real OpenSSH sshd on
@@ -137,8 +138,8 @@ impl OpsLab {
                 &format!(
                     "virtual_router_id = 71\nfailback = \"{failback}\"\nhash_seed = 0x1234\n\n\
                      [vrrp]\nadvert_interval_ms = 100\ngarp_repeat = 3\ngarp_interval_ms = 50\n\n\
-                     [[nodes]]\nname = \"lb1\"\naddress = \"192.168.100.1\"\n\n\
-                     [[nodes]]\nname = \"lb2\"\naddress = \"192.168.100.2\"\n\n\
+                     [[nodes]]\nname = \"lb1\"\naddress = \"192.168.100.1\"\npriority = 150\n\n\
+                     [[nodes]]\nname = \"lb2\"\naddress = \"192.168.100.2\"\npriority = 100\n\n\
                      [[floating_ips]]\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n\n\
                      [[floating_ips]]\naddress = \"10.1.0.100/24\"\ninterface = \"eth1\"\n\n\
                      [sync]\nssh_port = {SSH_PORT}\nkey_file = \"keys/sync.key\"\n"
@@ -191,14 +192,18 @@ impl OpsLab {
                     cluster_addr(&nodes[other].name)
                 ),
             );
-            crate::write_file(&n.sshd_dir.join("authorized_keys"), &client_pubs[other]);
+            // Tandem's own authorized_keys, as `cluster create` writes it.
+            crate::write_file(
+                &n.config_dir.join("ssh/authorized_keys"),
+                &client_pubs[other],
+            );
             crate::write_file(
                 &n.sshd_dir.join("sshd_config"),
                 &crate::sshd_config(
                     &cluster_addr(&n.name),
                     SSH_PORT,
                     &n.sshd_dir,
-                    &n.sshd_dir.join("authorized_keys"),
+                    &n.config_dir.join("ssh/authorized_keys"),
                     crate::RootLogin::KeyOnly,
                 ),
             );

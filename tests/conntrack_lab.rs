@@ -69,11 +69,6 @@ impl ClusterLab {
         let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
         lab.attach(&client, "eth0", &lan, &sources).expect("client");
         let tmp = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            tmp.path().join("sync.key"),
-            "lab-shared-sync-key-0123456789abcdef\n",
-        )
-        .expect("key");
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let name = format!("lb{i}");
@@ -95,9 +90,14 @@ impl ClusterLab {
                      [[nodes]]\nname = \"lb2\"\naddress = \"192.168.100.2\"\npriority = 100\n\n\
                      [[floating_ips]]\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n\n\
                      [[floating_ips]]\naddress = \"10.1.0.100/24\"\ninterface = \"eth1\"\n\n\
-                     [sync]\nconntrack_port = {SYNC_PORT}\nkey_file = \"{}\"\n",
-                    tmp.path().join("sync.key").display()
+                     [sync]\nconntrack_port = {SYNC_PORT}\nkey_file = \"keys/sync.key\"\n"
                 ),
+            );
+            // The key lives inside the configuration directory (a key_file
+            // outside it is refused).
+            crate::write_file(
+                &config_dir.join("keys/sync.key"),
+                "lab-shared-sync-key-0123456789abcdef\n",
             );
             crate::write_file(&config_dir.join("farms/web.toml"), WEB);
             crate::write_file(&config_dir.join("farms/dns.toml"), DNS);

@@ -41,7 +41,13 @@ fn every_daemon_serves_status_and_stops_cleanly_on_sigterm() {
     }
 
     let (code, rows) = status_json(&node);
-    assert_eq!(code, Some(0), "all running: exit 0; rows {rows:?}");
+    // Every daemon runs (exit 3 would say one does not). The example node
+    // may be red here (a clustered configuration in a namespace without its
+    // cluster link or sync key): `tandemctl status` then exits 4.
+    assert!(
+        matches!(code, Some(0 | 4)),
+        "all running: exit 0, or 4 for a red node; got {code:?}; rows {rows:?}"
+    );
     assert_eq!(rows.len(), DAEMONS.len());
     for (d, p) in DAEMONS.iter().zip(&procs) {
         let r = row(&rows, d);

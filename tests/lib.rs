@@ -453,5 +453,6 @@ pub mod cluster_lab;
 pub mod cluster_ops_lab;
 pub mod conntrack_lab;
 pub mod forwarder_lab;
+pub mod scaleout_lab;
 pub mod systemd_lab;
 pub mod vrrp_lab;

@@ -288,6 +288,22 @@ fn every_daemon_of_a_node_serves_on_its_own_port_offset() {
         });
         bodies.push(body);
     }
+    // Every daemon reports its own process: CPU, memory, descriptors, start.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for (d, body) in daemons.iter().zip(&bodies) {
+        assert!(expect(body, "process_cpu_seconds_total") >= 0.0, "{d}");
+        assert!(expect(body, "process_resident_memory_bytes") > 1e6, "{d}");
+        assert!(expect(body, "process_open_fds") >= 3.0, "{d}");
+        assert!(expect(body, "process_threads") >= 1.0, "{d}");
+        let started = expect(body, "process_start_time_seconds");
+        assert!(
+            now - started < 600.0 && started <= now + 1.0,
+            "{d}: {started}"
+        );
+    }
     // clustermanager's offset (+4) is free: nothing else took it.
     assert!(refused(&ns, BASE + 4));
     // Standalone (no cluster.toml): each daemon says so.

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "conntrack_sync.proto",
     "cfg_sync.proto",
     "cluster_manager.proto",
+    "routed.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::local;
 use crate::node_table::{self, Verdict};
 use crate::peer::PeerError;
+use crate::peer::peer_of;
 use crate::replicate::{self, Change};
-use crate::state::{Shared, peer_of};
+use crate::state::Shared;
 
 pub struct ClusterManagerApi {
     pub shared: Arc<Shared>,
@@ -51,90 +52,100 @@ impl ClusterManagerApi {
         )))
     }
 
-    /// Validates, writes and reloads one change here. Validation errors
-    /// come back as the reply's errors (nothing written).
-    async fn apply_here(&self, change: &Change) -> Result<v1::ApplyChangeReply, Status> {
-        replicate::check_path(&change.path).map_err(Status::invalid_argument)?;
+    /// Validates, writes and reloads one change (one file or several) here.
+    /// Validation errors come back as the reply's errors (nothing written).
+    async fn apply_here(&self, changes: &[Change]) -> Result<v1::ApplyChangeReply, Status> {
+        replicate::check_batch(changes).map_err(Status::invalid_argument)?;
+        let what = describe(changes);
         let dir = self.shared.config_dir.clone();
-        let c = change.clone();
+        let c = changes.to_vec();
         let outcome = tokio::task::spawn_blocking(move || {
             replicate::validate(&dir, &c)?;
-            replicate::write(&dir, &c).map_err(|e| vec![format!("writing {}: {e}", c.path)])
+            replicate::write_all(&dir, &c).map_err(|e| vec![format!("writing: {e}")])
         })
         .await
         .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
         if let Err(errors) = outcome {
-            tracing::error!(file = %change.path, "change refused, nothing written: {}", errors.join("; "));
+            tracing::error!(file = %what, "change of {what} refused, nothing written: {}", errors.join("; "));
             return Ok(v1::ApplyChangeReply {
                 applied: false,
                 errors,
                 ..Default::default()
             });
         }
-        let verb = if change.content.is_some() {
-            "written"
-        } else {
-            "deleted"
-        };
         let reloaded = local::reload_all(&self.shared.runtime_dir, &self.shared.config).await;
-        tracing::info!(file = %change.path, reloaded = ?reloaded.reloaded, "configuration change {verb}; local daemons reloaded");
+        tracing::info!(file = %what, reloaded = ?reloaded.reloaded, "configuration change of {what} written; local daemons reloaded");
         for e in &reloaded.errors {
-            tracing::error!(file = %change.path, "after the change: {e}");
+            tracing::error!(file = %what, "after the change of {what}: {e}");
         }
         Ok(v1::ApplyChangeReply {
             applied: true,
             errors: reloaded.errors,
             replicated: false,
             reloaded: reloaded.reloaded,
-            replication_error: String::new(),
+            ..Default::default()
         })
     }
 
-    /// ApplyChange's body (also used by EditCluster).
-    async fn apply_change_inner(&self, change: Change) -> Result<v1::ApplyChangeReply, Status> {
+    /// ApplyChange's body (also used by EditCluster): applied here, then
+    /// replicated to the peer. A peer that cannot be reached (a partition,
+    /// the peer down) leaves the change applied and pending: cfg-syncd
+    /// carries the files when the peer returns.
+    async fn apply_change_inner(
+        &self,
+        changes: Vec<Change>,
+    ) -> Result<v1::ApplyChangeReply, Status> {
         let clustered = self.require_master().await?;
         let _one = self.shared.change_lock.lock().await;
-        let mut reply = self.apply_here(&change).await?;
+        let mut reply = self.apply_here(&changes).await?;
         if !reply.applied || !clustered {
             return Ok(reply);
         }
+        let what = describe(&changes);
         let sequence = self.shared.sequence();
-        let msg = v1::ConfigChange {
-            path: change.path.clone(),
-            content: change.content.clone(),
-            sequence,
-            from_node: self.shared.node_name(),
-        };
+        let msg = to_message(&changes, sequence, self.shared.node_name());
         let peer = self
             .shared
             .peer
-            .call(&self.shared.config, |mut c| async move {
+            .call_now(&self.shared.config, |mut c| async move {
                 c.replicate_change(msg).await
             })
             .await;
         match peer {
             Ok(r) if r.applied => {
                 reply.replicated = true;
-                tracing::info!(file = %change.path, sequence, "change replicated; the peer reloaded {:?}", r.reloaded);
+                tracing::info!(file = %what, sequence, "change of {what} replicated; the peer reloaded {:?}", r.reloaded);
                 self.shared
-                    .event("change", format!("{} applied and replicated", change.path));
+                    .event("change", format!("{what} applied and replicated"));
             }
             Ok(r) => {
                 reply.replication_error =
                     format!("the peer refused the change: {}", r.errors.join("; "));
             }
+            Err(e @ PeerError::Refused { .. }) => {
+                reply.replication_error = format!("the peer refused the change: {e}");
+            }
             Err(e) => {
-                reply.replication_error =
-                    format!("{e}; cfg-syncd replicates the file when the peer returns");
+                reply.replication_pending = true;
+                reply.replication_error = e.to_string();
             }
         }
-        if !reply.replication_error.is_empty() {
-            tracing::warn!(file = %change.path, sequence, "change applied here, not replicated: {}", reply.replication_error);
+        if reply.replication_pending {
+            tracing::warn!(file = %what, sequence, "change of {what} applied here; it will be replicated when the peer returns: {}", reply.replication_error);
             self.shared.event(
                 "change",
                 format!(
-                    "{} applied here, not replicated: {}",
-                    change.path, reply.replication_error
+                    "{what} applied here; it will be replicated when the peer returns ({})",
+                    reply.replication_error
+                ),
+            );
+        } else if !reply.replication_error.is_empty() {
+            tracing::warn!(file = %what, sequence, "change of {what} applied here, not replicated: {}", reply.replication_error);
+            self.shared.event(
+                "change",
+                format!(
+                    "{what} applied here, not replicated: {}",
+                    reply.replication_error
                 ),
             );
         }
@@ -167,7 +178,7 @@ impl ClusterManagerApi {
                 hostname: name,
                 ..Default::default()
             };
-            match self.shared.peer.status(&self.shared.config).await {
+            match self.shared.peer.status_now(&self.shared.config).await {
                 Ok(s) => {
                     row.role = s.role;
                     row.health = s.health;
@@ -237,6 +248,28 @@ impl ClusterManager for ClusterManagerApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn peer_host_key(
+        &self,
+        req: Request<v1::PeerHostKeyRequest>,
+    ) -> Result<Response<v1::PeerHostKeyReply>, Status> {
+        let req = req.into_inner();
+        let ip: std::net::IpAddr = req.remote_ip.parse().map_err(|_| {
+            Status::invalid_argument(format!("`{}` is not an IP address", req.remote_ip))
+        })?;
+        let addr = std::net::SocketAddr::new(ip, self.create.ssh_port);
+        let key = tandem_ssh::peer_host_key(addr)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let reply = v1::PeerHostKeyReply {
+            address: addr.to_string(),
+            algorithm: key.algorithm().to_string(),
+            fingerprint: tandem_ssh::sha256(&key),
+            public_key: key.to_openssh().unwrap_or_default(),
+        };
+        tracing::info!(peer = %addr, "cluster create: {addr} presents the host key {} {} (to be confirmed by the operator)", reply.algorithm, reply.fingerprint);
+        Ok(Response::new(reply))
+    }
+
     async fn show_cluster(
         &self,
         _: Request<v1::ShowClusterRequest>,
@@ -266,10 +299,10 @@ impl ClusterManager for ClusterManagerApi {
         let new =
             crate::edit::edit_cluster_toml(&text, &req).map_err(Status::failed_precondition)?;
         let reply = self
-            .apply_change_inner(Change {
+            .apply_change_inner(vec![Change {
                 path: tandem_config::CLUSTER_FILE.into(),
                 content: Some(new.into_bytes()),
-            })
+            }])
             .await?;
         if !reply.applied {
             return Err(Status::invalid_argument(format!(
@@ -277,7 +310,11 @@ impl ClusterManager for ClusterManagerApi {
                 reply.errors.join("; ")
             )));
         }
-        if !reply.errors.is_empty() || !reply.replication_error.is_empty() {
+        // Pending replication (the peer unreachable) is not a failure: the
+        // edit is in force here and reaches the peer when it returns.
+        if !reply.errors.is_empty()
+            || (!reply.replication_error.is_empty() && !reply.replication_pending)
+        {
             let mut problems = reply.errors.clone();
             if !reply.replication_error.is_empty() {
                 problems.push(reply.replication_error.clone());
@@ -288,7 +325,10 @@ impl ClusterManager for ClusterManagerApi {
                 problems.join("; ")
             )));
         }
-        Ok(Response::new(cluster_info(&self.shared)))
+        let mut info = cluster_info(&self.shared);
+        info.replication_pending = reply.replication_pending;
+        info.replication_error = reply.replication_error;
+        Ok(Response::new(info))
     }
 
     async fn destroy_cluster(
@@ -310,6 +350,12 @@ impl ClusterManager for ClusterManagerApi {
         let loaded = self.shared.config.current();
         let me = loaded.config.node.name.clone();
         let word = if req.enabled { "enabled" } else { "disabled" };
+        if loaded.config.cluster.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{me} is standalone (no cluster.toml): there is no peer to hand the traffic to, so there is no maintenance to {}; a standalone node serves until it is stopped",
+                if req.enabled { "enter" } else { "leave" }
+            )));
+        }
         if req.node.is_empty() || req.node == me {
             let s = local::set_maintenance(&self.shared.runtime_dir, req.enabled)
                 .await
@@ -353,13 +399,9 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         req: Request<v1::ConfigChange>,
     ) -> Result<Response<v1::ApplyChangeReply>, Status> {
-        let req = req.into_inner();
-        let change = Change {
-            path: req.path,
-            content: req.content,
-        };
-        replicate::check_path(&change.path).map_err(Status::invalid_argument)?;
-        Ok(Response::new(self.apply_change_inner(change).await?))
+        let changes = changes_of(req.into_inner());
+        replicate::check_batch(&changes).map_err(Status::invalid_argument)?;
+        Ok(Response::new(self.apply_change_inner(changes).await?))
     }
 
     async fn replicate_change(
@@ -394,13 +436,12 @@ impl ClusterManager for ClusterManagerApi {
             }
             *last = req.sequence;
         }
-        let change = Change {
-            path: req.path,
-            content: req.content,
-        };
-        let reply = self.apply_here(&change).await?;
+        let (from, sequence) = (req.from_node.clone(), req.sequence);
+        let changes = changes_of(req);
+        let what = describe(&changes);
+        let reply = self.apply_here(&changes).await?;
         if reply.applied {
-            tracing::info!(from = %req.from_node, file = %change.path, sequence = req.sequence, "applied a change replicated by the master");
+            tracing::info!(from = %from, file = %what, sequence, "applied a change of {what} replicated by the master {from}");
         }
         Ok(Response::new(reply))
     }
@@ -409,7 +450,7 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         _: Request<v1::PreflightRequest>,
     ) -> Result<Response<v1::PreflightReply>, Status> {
-        crate::preflight::local_facts(&self.shared.config_dir)
+        crate::create::facts::local_facts(&self.shared.config_dir)
             .await
             .map(Response::new)
             .map_err(|e| Status::internal(format!("{e:#}")))
@@ -450,5 +491,63 @@ fn cluster_info(shared: &Shared) -> v1::ClusterInfo {
                 interface: f.interface.clone(),
             })
             .collect(),
+        ..Default::default()
+    }
+}
+
+/// The files of a change request.
+fn changes_of(req: v1::ConfigChange) -> Vec<Change> {
+    if req.files.is_empty() {
+        return vec![Change {
+            path: req.path,
+            content: req.content,
+        }];
+    }
+    req.files
+        .into_iter()
+        .map(|f| Change {
+            path: f.path,
+            content: f.content,
+        })
+        .collect()
+}
+
+/// The message replicating `changes` to the peer.
+fn to_message(changes: &[Change], sequence: u64, from_node: String) -> v1::ConfigChange {
+    match changes {
+        [one] => v1::ConfigChange {
+            path: one.path.clone(),
+            content: one.content.clone(),
+            sequence,
+            from_node,
+            files: Vec::new(),
+        },
+        many => v1::ConfigChange {
+            sequence,
+            from_node,
+            files: many
+                .iter()
+                .map(|c| v1::FileChange {
+                    path: c.path.clone(),
+                    content: c.content.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        },
+    }
+}
+
+/// How logs and events name a change: its file, or its files.
+fn describe(changes: &[Change]) -> String {
+    match changes {
+        [one] => one.path.clone(),
+        many => format!(
+            "{} files ({})",
+            many.len(),
+            many.iter()
+                .map(|c| c.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }

@@ -21,11 +21,11 @@ use tandem_config::{Config, FloatingIp};
 use tandem_proto::v1;
 use tandem_ssh::{Auth, HostKeyCheck, SshSession};
 
-use crate::create::{
-    CreateContext, reload_local, reload_peer, remove_key_line, wait_local_vrrp, wait_peer_vrrp,
-    write_atomic,
-};
-use crate::preflight::{self, sh_quote};
+use crate::create::CreateContext;
+use crate::create::facts::{self as preflight, sh_quote};
+use crate::create::files::write_atomic;
+use crate::create::keys::remove_key_line;
+use crate::create::start::{reload_local, reload_peer, wait_local_vrrp, wait_peer_vrrp};
 
 /// What a node loses when it leaves the cluster (relative to its config dir).
 const CLUSTER_FILES: [&str; 3] = ["cluster.toml", "keys/sync.key", "ssh"];

@@ -1,6 +1,7 @@
 //! clustermanager — the cluster lifecycle, the node table, role orchestration and command replication.
 
 mod api;
+mod conductor;
 mod create;
 mod destroy;
 mod edit;
@@ -8,7 +9,6 @@ mod local;
 mod node_table;
 mod orchestrate;
 mod peer;
-mod preflight;
 mod replicate;
 mod state;
 
@@ -42,21 +42,26 @@ struct Args {
     #[arg(long, value_name = "DIR", default_value = "/usr/bin")]
     peer_bin_dir: PathBuf,
 
-    /// root's authorized_keys on this node (the cluster key is added there).
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/root/.ssh/authorized_keys"
-    )]
-    authorized_keys: PathBuf,
+    /// The authorized_keys file of this node's sshd that holds the cluster
+    /// key (default: <config-dir>/ssh/authorized_keys, node-local, never
+    /// replicated; sshd reads it through the drop-in
+    /// /etc/ssh/sshd_config.d/tandem.conf the package ships).
+    #[arg(long, value_name = "FILE")]
+    authorized_keys: Option<PathBuf>,
 
-    /// root's authorized_keys on the peer.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/root/.ssh/authorized_keys"
-    )]
-    peer_authorized_keys: PathBuf,
+    /// The same file on the peer (default:
+    /// <peer-config-dir>/ssh/authorized_keys).
+    #[arg(long, value_name = "FILE")]
+    peer_authorized_keys: Option<PathBuf>,
+
+    /// This node's sshd configuration, as `sshd -T -f` reads it (cluster
+    /// create checks that sshd reads the cluster's authorized_keys).
+    #[arg(long, value_name = "FILE", default_value = "/etc/ssh/sshd_config")]
+    sshd_config: PathBuf,
+
+    /// The peer's sshd configuration.
+    #[arg(long, value_name = "FILE", default_value = "/etc/ssh/sshd_config")]
+    peer_sshd_config: PathBuf,
 
     /// This node's sshd host key, public part (pinned on the peer).
     #[arg(
@@ -77,8 +82,16 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before logging starts: see tandem_ssh::probe_memory_lock (a unit that
+    // forbids mlock must not produce a warning at every start).
+    let memory_lock = tandem_ssh::probe_memory_lock();
     let daemon = args.daemon.clone();
     tandem_runtime::run("clustermanager", daemon, |ctx| async move {
+        if let Err(e) = memory_lock {
+            tracing::debug!(
+                "memory locking is not permitted here (mlock: {e}): SSH session keys are in ordinary memory"
+            );
+        }
         let config = ConfigCell::load(ctx.daemon, ctx.config_dir())?;
         config.reload_on_sighup(&ctx);
         let config_dir = std::path::absolute(ctx.config_dir())
@@ -86,11 +99,18 @@ fn main() -> ExitCode {
         let create = create::CreateContext {
             config_dir: config_dir.clone(),
             runtime_dir: ctx.runtime_dir().to_owned(),
-            peer_config_dir: args.peer_config_dir,
+            peer_config_dir: args.peer_config_dir.clone(),
             peer_runtime_dir: args.peer_runtime_dir.clone(),
             peer_bin_dir: args.peer_bin_dir,
-            authorized_keys: args.authorized_keys,
-            peer_authorized_keys: args.peer_authorized_keys,
+            authorized_keys: args
+                .authorized_keys
+                .unwrap_or_else(|| config_dir.join(create::AUTHORIZED_KEYS)),
+            peer_authorized_keys: args
+                .peer_authorized_keys
+                .clone()
+                .unwrap_or_else(|| args.peer_config_dir.join(create::AUTHORIZED_KEYS)),
+            sshd_config: args.sshd_config,
+            peer_sshd_config: args.peer_sshd_config,
             host_key_pub: args.host_key_pub,
             peer_start_command: args.peer_start_command,
             ..create::CreateContext::new(config_dir.clone(), ctx.runtime_dir().to_owned())
@@ -109,7 +129,7 @@ fn main() -> ExitCode {
             Arc::new(tandem_runtime::metrics::registry("clustermanager")),
             ctx.shutdown(),
         );
-        tokio::spawn(orchestrate::run(shared.clone(), ctx.shutdown()));
+        tokio::spawn(conductor::run(shared.clone(), ctx.shutdown()));
         tokio::spawn(node_table::watch_health(shared.clone(), ctx.shutdown()));
         let served = ctx
             .serve(Server::builder().add_service(ClusterManagerServer::new(

@@ -1,5 +1,7 @@
 //! The node table's rules, pure: the daemons' Status in, a role, a colour
-//! and a message out. Green operational, orange maintenance, grey
+//! and a message out. Green operational, yellow degraded (serving, but
+//! something needs the operator: replication lagging, a foreign VRRP
+//! speaker, configuration set aside or refused), orange maintenance, grey
 //! unreachable (the peer only), red failure with which daemon and why.
 
 use std::sync::Arc;
@@ -9,7 +11,8 @@ use tandem_proto::v1::{self, NodeHealth, NodeRole, VrrpState};
 
 use crate::local::{LocalStatuses, Probe};
 use crate::peer::PeerError;
-use crate::state::{Shared, peer_of};
+use crate::peer::peer_of;
+use crate::state::Shared;
 
 /// This node's role, from vrrpd's state.
 pub fn role_of(state: VrrpState) -> NodeRole {
@@ -40,7 +43,16 @@ pub struct Context {
     /// Why clustermanager itself holds vrrpd in maintenance (failback
     /// gating), if it does.
     pub held_back: Option<String>,
+    /// No cluster.toml: nothing to replicate, no peer to reach.
+    pub standalone: bool,
+    /// Now, for the age of what the daemons report.
+    pub now_unix_ms: i64,
 }
+
+/// A foreign VRRP speaker heard within this long is shown as a warning.
+pub const FOREIGN_SPEAKER_SHOWN_MS: i64 = 5 * 60 * 1000;
+/// At most this many refused files are named in the message.
+const REFUSED_NAMED: usize = 3;
 
 fn probe_failure<T>(daemon: &str, p: &Probe<T>) -> Option<String> {
     match p {
@@ -55,8 +67,46 @@ fn reload_error(daemon: &str, info: Option<&v1::DaemonInfo>) -> Option<String> {
         .map(|i| format!("{daemon}: last reload refused: {}", i.last_reload_error))
 }
 
+/// conntrack-syncd's replication health: (failure, warning), at most one.
+fn conntrack_health(
+    c: &v1::ConntrackSyncStatus,
+    ctx: &Context,
+) -> (Option<String>, Option<String>) {
+    use v1::SyncHealth;
+    let (health, message) = match c.health() {
+        // A conntrack-syncd that does not judge itself: the peer's silence
+        // is the failure it would report.
+        SyncHealth::Unspecified
+            if matches!(c.role(), v1::SyncRole::Sender | v1::SyncRole::Receiver)
+                && !c.peer_alive =>
+        {
+            (
+                SyncHealth::Failed,
+                format!("peer {} silent: connections are not replicated", c.peer),
+            )
+        }
+        SyncHealth::Unspecified | SyncHealth::Ok => return (None, None),
+        h => (
+            h,
+            if c.health_message.is_empty() {
+                "replication is not working".to_owned()
+            } else {
+                c.health_message.clone()
+            },
+        ),
+    };
+    let text = format!("conntrack-syncd: {message}");
+    match health {
+        // The peer is gone altogether: its row is grey and says so; this
+        // node serves, unprotected.
+        SyncHealth::Failed if ctx.peer_reachable || ctx.peer_name.is_empty() => (Some(text), None),
+        _ => (None, Some(text)),
+    }
+}
+
 /// Judges this node from its daemons' Status. Red wins over orange, orange
-/// over green; every failure found is in the message.
+/// over yellow, yellow over green; every failure and warning found is in
+/// the message.
 pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
     let mut failures: Vec<String> = [
         probe_failure("vrrpd", &st.vrrpd),
@@ -67,6 +117,7 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
     .into_iter()
     .flatten()
     .collect();
+    let mut warnings: Vec<String> = Vec::new();
     let vrrp = st.vrrpd.running();
     let fwd = st.forwarder.running();
     let ct = st.conntrack.running();
@@ -81,10 +132,24 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
         .into_iter()
         .flatten(),
     );
-    if let Some(v) = vrrp
-        && v.state() == VrrpState::Fault
-    {
-        failures.push(format!("vrrpd: fault: {}", v.reason));
+    if let Some(v) = vrrp {
+        if v.state() == VrrpState::Fault {
+            failures.push(format!("vrrpd: fault: {}", v.reason));
+        }
+        for f in &v.foreign_speakers {
+            let age_ms = ctx.now_unix_ms.saturating_sub(f.last_seen_unix_ms);
+            if f.last_seen_unix_ms > 0 && age_ms > FOREIGN_SPEAKER_SHOWN_MS {
+                continue;
+            }
+            warnings.push(format!(
+                "foreign VRRP speaker {} on VRID {} (priority {}, {} advert(s), last {} s ago): not a cluster node, its adverts are dropped",
+                f.address,
+                f.virtual_router_id,
+                f.priority,
+                f.adverts,
+                age_ms.max(0) / 1000
+            ));
+        }
     }
     if let Some(f) = fwd
         && f.farms > 0
@@ -92,29 +157,66 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
     {
         failures.push("lb-forwarder: the datapath is not loaded".into());
     }
+    // A standalone node replicates nothing: conntrack-syncd has no peer by
+    // design, which is neither an error nor a warning.
     if let Some(c) = ct
-        && !c.last_error.is_empty()
+        && !ctx.standalone
     {
-        failures.push(format!("conntrack-syncd: {}", c.last_error));
+        if !c.last_error.is_empty() {
+            failures.push(format!("conntrack-syncd: {}", c.last_error));
+        } else {
+            let (failure, warning) = conntrack_health(c, ctx);
+            failures.extend(failure);
+            warnings.extend(warning);
+        }
     }
     let mut notes = Vec::new();
-    if let Some(c) = cfg
-        && !c.last_error.is_empty()
-    {
-        // A master whose pushes fail only because the peer is gone is not
-        // broken itself: the peer's row is grey and says so; cfg-syncd
-        // catches up when it returns.
-        if !ctx.peer_reachable && !c.peer_connected && c.direction() == v1::SyncDirection::Push {
-            notes.push(format!(
-                "configuration changes wait for {} (cfg-syncd: {})",
-                ctx.peer_name, c.last_error
+    if let Some(c) = cfg {
+        if !c.last_error.is_empty() {
+            // A master whose pushes fail only because the peer is gone is
+            // not broken itself: the peer's row is grey and says so;
+            // cfg-syncd catches up when it returns.
+            if !ctx.peer_reachable && !c.peer_connected && c.direction() == v1::SyncDirection::Push
+            {
+                notes.push(format!(
+                    "configuration changes wait for {} (cfg-syncd: {})",
+                    ctx.peer_name, c.last_error
+                ));
+            } else {
+                failures.push(format!("cfg-syncd: {}", c.last_error));
+            }
+        }
+        for a in &c.set_aside {
+            warnings.push(format!(
+                "configuration changed here during a partition was set aside when it healed: {} file(s) ({}) kept in {}; review them, then `tandemctl cluster ack`",
+                a.paths.len(),
+                a.paths.join(", "),
+                a.directory
             ));
-        } else {
-            failures.push(format!("cfg-syncd: {}", c.last_error));
+        }
+        if !c.refused.is_empty() {
+            let named: Vec<&str> = c
+                .refused
+                .iter()
+                .take(REFUSED_NAMED)
+                .map(String::as_str)
+                .collect();
+            let more = c.refused.len().saturating_sub(REFUSED_NAMED);
+            warnings.push(format!(
+                "cfg-syncd does not replicate {} file(s): {}{}",
+                c.refused.len(),
+                named.join("; "),
+                if more > 0 {
+                    format!("; and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
         }
     }
     let role = vrrp.map_or(NodeRole::Unspecified, |v| role_of(v.state()));
     if !failures.is_empty() {
+        failures.extend(warnings);
         return Verdict {
             role,
             health: NodeHealth::Failure,
@@ -127,14 +229,28 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "maintenance".into())
         });
+        let mut parts = vec![why];
+        parts.extend(warnings);
         return Verdict {
             role,
             health: NodeHealth::Maintenance,
-            message: why,
+            message: parts.join("; "),
         };
     }
-    if role != NodeRole::Standalone && !ctx.peer_reachable && !ctx.peer_name.is_empty() {
+    if !ctx.standalone
+        && role != NodeRole::Standalone
+        && !ctx.peer_reachable
+        && !ctx.peer_name.is_empty()
+    {
         notes.push(format!("peer {} unreachable", ctx.peer_name));
+    }
+    if !warnings.is_empty() {
+        warnings.extend(notes);
+        return Verdict {
+            role,
+            health: NodeHealth::Degraded,
+            message: warnings.join("; "),
+        };
     }
     let message = if notes.is_empty() {
         "operational".to_owned()
@@ -155,6 +271,7 @@ pub fn colour(h: NodeHealth) -> &'static str {
         NodeHealth::Maintenance => "orange",
         NodeHealth::Unreachable => "grey",
         NodeHealth::Failure => "red",
+        NodeHealth::Degraded => "yellow",
         NodeHealth::Unspecified => "unknown",
     }
 }
@@ -167,6 +284,8 @@ pub async fn local_verdict(shared: &Shared) -> (Verdict, LocalStatuses) {
         peer_reachable: shared.peer.seems_reachable().await,
         peer_name: peer_of(&loaded.config).map(|p| p.0).unwrap_or_default(),
         held_back: shared.with_orchestrator(|o| o.held_back()),
+        standalone: loaded.config.cluster.is_none(),
+        now_unix_ms: tandem_runtime::unix_ms(std::time::SystemTime::now()),
     };
     let mut v = judge(&st, &ctx);
     if loaded.config.cluster.is_none() {
@@ -215,10 +334,15 @@ pub async fn watch_health(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shu
                 health_word(v.health),
                 v.message
             );
-            if v.health == NodeHealth::Failure {
-                tracing::error!("node health {msg}");
-            } else {
-                tracing::info!("node health {msg}");
+            // One line per change of colour or message, never per check.
+            match v.health {
+                NodeHealth::Failure => {
+                    tracing::error!(node = %shared.node_name(), "node health {msg}")
+                }
+                NodeHealth::Degraded => {
+                    tracing::warn!(node = %shared.node_name(), "node health {msg}")
+                }
+                _ => tracing::info!(node = %shared.node_name(), "node health {msg}"),
             }
             shared.event("health", msg);
             last = Some(now);
@@ -233,6 +357,7 @@ pub fn health_word(h: NodeHealth) -> &'static str {
         NodeHealth::Maintenance => "maintenance",
         NodeHealth::Unreachable => "unreachable",
         NodeHealth::Failure => "failure",
+        NodeHealth::Degraded => "degraded",
         NodeHealth::Unspecified => "unknown",
     }
 }
@@ -269,9 +394,20 @@ mod tests {
                 datapath_loaded: true,
                 ..Default::default()
             }),
-            conntrack: Probe::Running(v1::ConntrackSyncStatus {
-                daemon: info("conntrack-syncd"),
-                ..Default::default()
+            conntrack: Probe::Running({
+                let mut c = v1::ConntrackSyncStatus {
+                    daemon: info("conntrack-syncd"),
+                    peer: "192.168.100.2:3780".into(),
+                    peer_alive: true,
+                    ..Default::default()
+                };
+                c.set_role(if state == VrrpState::Master {
+                    v1::SyncRole::Sender
+                } else {
+                    v1::SyncRole::Receiver
+                });
+                c.set_health(v1::SyncHealth::Ok);
+                c
             }),
             cfgsync: Probe::Running(cfg),
         }
@@ -282,6 +418,8 @@ mod tests {
             peer_reachable: true,
             peer_name: "lb2".into(),
             held_back: None,
+            standalone: false,
+            now_unix_ms: 1_000_000_000,
         }
     }
 
@@ -377,5 +515,136 @@ mod tests {
         let v = judge(&st, &reachable());
         assert_eq!(v.health, NodeHealth::Failure);
         assert_eq!(v.message, "vrrpd: fault: tracked interface eth2 down");
+    }
+
+    fn conntrack(st: &mut LocalStatuses) -> &mut v1::ConntrackSyncStatus {
+        match &mut st.conntrack {
+            Probe::Running(c) => c,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_standalone_node_is_green_although_conntrack_syncd_has_no_peer() {
+        let mut st = healthy(VrrpState::Standalone);
+        let c = conntrack(&mut st);
+        c.last_error = "this node is standalone (no cluster.toml): there is no peer".into();
+        c.set_role(v1::SyncRole::Standalone);
+        c.set_health(v1::SyncHealth::Unspecified);
+        c.peer_alive = false;
+        let standalone = Context {
+            peer_reachable: false,
+            peer_name: String::new(),
+            standalone: true,
+            ..reachable()
+        };
+        let v = judge(&st, &standalone);
+        assert_eq!(
+            (v.role, v.health, v.message.as_str()),
+            (NodeRole::Standalone, NodeHealth::Operational, "operational")
+        );
+        // A daemon that is not running is still a failure.
+        st.conntrack = Probe::NotRunning;
+        assert_eq!(judge(&st, &standalone).health, NodeHealth::Failure);
+    }
+
+    #[test]
+    fn replication_health_turns_the_node_yellow_or_red_with_its_message() {
+        let mut st = healthy(VrrpState::Master);
+        let c = conntrack(&mut st);
+        c.set_health(v1::SyncHealth::Degraded);
+        c.health_message = "lag 1.8 s for 6 s".into();
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Degraded);
+        assert_eq!(v.message, "conntrack-syncd: lag 1.8 s for 6 s");
+        let c = conntrack(&mut st);
+        c.set_health(v1::SyncHealth::Failed);
+        c.health_message = "peer 192.168.100.2:3780 silent for 4.2 s".into();
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure);
+        assert_eq!(
+            v.message,
+            "conntrack-syncd: peer 192.168.100.2:3780 silent for 4.2 s"
+        );
+        // The peer gone altogether (grey in its row): this node still
+        // serves, unprotected: yellow.
+        let gone = Context {
+            peer_reachable: false,
+            ..reachable()
+        };
+        let v = judge(&st, &gone);
+        assert_eq!(v.health, NodeHealth::Degraded, "{}", v.message);
+        assert!(
+            v.message.contains("silent for 4.2 s") && v.message.contains("peer lb2 unreachable")
+        );
+        // A conntrack-syncd that does not report health: a silent peer is
+        // judged the same.
+        let c = conntrack(&mut st);
+        c.set_health(v1::SyncHealth::Unspecified);
+        c.peer_alive = false;
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure);
+        assert_eq!(
+            v.message,
+            "conntrack-syncd: peer 192.168.100.2:3780 silent: connections are not replicated"
+        );
+        conntrack(&mut st).peer_alive = true;
+        assert_eq!(judge(&st, &reachable()).health, NodeHealth::Operational);
+    }
+
+    #[test]
+    fn a_foreign_vrrp_speaker_is_a_warning_naming_its_source_while_recent() {
+        let mut st = healthy(VrrpState::Master);
+        let now = reachable().now_unix_ms;
+        if let Probe::Running(v) = &mut st.vrrpd {
+            v.foreign_speakers.push(v1::ForeignSpeaker {
+                address: "192.168.100.9".into(),
+                virtual_router_id: 71,
+                priority: 254,
+                adverts: 12,
+                last_seen_unix_ms: now - 2_500,
+            });
+        }
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Degraded);
+        assert_eq!(
+            v.message,
+            "foreign VRRP speaker 192.168.100.9 on VRID 71 (priority 254, 12 advert(s), last 2 s ago): not a cluster node, its adverts are dropped"
+        );
+        let later = Context {
+            now_unix_ms: now + FOREIGN_SPEAKER_SHOWN_MS,
+            ..reachable()
+        };
+        assert_eq!(judge(&st, &later).health, NodeHealth::Operational);
+    }
+
+    #[test]
+    fn set_aside_and_refused_configuration_are_warnings_until_dealt_with() {
+        let mut st = healthy(VrrpState::Backup);
+        if let Probe::Running(c) = &mut st.cfgsync {
+            c.set_aside.push(v1::SetAside {
+                directory: "/var/lib/tandem/set-aside/20261207T013640Z".into(),
+                unix_ms: 1,
+                paths: vec!["farms/api.toml".into()],
+            });
+            c.refused = (1..=5)
+                .map(|i| format!("checks/big{i}.bin is over the 4 MiB cap"))
+                .collect();
+        }
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Degraded);
+        assert!(
+            v.message.starts_with("configuration changed here during a partition was set aside when it healed: 1 file(s) (farms/api.toml) kept in /var/lib/tandem/set-aside/20261207T013640Z; review them, then `tandemctl cluster ack`; cfg-syncd does not replicate 5 file(s): checks/big1.bin is over the 4 MiB cap;"),
+            "{}",
+            v.message
+        );
+        assert!(v.message.ends_with("; and 2 more"), "{}", v.message);
+        // In maintenance the node stays orange, the warnings said.
+        if let Probe::Running(v) = &mut st.vrrpd {
+            v.set_state(VrrpState::Maintenance);
+        }
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Maintenance);
+        assert!(v.message.contains("set aside"), "{}", v.message);
     }
 }

@@ -1,7 +1,7 @@
-//! Role orchestration. The pure part ([`Orchestrator`]) takes vrrpd's state
-//! changes and the resync progress and answers what to tell the other
-//! daemons; [`run`] is the thin shell that follows vrrpd's WatchState and
-//! performs those actions.
+//! Role orchestration, pure: [`Orchestrator`] takes vrrpd's state changes
+//! and the resync progress and answers what to tell the other daemons (no
+//! sockets, no clocks; `conductor.rs` is the shell that follows vrrpd and
+//! performs the answers). It imports nothing else of the crate.
 //!
 //! - MASTER → conntrack-syncd SENDER and cfg-syncd PUSH; any other state →
 //!   RECEIVER and RECEIVE.
@@ -11,13 +11,7 @@
 //!   nothing pending) and its conntrack table (bulk resync complete) are in
 //!   sync; then maintenance is released and vrrpd preempts.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures::StreamExt;
-use tandem_proto::v1::{self, SyncDirection, SyncRole, VrrpState, vrrpd_client::VrrpdClient};
-
-use crate::state::Shared;
+use tandem_proto::v1::{SyncDirection, SyncRole, VrrpState};
 
 /// What the orchestrator asks the shell to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,10 +122,23 @@ impl Orchestrator {
         let changed = state != self.state;
         self.state = state;
         self.peer_is_master = peer_is_master;
-        if changed {
+        if changed && state == VrrpState::Standalone {
+            // Without a cluster there is nothing to replicate. cfg-syncd
+            // drops a direction set while clustered (after a destroy it
+            // would still push); conntrack-syncd is standalone by its own
+            // configuration and refuses orders then: nothing to tell it,
+            // nothing to retry.
+            out.push(Action::Decision {
+                kind: "role",
+                message: format!(
+                    "{} is standalone: nothing to replicate, cfg-syncd none",
+                    self.node
+                ),
+            });
+            out.push(Action::SetCfgDirection(SyncDirection::None));
+        } else if changed {
             let (role, dir) = match state {
                 VrrpState::Master => (SyncRole::Sender, SyncDirection::Push),
-                VrrpState::Standalone => (SyncRole::Standalone, SyncDirection::None),
                 _ => (SyncRole::Receiver, SyncDirection::Receive),
             };
             out.push(Action::Decision {
@@ -230,100 +237,9 @@ pub fn state_word(s: VrrpState) -> String {
         .to_lowercase()
 }
 
-/// How often resync progress is measured while a node is held back, and
-/// the orchestration RPCs retried after a failure.
-const TICK: Duration = Duration::from_millis(500);
-
-/// Follows the local vrrpd until shutdown, reconnecting every 200 ms.
-pub async fn run(shared: Arc<Shared>, mut shutdown: tandem_runtime::Shutdown) {
-    let mut waiting_logged = false;
-    loop {
-        let stream = match tandem_runtime::connect(&shared.runtime_dir, "vrrpd").await {
-            Ok(ch) => VrrpdClient::new(ch)
-                .watch_state(v1::WatchStateRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| s.message().to_owned()),
-            Err(e) => Err(e.to_string()),
-        };
-        match stream {
-            Ok(mut stream) => {
-                waiting_logged = false;
-                tracing::info!("following vrrpd's state");
-                shared.with_orchestrator(|o| o.vrrpd_restarted());
-                let mut pending: Vec<Action> = Vec::new();
-                let mut last_progress: Option<Progress> = None;
-                let mut tick = tokio::time::interval(TICK);
-                loop {
-                    tokio::select! {
-                        item = stream.next() => match item {
-                            Some(Ok(change)) => {
-                                let mut peer_master = peer_is_master(&shared, &change.master_address);
-                                if !peer_master && change.new_state() == VrrpState::Backup && shared.preferred() {
-                                    // Out of maintenance vrrpd may not have
-                                    // heard the master yet: ask the peer.
-                                    peer_master = matches!(
-                                        shared.peer.status(&shared.config).await,
-                                        Ok(s) if s.role() == v1::NodeRole::Master
-                                    );
-                                }
-                                let actions = shared.with_orchestrator(|o| o.on_state(change.new_state(), peer_master));
-                                pending = perform(&shared, merge(pending, actions)).await;
-                            }
-                            Some(Err(s)) => {
-                                tracing::warn!("vrrpd's state stream failed: {}", s.message());
-                                break;
-                            }
-                            None => break,
-                        },
-                        _ = tick.tick() => {
-                            let preferred = shared.preferred();
-                            let mut actions = shared.with_orchestrator(|o| o.set_preferred(preferred));
-                            if shared.with_orchestrator(|o| o.gate()) == Gate::Holding {
-                                let p = measure(&shared).await;
-                                if last_progress != Some(p) {
-                                    tracing::info!(
-                                        config_synced = p.config_synced,
-                                        conntrack_synced = p.conntrack_synced,
-                                        peer_reachable = p.peer_reachable,
-                                        "failback gate: waiting for the resync"
-                                    );
-                                    last_progress = Some(p);
-                                }
-                                actions.extend(shared.with_orchestrator(|o| o.on_progress(p)));
-                            }
-                            pending = perform(&shared, merge(pending, actions)).await;
-                        }
-                        () = shutdown.wait() => return,
-                    }
-                }
-                tracing::warn!("lost vrrpd's state stream; reconnecting");
-            }
-            Err(why) => {
-                if !waiting_logged {
-                    tracing::warn!("waiting for vrrpd to follow its state: {why}");
-                    waiting_logged = true;
-                }
-            }
-        }
-        // Short: until clustermanager follows vrrpd, a returning preferred
-        // master is not gated.
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            () = shutdown.wait() => return,
-        }
-    }
-}
-
-fn peer_is_master(shared: &Shared, master_address: &str) -> bool {
-    let loaded = shared.config.current();
-    let own = loaded.config.node.cluster_address.map(|a| a.to_string());
-    !master_address.is_empty() && Some(master_address) != own.as_deref()
-}
-
 /// Failed actions are kept and retried at the next tick; a newer action of
 /// the same kind replaces an older one.
-fn merge(mut pending: Vec<Action>, new: Vec<Action>) -> Vec<Action> {
+pub fn merge(mut pending: Vec<Action>, new: Vec<Action>) -> Vec<Action> {
     for a in new {
         pending.retain(|p| {
             !matches!(
@@ -336,76 +252,6 @@ fn merge(mut pending: Vec<Action>, new: Vec<Action>) -> Vec<Action> {
         pending.push(a);
     }
     pending
-}
-
-/// Performs actions in order; returns those that failed (to retry).
-async fn perform(shared: &Shared, actions: Vec<Action>) -> Vec<Action> {
-    let dir = &shared.runtime_dir;
-    let mut failed = Vec::new();
-    for a in actions {
-        let result = match &a {
-            Action::Decision { kind, message } => {
-                tracing::info!(kind, "{message}");
-                shared.event(kind, message.clone());
-                Ok(())
-            }
-            Action::SetConntrackRole(r) => crate::local::set_conntrack_role(dir, *r).await,
-            Action::SetCfgDirection(d) => crate::local::set_cfg_direction(dir, *d).await,
-            Action::SetMaintenance(on) => crate::local::set_maintenance(dir, *on).await.map(|_| ()),
-            Action::ResyncConntrack => {
-                shared.hold_started_ms.store(
-                    tandem_runtime::unix_ms(std::time::SystemTime::now()),
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-                crate::local::resync_conntrack(dir).await
-            }
-        };
-        if let Err(why) = result {
-            tracing::warn!("{why}; retrying in {} ms", TICK.as_millis());
-            failed.push(a);
-        }
-    }
-    failed
-}
-
-/// Is this (held) node's configuration the master's, and its conntrack
-/// table resynced?
-async fn measure(shared: &Shared) -> Progress {
-    let dir = &shared.runtime_dir;
-    let (cfg, ct, peer) = tokio::join!(
-        crate::local::cfgsync_status(dir),
-        crate::local::conntrack_status(dir),
-        shared.peer.status(&shared.config),
-    );
-    let peer_hash = peer.as_ref().ok().map(|p| p.manifest_hash.clone());
-    tracing::debug!(
-        local_hash = ?cfg.running().map(|c| c.manifest_hash.clone()),
-        pending = ?cfg.running().map(|c| c.pending_changes),
-        ?peer_hash,
-        conntrack = ?ct.running().map(|c| (c.peer_alive, c.resync_complete, c.last_resync_unix_ms)),
-        "failback gate measured"
-    );
-    let config_synced = match (cfg.running(), &peer_hash) {
-        // Equal manifest hashes: identical replicated trees. (pending_changes
-        // counts what this node would push; a held node receives.)
-        (Some(c), Some(h)) => !h.is_empty() && c.manifest_hash == *h,
-        _ => false,
-    };
-    // A bulk resync completed after the hold began (ResyncConntrack).
-    let since = shared
-        .hold_started_ms
-        .load(std::sync::atomic::Ordering::SeqCst);
-    let conntrack_synced = ct.running().is_some_and(|c| {
-        c.peer_alive
-            && c.resync_complete
-            && c.last_resync_unix_ms > 0
-            && c.last_resync_unix_ms >= since
-    });
-    Progress {
-        config_synced,
-        conntrack_synced,
-        peer_reachable: peer.is_ok(),
-    }
 }
 
 #[cfg(test)]
@@ -501,6 +347,17 @@ mod tests {
         assert_eq!(o.gate(), Gate::Released);
         o.vrrpd_restarted();
         assert_eq!(maint(&o.on_state(VrrpState::Backup, true)), Some(true));
+    }
+
+    #[test]
+    fn a_standalone_node_orders_no_conntrack_role() {
+        let mut o = Orchestrator::new("lb1", false);
+        o.on_state(VrrpState::Master, false);
+        let a = o.on_state(VrrpState::Standalone, false);
+        assert!(matches!(&a[0], Action::Decision { kind: "role", .. }));
+        assert_eq!(a[1..], [Action::SetCfgDirection(SyncDirection::None)]);
+        assert!(!a.iter().any(|a| matches!(a, Action::SetConntrackRole(_))));
+        assert!(o.on_state(VrrpState::Standalone, false).is_empty());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct PeerLink {
     config_dir: PathBuf,
     peer_runtime_dir: PathBuf,
     link: Mutex<Link>,
+    /// Held while a connection attempt runs.
+    connecting: Mutex<()>,
 }
 
 /// Why the peer could not be asked.
@@ -62,16 +64,21 @@ impl PeerLink {
                 last_error: String::new(),
                 up_logged: None,
             }),
+            connecting: Mutex::new(()),
         }
     }
 
-    /// A client of the peer's clustermanager, connecting if needed.
+    /// A client of the peer's clustermanager, connecting if needed — unless
+    /// `patient` is false and the peer is known to be unreachable (the last
+    /// attempt failed): then the last error at once, and the health
+    /// watcher, which asks every second, is the one that reconnects.
     async fn client(
         &self,
         config: &ConfigCell,
+        patient: bool,
     ) -> Result<(String, ClusterManagerClient<Channel>), PeerError> {
         let loaded = config.current();
-        let Some((name, ip)) = crate::state::peer_of(&loaded.config) else {
+        let Some((name, ip)) = peer_of(&loaded.config) else {
             return Err(PeerError::Standalone);
         };
         let port = loaded
@@ -81,6 +88,23 @@ impl PeerLink {
             .map_or(22, |c| c.sync.ssh_port);
         let addr = SocketAddr::new(ip, port);
         let label = format!("{name} ({addr})");
+        // One connection attempt at a time; the link's state is locked
+        // only briefly, so an operator's request never waits behind the
+        // health watcher's attempt to reach a peer that is away.
+        let _connecting = match self.connecting.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                let link = self.link.lock().await;
+                if !patient && link.next_attempt.is_some() {
+                    return Err(PeerError::Unreachable {
+                        peer: label,
+                        why: link.last_error.clone(),
+                    });
+                }
+                drop(link);
+                self.connecting.lock().await
+            }
+        };
         let mut link = self.link.lock().await;
         if link.target.as_ref() != Some(&(name.clone(), addr)) {
             // cluster.toml names another peer now.
@@ -98,13 +122,14 @@ impl PeerLink {
             return Ok((label, ClusterManagerClient::new(ch.clone())));
         }
         if let Some(at) = link.next_attempt
-            && Instant::now() < at
+            && (Instant::now() < at || !patient)
         {
             return Err(PeerError::Unreachable {
                 peer: label,
                 why: link.last_error.clone(),
             });
         }
+        drop(link);
         let connected = async {
             let session = SshSession::connect_labelled(
                 &label,
@@ -131,6 +156,7 @@ impl PeerLink {
         let outcome = tokio::time::timeout(PEER_RPC_TIMEOUT * 2, connected)
             .await
             .unwrap_or_else(|_| Err("connecting timed out".into()));
+        let mut link = self.link.lock().await;
         match outcome {
             Ok((session, ch)) => {
                 if link.up_logged != Some(true) {
@@ -156,23 +182,51 @@ impl PeerLink {
         }
     }
 
-    /// Forgets a session that failed an RPC: the next call reconnects.
+    /// Forgets a session that failed an RPC: the next patient call
+    /// reconnects at once; an operator's request (`call_now`) learns that
+    /// the peer is away without waiting for a connection attempt.
     async fn broken(&self, why: &str) {
         let mut link = self.link.lock().await;
         if let Some((s, _)) = link.session.take() {
             s.close().await;
         }
         link.last_error = why.to_owned();
+        link.next_attempt = Some(Instant::now());
     }
 
     /// Calls the peer; transport failures and timeouts are "unreachable"
-    /// (and drop the session), an answered error is "refused".
+    /// (and drop the session), an answered error is "refused". Connects
+    /// (with backoff) when there is no session.
     pub async fn call<T, F, Fut>(&self, config: &ConfigCell, f: F) -> Result<T, PeerError>
     where
         F: FnOnce(ClusterManagerClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let (peer, client) = self.client(config).await?;
+        self.call_with(config, true, f).await
+    }
+
+    /// As `call`, but an operator's request does not wait for a connection
+    /// attempt to a peer known to be unreachable (a partition): it learns
+    /// at once that the peer is away.
+    pub async fn call_now<T, F, Fut>(&self, config: &ConfigCell, f: F) -> Result<T, PeerError>
+    where
+        F: FnOnce(ClusterManagerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_with(config, false, f).await
+    }
+
+    async fn call_with<T, F, Fut>(
+        &self,
+        config: &ConfigCell,
+        patient: bool,
+        f: F,
+    ) -> Result<T, PeerError>
+    where
+        F: FnOnce(ClusterManagerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (peer, client) = self.client(config, patient).await?;
         match tokio::time::timeout(PEER_RPC_TIMEOUT, f(client)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s))
@@ -205,6 +259,18 @@ impl PeerLink {
         .await
     }
 
+    /// The peer clustermanager's Status for an operator's request: at once
+    /// "unreachable" when it is known to be (see `call_now`).
+    pub async fn status_now(
+        &self,
+        config: &ConfigCell,
+    ) -> Result<v1::ClusterManagerStatus, PeerError> {
+        self.call_now(config, |mut c| async move {
+            c.status(v1::StatusRequest {}).await
+        })
+        .await
+    }
+
     /// A session is up (no connection attempt is made).
     pub async fn seems_reachable(&self) -> bool {
         let link = self.link.lock().await;
@@ -217,4 +283,14 @@ impl PeerLink {
             s.close().await;
         }
     }
+}
+
+/// The other node of cluster.toml: its name and cluster address.
+pub fn peer_of(c: &tandem_config::Config) -> Option<(String, std::net::IpAddr)> {
+    let cluster = c.cluster.as_ref()?;
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != c.node.name)
+        .map(|n| (n.name.clone(), n.address))
 }

@@ -1,8 +1,9 @@
-//! Command replication: a change to one replicated file (write or delete)
-//! is validated as the whole configuration it would produce, written
-//! atomically, the local daemons reload, and — on the master — the same
-//! change goes to the peer's clustermanager (ReplicateChange), which does
-//! the same on its side.
+//! Command replication: a change to one replicated file (write or delete),
+//! or to several at once (farm restore, farm clear), is validated as the
+//! whole configuration it would produce, written (each file atomically),
+//! the local daemons reload once, and — on the master — the same change
+//! goes to the peer's clustermanager (ReplicateChange), which does the same
+//! on its side.
 
 use std::fs;
 use std::io::{self, Write};
@@ -52,7 +53,7 @@ fn validated(path: &str) -> bool {
 /// node.toml, cluster.toml and farms/ (a dot directory: neither replicated
 /// nor watched). Errors name the live relative path (`farms/web.toml:3:8: …`).
 /// Blocking.
-pub fn validate(config_dir: &Path, change: &Change) -> Result<Config, Vec<String>> {
+pub fn validate(config_dir: &Path, changes: &[Change]) -> Result<Config, Vec<String>> {
     let view = config_dir.join(format!(".clustermanager-view-{}", std::process::id()));
     let _ = fs::remove_dir_all(&view);
     let io = |what: &str, p: &Path, e: io::Error| vec![format!("{what} {}: {e}", p.display())];
@@ -70,7 +71,7 @@ pub fn validate(config_dir: &Path, change: &Change) -> Result<Config, Vec<String
                 }
             }
         }
-        if validated(&change.path) {
+        for change in changes.iter().filter(|c| validated(&c.path)) {
             let target = view.join(&change.path);
             match &change.content {
                 Some(c) => fs::write(&target, c).map_err(|e| io("writing", &target, e))?,
@@ -94,6 +95,30 @@ fn copy_if_present(from: &Path, to: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Checks a set of changes: each path replicated, none twice, at least one.
+pub fn check_batch(changes: &[Change]) -> Result<(), String> {
+    if changes.is_empty() {
+        return Err("the change names no file".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in changes {
+        check_path(&c.path)?;
+        if !seen.insert(c.path.as_str()) {
+            return Err(format!("{:?} appears twice in one change", c.path));
+        }
+    }
+    Ok(())
+}
+
+/// Writes every change of a batch (each file atomically); the first error
+/// stops it. Blocking.
+pub fn write_all(config_dir: &Path, changes: &[Change]) -> io::Result<()> {
+    for c in changes {
+        write(config_dir, c)?;
+    }
+    Ok(())
 }
 
 /// Writes (temporary file, fsync, rename, directory fsync) or deletes the
@@ -180,7 +205,7 @@ mod tests {
             path: "farms/web.toml".into(),
             content: Some(FARM.as_bytes().to_vec()),
         };
-        let config = validate(t.path(), &change).unwrap();
+        let config = validate(t.path(), std::slice::from_ref(&change)).unwrap();
         assert_eq!(config.farms.len(), 1);
         write(t.path(), &change).unwrap();
         assert_eq!(
@@ -192,7 +217,7 @@ mod tests {
             path: "farms/web.toml".into(),
             content: Some(FARM.replace("port = 80", "port = \"eighty\"").into_bytes()),
         };
-        let errors = validate(t.path(), &broken).unwrap_err();
+        let errors = validate(t.path(), &[broken]).unwrap_err();
         assert!(errors[0].starts_with("farms/web.toml:3:"), "{errors:?}");
         assert_eq!(
             fs::read_to_string(t.path().join("farms/web.toml")).unwrap(),
@@ -215,8 +240,43 @@ mod tests {
             path: "farms/web.toml".into(),
             content: None,
         };
-        assert!(validate(t.path(), &del).unwrap().farms.is_empty());
+        assert!(
+            validate(t.path(), std::slice::from_ref(&del))
+                .unwrap()
+                .farms
+                .is_empty()
+        );
         write(t.path(), &del).unwrap();
         assert!(!t.path().join("farms/web.toml").exists());
+    }
+
+    #[test]
+    fn a_batch_is_validated_as_one_configuration() {
+        let t = dir();
+        fs::create_dir_all(t.path().join("farms")).unwrap();
+        fs::write(t.path().join("farms/web.toml"), FARM).unwrap();
+        let api = FARM
+            .replace("\"web\"", "\"api\"")
+            .replace("port = 80", "port = 81");
+        // Alone, `api` on port 80 would overlap `web`; with `web` deleted in
+        // the same change it is valid.
+        let moved = vec![
+            Change {
+                path: "farms/web.toml".into(),
+                content: None,
+            },
+            Change {
+                path: "farms/api.toml".into(),
+                content: Some(api.replace("port = 81", "port = 80").into_bytes()),
+            },
+        ];
+        assert!(validate(t.path(), &moved[1..]).is_err());
+        let c = validate(t.path(), &moved).unwrap();
+        assert_eq!(c.farms.len(), 1);
+        write_all(t.path(), &moved).unwrap();
+        assert!(!t.path().join("farms/web.toml").exists());
+        assert!(check_batch(&moved).is_ok());
+        assert!(check_batch(&[moved[0].clone(), moved[0].clone()]).is_err());
+        assert!(check_batch(&[]).is_err());
     }
 }

@@ -101,13 +101,3 @@ fn is_preferred(c: &tandem_config::Config) -> bool {
         .as_ref()
         .is_some_and(|cl| matches!(&cl.failback, Failback::Node(n) if *n == c.node.name))
 }
-
-/// The other node of cluster.toml: its name and cluster address.
-pub fn peer_of(c: &tandem_config::Config) -> Option<(String, std::net::IpAddr)> {
-    let cluster = c.cluster.as_ref()?;
-    cluster
-        .nodes
-        .iter()
-        .find(|n| n.name != c.node.name)
-        .map(|n| (n.name.clone(), n.address))
-}

@@ -6,6 +6,7 @@
 
 mod locate;
 mod model;
+mod scaleout;
 mod validate;
 
 use std::fmt;
@@ -16,6 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use model::*;
+pub use scaleout::{
+    MAX_NODES as MAX_ACTIVE_NODES, MIN_NODES as MIN_ACTIVE_NODES, bird_protocol_name,
+};
 
 use locate::Seg::{self, Key};
 use validate::Report;
@@ -212,7 +216,13 @@ impl Config {
         let cluster_src = l.read(dir.join(CLUSTER_FILE), false);
         let cluster = cluster_src.as_ref().and_then(|src| {
             let c: ClusterConfig = l.parse(src)?;
-            l.report(src, validate::cluster(&c));
+            match c.mode {
+                ClusterMode::ActivePassive => {
+                    l.report(src, validate::cluster(&c));
+                    l.report(src, scaleout::pair(&c));
+                }
+                ClusterMode::ActiveActive => l.report(src, scaleout::cluster(&c)),
+            }
             Some(c)
         });
 
@@ -240,6 +250,7 @@ impl Config {
         });
 
         cross_check_farms(&mut l, &farms);
+        cross_check_backends(&mut l, node.as_ref(), cluster.as_ref(), &farms);
         if let (Some(node_src), Some(node), Some(cluster_src), Some(cluster)) =
             (&node_src, &node, &cluster_src, &cluster)
         {
@@ -329,6 +340,73 @@ fn cross_check_farms(l: &mut Loader, farms: &[(Source, Farm)]) {
     }
 }
 
+/// A backend must be a real server, never an address of the balancer
+/// itself: another farm's VIP or SNAT source, a floating IP, a node's
+/// cluster address (the farm's own VIP and SNAT address are refused with
+/// the farm). Forwarding there loops back into the balancer.
+fn cross_check_backends(
+    l: &mut Loader,
+    node: Option<&NodeConfig>,
+    cluster: Option<&ClusterConfig>,
+    farms: &[(Source, Farm)],
+) {
+    use locate::Seg::Index;
+    for (i, (src, farm)) in farms.iter().enumerate() {
+        for (b, backend) in farm.backends.iter().enumerate() {
+            let a = backend.address;
+            if a == farm.vip || farm.snat_address == Some(a) {
+                continue;
+            }
+            let mut why = None;
+            for (j, (other_src, other)) in farms.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let what = if other.vip == a {
+                    "VIP"
+                } else if other.snat_address == Some(a) {
+                    "SNAT address"
+                } else {
+                    continue;
+                };
+                why = Some(format!(
+                    "is the {what} of farm `{}` ({})",
+                    other.name,
+                    other_src.path.display()
+                ));
+                break;
+            }
+            if why.is_none()
+                && let Some(c) = cluster
+            {
+                if let Some(n) = c.nodes.iter().find(|n| n.address == a) {
+                    why = Some(format!("is the cluster address of node `{}`", n.name));
+                } else if c.floating_ips.iter().any(|f| f.address.addr == a) {
+                    why = Some("is a floating IP of the cluster".to_owned());
+                }
+            }
+            if why.is_none()
+                && let Some(n) = node
+                && n.cluster_address == Some(a)
+            {
+                why = Some(format!(
+                    "is this node's cluster address (node `{}`)",
+                    n.name
+                ));
+            }
+            if let Some(why) = why {
+                l.errors.push(src.error_at(
+                    &[Key("backends"), Index(b), Key("address")],
+                    format!(
+                        "farm `{}`: backend {a} {why}: the balancer would forward to itself",
+                        farm.name
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 fn overlap(a: &PortRange, b: &PortRange) -> PortRange {
     PortRange {
         first: a.first.max(b.first),
@@ -372,6 +450,10 @@ fn cross_check_cluster(
             )),
             Some(_) => {}
         },
+    }
+    if cluster.mode == ClusterMode::ActiveActive {
+        scaleout::cross_check(l, cluster, farms);
+        return;
     }
     let floating: Vec<_> = cluster
         .floating_ips

@@ -4,7 +4,7 @@
 //! is an error rather than a silently ignored setting.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -42,11 +42,18 @@ pub struct ApiKey {
     pub sha256: String,
 }
 
-/// `cluster.toml`: the cluster, replicated to both nodes.
+/// `cluster.toml`: the cluster, replicated to every node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// VRRP virtual router id, 1-255; unique on the cluster link.
+    /// `"active-passive"` (default): the pair, a master holding the floating
+    /// IPs. `"active-active"`: 3-8 nodes all forwarding, each announcing the
+    /// farms' VIPs to the routers over BGP (`[bgp]`); DSR farms only.
+    #[serde(default, skip_serializing_if = "ClusterMode::is_active_passive")]
+    pub mode: ClusterMode,
+    /// VRRP virtual router id, 1-255; unique on the cluster link. Required
+    /// by the pair; an active-active cluster has no VRRP and leaves it out.
+    #[serde(default)]
     pub virtual_router_id: u8,
     /// `"none"`: a master keeps the role until it fails. A node name: that
     /// node is the preferred master and takes the role back when it returns.
@@ -64,14 +71,130 @@ pub struct ClusterConfig {
     /// The `[vrrp]` table: heartbeat timing and transport.
     #[serde(default)]
     pub vrrp: VrrpSettings,
-    /// The `[[nodes]]`: exactly two, Tandem being a pair.
+    /// The `[[nodes]]`: exactly two in a pair, 3-8 when active-active.
     pub nodes: Vec<ClusterNode>,
     /// The `[[floating_ips]]`: the addresses that move with the master role;
-    /// at least one.
+    /// at least one in a pair, none when active-active (the farms' VIPs are
+    /// announced over BGP instead).
+    #[serde(default)]
     pub floating_ips: Vec<FloatingIp>,
     /// The `[sync]` table: ports and key of state and config replication.
     #[serde(default)]
     pub sync: SyncSettings,
+    /// The `[bgp]` table: required when active-active, refused in a pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpSettings>,
+}
+
+/// How the nodes of a cluster share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterMode {
+    /// Two nodes; the master holds the floating IPs and forwards, the
+    /// backup takes over when it fails (VRRP).
+    #[default]
+    ActivePassive,
+    /// 3-8 nodes, all forwarding: each announces the VIPs over BGP and the
+    /// routers spread flows over them by ECMP.
+    ActiveActive,
+}
+
+impl ClusterMode {
+    pub fn is_active_passive(&self) -> bool {
+        *self == ClusterMode::ActivePassive
+    }
+
+    /// As written in cluster.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterMode::ActivePassive => "active-passive",
+            ClusterMode::ActiveActive => "active-active",
+        }
+    }
+}
+
+/// `[bgp]` in an active-active `cluster.toml`: how every node announces the
+/// farms' VIPs to its upstream routers (through BIRD, which Tandem
+/// configures and drives).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpSettings {
+    /// The AS number every node announces from, 1-4294967294 (not 23456,
+    /// AS_TRANS).
+    pub local_as: u32,
+    /// BGP hold time, 3-65535 s, default 9; keepalives every third of it.
+    /// A backstop only: BFD detects a dead node in well under a second.
+    #[serde(default = "default_hold_time_s")]
+    pub hold_time_s: u16,
+    /// The `[bgp.bfd]` table: how fast the routers see a node die.
+    #[serde(default)]
+    pub bfd: BfdSettings,
+    /// The `[[bgp.peers]]`: the upstream routers; at least one for every node.
+    pub peers: Vec<BgpPeer>,
+}
+
+fn default_hold_time_s() -> u16 {
+    9
+}
+
+/// `[bgp.bfd]`: Bidirectional Forwarding Detection (RFC 5880) timers of
+/// every session that has BFD on. A peer declares a node dead after
+/// `interval_ms × multiplier` without a BFD packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BfdSettings {
+    /// Transmit and receive interval, 10-10000 ms, default 100.
+    pub interval_ms: u32,
+    /// Detection multiplier, 2-255, default 3.
+    pub multiplier: u8,
+}
+
+impl BfdSettings {
+    /// How long a peer waits before it declares a silent node dead.
+    pub fn detection_ms(&self) -> u64 {
+        u64::from(self.interval_ms) * u64::from(self.multiplier)
+    }
+}
+
+impl Default for BfdSettings {
+    fn default() -> Self {
+        BfdSettings {
+            interval_ms: 100,
+            multiplier: 3,
+        }
+    }
+}
+
+/// One of the `[[bgp.peers]]`: an upstream router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpPeer {
+    /// A name for logs and status, unique: 1-32 of `[A-Za-z0-9_-]`,
+    /// starting with a letter.
+    pub name: String,
+    /// The router's address; directly connected to the nodes that peer
+    /// with it. IPv4 VIPs are announced over IPv4 sessions, IPv6 over IPv6.
+    pub address: IpAddr,
+    /// The router's AS number, 1-4294967294 (not 23456).
+    pub remote_as: u32,
+    /// The nodes that peer with this router; default every node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// BFD on this session, default true: the router sees a dead node
+    /// within the BFD detection time instead of the hold time.
+    #[serde(default = "default_true")]
+    pub bfd: bool,
+}
+
+impl BgpPeer {
+    /// Whether node `name` peers with this router.
+    pub fn serves(&self, name: &str) -> bool {
+        self.nodes.is_empty() || self.nodes.iter().any(|n| n == name)
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_hash_seed() -> u32 {
@@ -110,7 +233,7 @@ impl Default for VrrpSettings {
     }
 }
 
-/// One of the two `[[nodes]]` of `cluster.toml`.
+/// One of the `[[nodes]]` of `cluster.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterNode {
@@ -122,6 +245,20 @@ pub struct ClusterNode {
     /// VRRP priority, 1-254, default 100; the higher wins the election.
     #[serde(default = "default_priority")]
     pub priority: u8,
+    /// Active-active only: the node's BGP router id, unique. Default: its
+    /// `address` when that is IPv4 (required otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<Ipv4Addr>,
+}
+
+impl ClusterNode {
+    /// The BGP router id: the configured one, else the IPv4 address.
+    pub fn bgp_router_id(&self) -> Option<Ipv4Addr> {
+        self.router_id.or(match self.address {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+    }
 }
 
 fn default_priority() -> u8 {

@@ -88,7 +88,7 @@ fn check_range<T: PartialOrd + std::fmt::Display>(
     }
 }
 
-fn usable_unicast(a: IpAddr) -> bool {
+pub(crate) fn usable_unicast(a: IpAddr) -> bool {
     !(a.is_unspecified()
         || a.is_multicast()
         || a.is_loopback()
@@ -293,6 +293,18 @@ pub fn cluster(c: &ClusterConfig) -> Report {
                 ),
             );
         }
+        if f.address.prefix_len == 0 {
+            r.add(
+                with(&p, Key("address")),
+                format!(
+                    "cluster: floating IP {} has prefix length 0: the master would route every address to {} through it; give the prefix of the interface's subnet (e.g. {}/{})",
+                    f.address,
+                    f.interface,
+                    f.address.addr,
+                    if f.address.addr.is_ipv4() { 24 } else { 64 }
+                ),
+            );
+        }
         if !fips.insert(f.address.addr) {
             r.add(
                 with(&p, Key("address")),
@@ -321,17 +333,59 @@ pub fn cluster(c: &ClusterConfig) -> Report {
             "cluster: ssh_port must be 1-65535",
         );
     }
-    if c.sync
-        .key_file
-        .as_ref()
-        .is_some_and(|k| k.trim().is_empty())
-    {
-        r.add(
-            vec![Key("sync"), Key("key_file")],
-            "cluster: key_file is empty; give a path (relative to the configuration directory) or remove the key",
-        );
+    if let Some(k) = &c.sync.key_file {
+        if k.trim().is_empty() {
+            r.add(
+                vec![Key("sync"), Key("key_file")],
+                "cluster: key_file is empty; give a path (relative to the configuration directory) or remove the key",
+            );
+        } else if let Some(why) = outside_config_dir(k) {
+            r.add(
+                vec![Key("sync"), Key("key_file")],
+                format!(
+                    "cluster: key_file `{k}` {why}: the key must be a file inside the configuration directory, e.g. \"keys/sync.key\" (cluster.toml is replicated: a path outside would make the peer read any file of its own as the key)"
+                ),
+            );
+        }
     }
     r
+}
+
+/// Why a path given relative to the configuration directory would reach
+/// outside it, if it would.
+fn outside_config_dir(path: &str) -> Option<&'static str> {
+    if path.starts_with('/') {
+        return Some("is an absolute path");
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Some("climbs out of the configuration directory with `..`");
+    }
+    None
+}
+
+/// Why a health-check command can never run as written, if so. The command
+/// is executed directly (no shell), with the backend's address and port as
+/// its two arguments: it must be the path of one executable.
+fn unrunnable_command(c: &str) -> Option<String> {
+    if let Some(ch) = c.chars().find(|ch| ch.is_whitespace() || ch.is_control()) {
+        return Some(format!(
+            "contains {}: it is run as one path, without a shell, with the backend's address and port as its arguments; put the command line in a script and give the script's path",
+            if ch == ' ' {
+                "a space".to_owned()
+            } else {
+                format!("the character {ch:?}")
+            }
+        ));
+    }
+    if let Some(ch) = c.chars().find(|ch| "|&;<>$`\\\"'".contains(*ch)) {
+        return Some(format!(
+            "contains the shell character `{ch}`: it is run as one path, without a shell; put the command line in a script and give the script's path"
+        ));
+    }
+    if c.ends_with('/') {
+        return Some("names a directory (it ends with '/'), not a program".to_owned());
+    }
+    None
 }
 
 pub fn farm(f: &Farm, file_stem: &str) -> Report {
@@ -491,6 +545,14 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
                 format!("farm `{name}`: command `{c}` must be an absolute path"),
             );
         }
+        (Some(c), HealthCheckKind::Command) => {
+            if let Some(why) = unrunnable_command(c) {
+                r.add(
+                    hp("command"),
+                    format!("farm `{name}`: command `{c}` can never run: it {why}"),
+                );
+            }
+        }
         (Some(_), k) if k != HealthCheckKind::Command => {
             r.add(
                 hp("command"),
@@ -549,6 +611,18 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
             1,
             10_000,
         );
+        if b.address == f.vip {
+            r.add(
+                with(&p, Key("address")),
+                format!("farm `{name}`: backend {} is the farm's own VIP: the balancer would forward to itself", b.address),
+            );
+        }
+        if f.snat_address == Some(b.address) {
+            r.add(
+                with(&p, Key("address")),
+                format!("farm `{name}`: backend {} is the farm's SNAT address: the balancer would forward to itself", b.address),
+            );
+        }
         if !seen.insert((b.address, port)) {
             r.add(p, format!("farm `{name}`: backend {backend} appears twice"));
         }

@@ -489,3 +489,166 @@ fn node_names_and_api_keys_are_checked() {
         ]
     );
 }
+
+// ---- nonsense that parses ----
+
+#[test]
+fn a_backend_that_is_the_balancer_itself_is_refused() {
+    // The farm's own VIP and SNAT address.
+    let farm = web_with("address = \"10.1.0.11\"", "address = \"10.0.0.100\"").replacen(
+        "address = \"10.1.0.12\"",
+        "address = \"10.1.0.100\"",
+        1,
+    );
+    let d = dir(&[("farms/web.toml", &farm)]);
+    assert_eq!(
+        errors(d.path()),
+        [
+            "farms/web.toml:11:11: farm `web`: backend 10.0.0.100 is the farm's own VIP: the balancer would forward to itself",
+            "farms/web.toml:15:11: farm `web`: backend 10.1.0.100 is the farm's SNAT address: the balancer would forward to itself",
+        ]
+    );
+    // A cluster node's address.
+    let e = one_error(&[(
+        "farms/web.toml",
+        &web_with("address = \"10.1.0.11\"", "address = \"192.168.100.2\""),
+    )]);
+    assert_eq!(
+        e,
+        "farms/web.toml:11:11: farm `web`: backend 192.168.100.2 is the cluster address of node `lb2`: the balancer would forward to itself"
+    );
+    // Another farm's VIP, and on a standalone node this node's own cluster
+    // address.
+    let api = "name = \"api\"\nvip = \"10.0.0.100\"\nport = 81\nsnat_address = \"10.1.0.100\"\n\n[[backends]]\naddress = \"10.1.0.11\"\n";
+    let cluster = cluster_with(
+        "[[floating_ips]]\naddress = \"10.0.0.100/24\"",
+        "[[floating_ips]]\naddress = \"10.0.0.101/24\"\ninterface = \"eth0\"\n\n[[floating_ips]]\naddress = \"10.0.0.100/24\"",
+    );
+    let e = one_error(&[
+        ("cluster.toml", &cluster),
+        (
+            "farms/api.toml",
+            &api.replace("vip = \"10.0.0.100\"", "vip = \"10.0.0.101\""),
+        ),
+        (
+            "farms/web.toml",
+            &web_with("address = \"10.1.0.11\"", "address = \"10.0.0.101\""),
+        ),
+    ]);
+    assert!(
+        e.starts_with(
+            "farms/web.toml:11:11: farm `web`: backend 10.0.0.101 is the VIP of farm `api` ("
+        ),
+        "{e}"
+    );
+    let standalone = common::write(&[
+        ("node.toml", NODE),
+        (
+            "farms/web.toml",
+            &web_with("address = \"10.1.0.11\"", "address = \"192.168.100.1\""),
+        ),
+    ]);
+    assert_eq!(
+        errors(standalone.path()),
+        [
+            "farms/web.toml:11:11: farm `web`: backend 192.168.100.1 is this node's cluster address (node `lb1`): the balancer would forward to itself"
+        ]
+    );
+    // Control: a real server is accepted.
+    let ok = dir(&[(
+        "farms/web.toml",
+        &web_with("address = \"10.1.0.11\"", "address = \"10.1.0.13\""),
+    )]);
+    Config::load(ok.path()).expect("a backend on the backends' network is valid");
+}
+
+#[test]
+fn a_floating_ip_with_prefix_zero_is_refused() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &cluster_with("address = \"10.1.0.100/24\"", "address = \"10.1.0.100/0\""),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:20:11: cluster: floating IP 10.1.0.100/0 has prefix length 0: the master would route every address to eth2 through it; give the prefix of the interface's subnet (e.g. 10.1.0.100/24)"
+    );
+    // Control: /32 (a host address) is fine.
+    let ok = dir(&[(
+        "cluster.toml",
+        &cluster_with("address = \"10.1.0.100/24\"", "address = \"10.1.0.100/32\""),
+    )]);
+    Config::load(ok.path()).expect("/32 is valid");
+}
+
+#[test]
+fn a_key_file_outside_the_configuration_directory_is_refused() {
+    for (path, why) in [
+        ("/etc/shadow", "is an absolute path"),
+        (
+            "../../../etc/shadow",
+            "climbs out of the configuration directory with `..`",
+        ),
+        (
+            "keys/../../x",
+            "climbs out of the configuration directory with `..`",
+        ),
+    ] {
+        let c = format!("{}\n[sync]\nkey_file = \"{path}\"\n", common::CLUSTER);
+        let e = one_error(&[("cluster.toml", &c)]);
+        assert_eq!(
+            e,
+            format!(
+                "cluster.toml:24:12: cluster: key_file `{path}` {why}: the key must be a file inside the configuration directory, e.g. \"keys/sync.key\" (cluster.toml is replicated: a path outside would make the peer read any file of its own as the key)"
+            )
+        );
+    }
+    // Control: inside the directory.
+    for path in ["keys/sync.key", "./sync.key", "keys/..sync"] {
+        let c = format!("{}\n[sync]\nkey_file = \"{path}\"\n", common::CLUSTER);
+        let ok = dir(&[("cluster.toml", &c)]);
+        Config::load(ok.path()).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}
+
+#[test]
+fn a_health_command_that_can_never_run_is_refused() {
+    let with = |command: &str| {
+        web_with(
+            "interval_ms = 2000\n",
+            &format!("kind = \"command\"\ncommand = '{command}'\ninterval_ms = 2000\n"),
+        )
+    };
+    for (command, why) in [
+        (
+            "/usr/lib/check --port 80",
+            "contains a space: it is run as one path, without a shell, with the backend's address and port as its arguments; put the command line in a script and give the script's path",
+        ),
+        (
+            "/bin/check|logger",
+            "contains the shell character `|`: it is run as one path, without a shell; put the command line in a script and give the script's path",
+        ),
+        (
+            "/usr/lib/$CHECK",
+            "contains the shell character `$`: it is run as one path, without a shell; put the command line in a script and give the script's path",
+        ),
+        (
+            "/etc/tandem/checks/",
+            "names a directory (it ends with '/'), not a program",
+        ),
+    ] {
+        let e = one_error(&[("farms/web.toml", &with(command))]);
+        assert_eq!(
+            e,
+            format!("farms/web.toml:8:11: farm `web`: command `{command}` can never run: it {why}")
+        );
+    }
+    let tab = web_with(
+        "interval_ms = 2000\n",
+        "kind = \"command\"\ncommand = \"/bin/check\\tx\"\ninterval_ms = 2000\n",
+    );
+    let e = one_error(&[("farms/web.toml", &tab)]);
+    assert!(e.contains("contains the character '\\t'"), "{e}");
+    // Control: a plain path runs.
+    let ok = dir(&[("farms/web.toml", &with("/etc/tandem/checks/web-check.sh"))]);
+    Config::load(ok.path()).expect("a plain absolute path is valid");
+}

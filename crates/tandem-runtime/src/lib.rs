@@ -18,6 +18,7 @@ mod config_cell;
 mod lifecycle;
 mod logging;
 pub mod metrics;
+mod process;
 mod socket;
 
 pub use args::DaemonArgs;

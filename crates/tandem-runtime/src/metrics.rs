@@ -80,10 +80,16 @@ pub fn registry(daemon: &'static str) -> Registry {
     registry
 }
 
-/// OpenMetrics text of `registry` (what /metrics returns).
+/// OpenMetrics text of `registry` (what /metrics returns), followed by the
+/// unprefixed `process_*` series of this process.
 pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    use prometheus_client::encoding::text;
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    text::encode_registry(&mut out, registry)?;
+    let mut process = Registry::default();
+    process.register_collector(Box::new(crate::process::ProcessCollector));
+    text::encode_registry(&mut out, &process)?;
+    text::encode_eof(&mut out)?;
     Ok(out)
 }
 
@@ -322,6 +328,15 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("none"), "{text}");
+        for line in [
+            "# TYPE process_cpu_seconds counter\n",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -42,9 +42,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum HostKeyCheck {
     /// Only a key pinned for this host in this known_hosts file is accepted.
     Pinned { known_hosts: PathBuf },
-    /// Any key is accepted and recorded (`SshSession::host_key_line`): only
-    /// for cluster creation, whose operator vouches for the address and
-    /// types the peer's root password.
+    /// Only the key with this SHA-256 fingerprint (`SHA256:...`, as
+    /// `ssh-keygen -l` prints it) is accepted: cluster creation, after the
+    /// operator has seen and confirmed the peer's key ([`peer_host_key`]).
+    /// Any other key ends the handshake before authentication, so neither a
+    /// password nor a key signature reaches it.
+    Confirmed { fingerprint: String },
+    /// Any key is accepted and recorded (`SshSession::host_key_line`). Never
+    /// used with a password: only to read a host key (see [`peer_host_key`]).
     RecordFirst,
 }
 
@@ -81,6 +86,22 @@ pub enum SshError {
         expected: String,
         pin: String,
     },
+    #[error(
+        "the peer {peer} presented the host key {got}, not the confirmed {confirmed}: nothing was sent to it (no password, no key); if its key really changed, check the new one on the peer and confirm it"
+    )]
+    UnconfirmedHostKey {
+        peer: String,
+        got: String,
+        confirmed: String,
+    },
+    #[error(
+        "peer {peer}: refusing to send a password to a host key nobody confirmed (only a confirmed key gets a password)"
+    )]
+    PasswordToUnconfirmedKey { peer: String },
+    #[error(
+        "`{0}` is not an SSH host key fingerprint: expected SHA256:<base64>, as `ssh-keygen -lf` prints it"
+    )]
+    BadFingerprint(String),
     #[error(
         "peer {peer}: no pinned host key for {host} in {path} ({why}); it is written when the cluster is created"
     )]
@@ -136,7 +157,9 @@ impl SshError {
     pub fn is_host_key(&self) -> bool {
         matches!(
             self,
-            SshError::HostKeyMismatch { .. } | SshError::NoPin { .. }
+            SshError::HostKeyMismatch { .. }
+                | SshError::NoPin { .. }
+                | SshError::UnconfirmedHostKey { .. }
         )
     }
 }
@@ -167,7 +190,33 @@ impl ExecOutput {
 
 /// `ssh-ed25519 SHA256:...`, as `ssh-keygen -l` shows it.
 pub fn fingerprint(key: &PublicKey) -> String {
-    format!("{} {}", key.algorithm(), key.fingerprint(HashAlg::Sha256))
+    format!("{} {}", key.algorithm(), sha256(key))
+}
+
+/// The key's SHA-256 fingerprint alone: `SHA256:<base64, unpadded>`.
+pub fn sha256(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// The `SHA256:...` fingerprint in what an operator pasted: the bare
+/// fingerprint, `ssh-ed25519 SHA256:...`, or a whole `ssh-keygen -lf` line
+/// (`256 SHA256:... root@lb2 (ED25519)`).
+pub fn parse_fingerprint(text: &str) -> Result<String, SshError> {
+    let bad = || SshError::BadFingerprint(text.trim().to_owned());
+    let token = text
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .ok_or_else(bad)?;
+    let b64 = &token["SHA256:".len()..];
+    // 32 bytes: 43 characters of base64 without padding.
+    let ok = b64.trim_end_matches('=').len() == 43
+        && b64
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+    if !ok {
+        return Err(bad());
+    }
+    Ok(format!("SHA256:{}", b64.trim_end_matches('=')))
 }
 
 /// The server-key check: accepts a pinned key (or any, with RecordFirst) and
@@ -176,6 +225,8 @@ pub fn fingerprint(key: &PublicKey) -> String {
 struct HostKeyHandler {
     /// None: record first.
     pinned: Option<Vec<PublicKey>>,
+    /// Some: only the key of this SHA-256 fingerprint.
+    confirmed: Option<String>,
     seen: Arc<Mutex<Option<PublicKey>>>,
 }
 
@@ -193,9 +244,10 @@ impl client::Handler for HostKeyHandler {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(key.clone());
         }
-        Ok(match &self.pinned {
-            None => true,
-            Some(pinned) => pinned.iter().any(|p| p.key_data() == key.key_data()),
+        Ok(match (&self.pinned, &self.confirmed) {
+            (Some(pinned), _) => pinned.iter().any(|p| p.key_data() == key.key_data()),
+            (None, Some(fp)) => sha256(key) == *fp,
+            (None, None) => true,
         })
     }
 }
@@ -231,8 +283,17 @@ impl SshSession {
     ) -> Result<SshSession, SshError> {
         let pinned = match &check {
             HostKeyCheck::Pinned { known_hosts } => Some(pinned_keys(known_hosts, addr, label)?),
-            HostKeyCheck::RecordFirst => None,
+            HostKeyCheck::Confirmed { .. } | HostKeyCheck::RecordFirst => None,
         };
+        let confirmed = match &check {
+            HostKeyCheck::Confirmed { fingerprint } => Some(parse_fingerprint(fingerprint)?),
+            _ => None,
+        };
+        if matches!(auth, Auth::Password(_)) && confirmed.is_none() {
+            return Err(SshError::PasswordToUnconfirmedKey {
+                peer: label.to_owned(),
+            });
+        }
         // The identity is read before connecting: a broken key file is a
         // local error, not the peer's.
         let key = match &auth {
@@ -249,6 +310,7 @@ impl SshSession {
         };
         let handler = HostKeyHandler {
             pinned: pinned.clone(),
+            confirmed: confirmed.clone(),
             seen: seen.clone(),
         };
         let connecting = client::connect(Arc::new(config), addr, handler);
@@ -262,6 +324,15 @@ impl SshSession {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
                 let shown = seen.lock().ok().and_then(|s| s.clone());
+                if let (Some(got), Some(fp)) = (&shown, &confirmed)
+                    && sha256(got) != *fp
+                {
+                    return Err(SshError::UnconfirmedHostKey {
+                        peer: label.to_owned(),
+                        got: fingerprint(got),
+                        confirmed: fp.clone(),
+                    });
+                }
                 if let (Some(got), Some(pinned), HostKeyCheck::Pinned { known_hosts }) =
                     (shown, &pinned, &check)
                     && !pinned.iter().any(|p| p.key_data() == got.key_data())
@@ -504,6 +575,15 @@ impl SshSession {
     /// (existing ones are fine).
     pub async fn mkdir_p(&self, dir: &str) -> Result<(), SshError> {
         let sftp = self.sftp().await?;
+        // Usually the directory is there already: one round trip, not one
+        // per path component.
+        if sftp
+            .lstat(dir.to_owned())
+            .await
+            .is_ok_and(|a| a.attrs.is_dir())
+        {
+            return Ok(());
+        }
         let mut path = String::new();
         for part in dir.split('/').filter(|p| !p.is_empty()) {
             path.push('/');
@@ -689,6 +769,58 @@ impl SshSession {
     }
 }
 
+/// The host key the sshd at `addr` presents, read with the SSH handshake
+/// alone: the connection is closed before any authentication, so nothing
+/// but the key exchange is sent. What cluster creation shows the operator
+/// to confirm before the root password leaves the node.
+pub async fn peer_host_key(addr: SocketAddr) -> Result<PublicKey, SshError> {
+    let seen = Arc::new(Mutex::new(None));
+    let handler = HostKeyHandler {
+        pinned: None,
+        confirmed: None,
+        seen: seen.clone(),
+    };
+    let config = client::Config {
+        nodelay: true,
+        ..Default::default()
+    };
+    let label = addr.ip().to_string();
+    let connecting = client::connect(Arc::new(config), addr, handler);
+    let handle = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => {
+            return Err(SshError::Unreachable {
+                target: addr.to_string(),
+                why: format!("no SSH handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+            });
+        }
+        Ok(Err(russh::Error::IO(io))) => {
+            return Err(SshError::Unreachable {
+                target: addr.to_string(),
+                why: io.to_string(),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(SshError::Link {
+                peer: label,
+                what: "reading its host key",
+                why: e.to_string(),
+            });
+        }
+        Ok(Ok(h)) => h,
+    };
+    let _ = handle
+        .disconnect(Disconnect::ByApplication, "host key read", "en")
+        .await;
+    seen.lock()
+        .ok()
+        .and_then(|s| s.clone())
+        .ok_or_else(|| SshError::Link {
+            peer: label,
+            what: "reading its host key",
+            why: "the server showed no host key".into(),
+        })
+}
+
 /// How an unreachable peer is named: its label when it is more than its
 /// bare address.
 fn target(label: &str, addr: SocketAddr) -> String {
@@ -697,6 +829,33 @@ fn target(label: &str, addr: SocketAddr) -> String {
     } else {
         label.to_owned()
     }
+}
+
+/// Whether this process may lock memory (`mlock`), tried on one page.
+///
+/// russh locks the buffers that hold session keys so they are never swapped
+/// out, and the first time the kernel refuses it logs a "Security warning"
+/// at WARN, once per process. A systemd unit that forbids `mlock`
+/// (`SystemCallFilter=` without `@memlock`, a `LimitMEMLOCK=` of 0) makes it
+/// refuse every time, and that warning would read as a fault at every
+/// start. Called before logging starts, this spends russh's one warning
+/// where no one reads it (a first key buffer, locked or not) and tells the
+/// caller the outcome, to say once at the level it deserves. Nothing is
+/// lost: locking pages protects against swap only, and the secrets Tandem
+/// handles (the root password of cluster creation, the cluster key read
+/// from its file) live in ordinary memory before they reach russh anyway.
+pub fn probe_memory_lock() -> Result<(), std::io::Error> {
+    drop(russh::CryptoVec::new_zeroed(1));
+    let page = vec![0u8; 4096];
+    // SAFETY: the range is one live allocation of `page.len()` bytes, owned
+    // here and unlocked before it is freed.
+    let locked = unsafe { libc::mlock(page.as_ptr().cast(), page.len()) };
+    if locked != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the same range, locked just above.
+    unsafe { libc::munlock(page.as_ptr().cast(), page.len()) };
+    Ok(())
 }
 
 /// Reads an OpenSSH private key file.
@@ -757,6 +916,31 @@ mod tests {
         );
         let (_, other) = generate_identity().unwrap();
         assert_ne!(public, other, "two identities must differ");
+    }
+
+    #[test]
+    fn fingerprints_are_read_from_what_operators_paste() {
+        let fp = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+        for text in [
+            fp.to_owned(),
+            format!("ssh-ed25519 {fp}"),
+            format!("256 {fp} root@lb2 (ED25519)\n"),
+            format!("{fp}="),
+        ] {
+            assert_eq!(parse_fingerprint(&text).unwrap(), fp, "{text}");
+        }
+        for bad in [
+            "",
+            "MD5:aa:bb",
+            "SHA256:short",
+            "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s!",
+        ] {
+            assert!(parse_fingerprint(bad).is_err(), "{bad}");
+        }
+        let (_, public) = generate_identity().unwrap();
+        let key = parse_public_key_line(&public).unwrap();
+        assert_eq!(parse_fingerprint(&sha256(&key)).unwrap(), sha256(&key));
+        assert_eq!(fingerprint(&key), format!("ssh-ed25519 {}", sha256(&key)));
     }
 
     #[test]

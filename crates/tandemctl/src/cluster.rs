@@ -38,6 +38,7 @@ pub fn health_words(h: NodeHealth) -> (&'static str, &'static str) {
         NodeHealth::Maintenance => ("orange", "maintenance"),
         NodeHealth::Unreachable => ("grey", "unreachable"),
         NodeHealth::Failure => ("red", "failure"),
+        NodeHealth::Degraded => ("yellow", "degraded"),
         NodeHealth::Unspecified => ("grey", "unknown"),
     }
 }
@@ -52,6 +53,7 @@ pub fn health_badge(h: NodeHealth) -> String {
         NodeHealth::Operational => "32",
         NodeHealth::Maintenance => "33",
         NodeHealth::Failure => "31",
+        NodeHealth::Degraded => "93",
         _ => "90",
     };
     format!("\x1b[{code}m●\x1b[0m {colour} {word}")
@@ -222,7 +224,14 @@ pub async fn edit(
         .await
         .map_err(rpc)?
         .into_inner();
-    println!("cluster.toml changed and replicated to the peer");
+    if c.replication_pending {
+        println!(
+            "cluster.toml: applied here, will be replicated when the peer returns ({})",
+            c.replication_error
+        );
+    } else {
+        println!("cluster.toml changed and replicated to the peer");
+    }
     print_cluster(&c, false)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -245,50 +254,91 @@ pub async fn maintenance(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit status of a change applied here whose replication the peer
+/// refused (it answered, and said no): the message says why.
+pub const EXIT_PEER_REFUSED: u8 = 4;
+
+/// Reports ApplyChange's answer for `what`; the exit status:
+/// 0 applied (replicated, or pending because the peer cannot be reached:
+/// it is replicated when the peer returns), 1 refused (nothing changed) or
+/// a local daemon refused the new configuration, 4 applied here but the
+/// peer refused it.
+pub fn report_apply(what: &str, r: &v1::ApplyChangeReply) -> ExitCode {
+    if !r.applied {
+        eprintln!("{what}: refused, nothing changed:");
+        for e in &r.errors {
+            eprintln!("  {e}");
+        }
+        return ExitCode::FAILURE;
+    }
+    for e in &r.errors {
+        eprintln!("warning: {e}");
+    }
+    let code = if r.replicated {
+        println!("{what}: applied and replicated to the peer");
+        0
+    } else if r.replication_pending {
+        println!(
+            "{what}: applied here, will be replicated when the peer returns ({})",
+            r.replication_error
+        );
+        0
+    } else if !r.replication_error.is_empty() {
+        println!(
+            "{what}: applied here; NOT replicated: {}",
+            r.replication_error
+        );
+        EXIT_PEER_REFUSED
+    } else {
+        println!("{what}: applied");
+        0
+    };
+    if r.errors.is_empty() {
+        ExitCode::from(code)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Sends one change — a file written or deleted, or several at once — to
+/// ApplyChange and reports it.
+pub async fn apply_files(
+    runtime_dir: &Path,
+    what: &str,
+    files: Vec<v1::FileChange>,
+) -> anyhow::Result<ExitCode> {
+    let change = match <[v1::FileChange; 1]>::try_from(files) {
+        Ok([one]) => v1::ConfigChange {
+            path: one.path,
+            content: one.content,
+            ..Default::default()
+        },
+        Err(files) => v1::ConfigChange {
+            files,
+            ..Default::default()
+        },
+    };
+    let r = client(runtime_dir)
+        .await?
+        .apply_change(change)
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    Ok(report_apply(what, &r))
+}
+
 /// Sends one change through ApplyChange and reports it.
 async fn apply(
     runtime_dir: &Path,
     path: String,
     content: Option<Vec<u8>>,
 ) -> anyhow::Result<ExitCode> {
-    let r = client(runtime_dir)
-        .await?
-        .apply_change(v1::ConfigChange {
-            path: path.clone(),
-            content,
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
-    if !r.applied {
-        eprintln!("{path}: refused, nothing changed:");
-        for e in &r.errors {
-            eprintln!("  {e}");
-        }
-        return Ok(ExitCode::FAILURE);
-    }
-    let mut ok = true;
-    for e in &r.errors {
-        eprintln!("warning: {e}");
-        ok = false;
-    }
-    if r.replicated {
-        println!("{path}: applied and replicated to the peer");
-    } else if !r.replication_error.is_empty() {
-        println!(
-            "{path}: applied on this node; not replicated: {}",
-            r.replication_error
-        );
-        ok = false;
-    } else {
-        println!("{path}: applied");
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    apply_files(
+        runtime_dir,
+        &path.clone(),
+        vec![v1::FileChange { path, content }],
+    )
+    .await
 }
 
 /// The farm's name in a farm file (the file must be `farms/<name>.toml`).
@@ -338,8 +388,9 @@ pub async fn farm_delete(
     apply(runtime_dir, path, None).await
 }
 
-/// The first line of `tandemctl status`: `lb1: ● green operational, master`.
-pub async fn summary_line(runtime_dir: &Path) -> String {
+/// This node's clustermanager Status (5 s timeout), None when it does not
+/// answer.
+pub async fn node_status(runtime_dir: &Path) -> Option<v1::ClusterManagerStatus> {
     let status = async {
         client(runtime_dir)
             .await?
@@ -349,7 +400,15 @@ pub async fn summary_line(runtime_dir: &Path) -> String {
             .map(tonic::Response::into_inner)
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), status).await {
-        Ok(Ok(s)) => {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// The first line of `tandemctl status`: `lb1: ● green operational, master`.
+pub fn summary_line(status: Option<&v1::ClusterManagerStatus>) -> String {
+    match status {
+        Some(s) => {
             let node = s
                 .daemon
                 .as_ref()
@@ -366,7 +425,7 @@ pub async fn summary_line(runtime_dir: &Path) -> String {
             line
         }
         // The table below says why (not running, not responding).
-        Ok(Err(_)) | Err(_) => format!(
+        None => format!(
             "this node: {}, role unknown (no answer from clustermanager)",
             health_badge(NodeHealth::Unspecified)
         ),

@@ -1,10 +1,13 @@
 //! `tandemctl cluster create` and `tandemctl cluster destroy`.
 //!
-//! Create runs on the future master: it asks the peer's root password on the
-//! terminal (echo off) or reads it from stdin (`--password-stdin`), never
-//! stores or logs it, and hands it to the local clustermanager, which does
-//! the work and streams its steps. Without `--yes`, preflight runs first,
-//! the files the peer will lose are listed, and the operator confirms.
+//! Create runs on the future master. Trust comes before secrets: first the
+//! peer's SSH host key is shown and confirmed on the terminal (or given with
+//! `--host-key` by a script), and only then is the peer's root password
+//! asked on the terminal (echo off) or read from stdin (`--password-stdin`).
+//! It is never stored or logged, and goes to the local clustermanager,
+//! which sends it only to a peer presenting the confirmed key, does the
+//! work and streams its steps. Without `--yes`, preflight runs first, the
+//! files the peer will lose are listed, and the operator confirms.
 
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
@@ -22,10 +25,21 @@ pub struct CreateArgs {
     /// The peer's address on the cluster link (its sshd listens there).
     #[arg(long, value_name = "IP")]
     pub remote_ip: IpAddr,
-    /// VRRP virtual router id, unique on the cluster link.
-    #[arg(long, value_name = "1-255", default_value_t = 51, value_parser = clap::value_parser!(u8).range(1..))]
-    pub vrid: u8,
-    /// Do not ask for confirmation (the peer's replicated files are erased).
+    /// VRRP virtual router id, unique on the cluster link (default: derived
+    /// from the two cluster addresses, never 51; preflight refuses a VRID
+    /// another router advertises on the link).
+    #[arg(long, value_name = "1-255", value_parser = clap::value_parser!(u8).range(1..))]
+    pub vrid: Option<u8>,
+    /// The peer's SSH host key fingerprint, for scripts: `SHA256:...` as
+    /// `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` prints it on the
+    /// peer. Without it, the key the peer presents is shown and must be
+    /// confirmed on the terminal before the password is asked (--yes does
+    /// not confirm it). A peer presenting another key is refused before the
+    /// password is sent.
+    #[arg(long, value_name = "SHA256:...")]
+    pub host_key: Option<String>,
+    /// Do not ask before the peer's replicated files are erased (the host
+    /// key must still be confirmed, or given with --host-key).
     #[arg(long)]
     pub yes: bool,
     /// Read the peer's root password from the first line of stdin.
@@ -149,15 +163,79 @@ async fn follow(
     last.context("clustermanager ended the stream without a result")
 }
 
+/// The host key the peer presents, confirmed by the operator on the
+/// terminal; None when the operator says no.
+async fn confirm_host_key(
+    cm: &mut ClusterManagerClient<tonic::transport::Channel>,
+    remote: IpAddr,
+) -> anyhow::Result<Option<String>> {
+    let key = cm
+        .peer_host_key(v1::PeerHostKeyRequest {
+            remote_ip: remote.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("reading the peer's host key: {}", s.message()))?
+        .into_inner();
+    let shown = format!("{} {}", key.algorithm, key.fingerprint);
+    let unconfirmed = || {
+        format!(
+            "the peer's host key was not confirmed: {} presents {shown}; check it on the peer (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and run again with --host-key {}; nothing was sent to the peer",
+            key.address, key.fingerprint
+        )
+    };
+    let Ok((mut out, mut input)) = tty() else {
+        bail!("{}", unconfirmed());
+    };
+    writeln!(
+        out,
+        "The peer {} presents the SSH host key\n    {shown}\nCompare it with the peer's own: run `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the peer.",
+        key.address
+    )?;
+    write!(
+        out,
+        "Is this the peer's host key? The root password is sent to this key only. [y/N] "
+    )?;
+    out.flush()?;
+    let mut answer = String::new();
+    input.read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(Some(key.fingerprint))
+    } else {
+        Ok(None)
+    }
+}
+
 pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<ExitCode> {
-    let password = read_password(args.password_stdin, args.remote_ip)?;
     let mut cm = client(runtime_dir).await?;
+    // Trust before secrets: the host key is settled before the password is
+    // even read.
+    let host_key = match &args.host_key {
+        Some(k) => {
+            if !k.contains("SHA256:") {
+                bail!(
+                    "--host-key `{k}` is not a SHA-256 fingerprint: give SHA256:... as `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` prints it on the peer"
+                );
+            }
+            k.clone()
+        }
+        None => match confirm_host_key(&mut cm, args.remote_ip).await? {
+            Some(k) => k,
+            None => {
+                eprintln!(
+                    "cancelled: the host key was not confirmed; nothing was sent to the peer"
+                );
+                return Ok(ExitCode::from(2));
+            }
+        },
+    };
+    let password = read_password(args.password_stdin, args.remote_ip)?;
     let mut req = v1::CreateClusterRequest {
         local_ip: args.local_ip.to_string(),
         remote_ip: args.remote_ip.to_string(),
         remote_root_password: password,
         confirmed: args.yes,
-        virtual_router_id: u32::from(args.vrid),
+        virtual_router_id: args.vrid.map_or(0, u32::from),
+        host_key,
     };
     let last = follow(cm.create_cluster(req.clone()).await?.into_inner()).await?;
     if !last.ok {
@@ -174,6 +252,8 @@ pub async fn create(runtime_dir: &Path, args: &CreateArgs) -> anyhow::Result<Exi
         eprintln!("cancelled; nothing was changed");
         return Ok(ExitCode::from(2));
     }
+    // The confirmed run pins the same host key: a key swapped since
+    // preflight is refused before the password is sent again.
     req.confirmed = true;
     let last = follow(cm.create_cluster(req).await?.into_inner()).await?;
     Ok(if last.ok {

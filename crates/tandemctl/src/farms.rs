@@ -281,16 +281,10 @@ pub async fn set_backend(
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        if !reply.applied {
-            bail!("{path}: {}", reply.errors.join("; "));
+        if reply.applied {
+            println!("farm {farm}: backend {backend} is now {word} ({path} updated)");
         }
-        println!("farm {farm}: backend {backend} is now {word} ({path} updated)");
-        if reply.replicated {
-            println!("replicated to the peer");
-        } else if !reply.replication_error.is_empty() {
-            println!("not replicated yet: {}", reply.replication_error);
-        }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(crate::cluster::report_apply(&path, &reply));
     }
     // Standalone without clustermanager: lb-forwarder's runtime override
     // (not persisted).
@@ -387,6 +381,117 @@ async fn reload_forwarder(runtime_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The farm files of `config_dir` (`farms/*.toml`, hidden ones aside):
+/// (relative path, text).
+fn farm_files(config_dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let dir = config_dir.join(FARMS_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".toml") || !e.path().is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path())
+            .with_context(|| format!("reading {}", e.path().display()))?;
+        out.push((format!("{FARMS_DIR}/{name}"), text));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The change that makes the farms of `config_dir` exactly `farms`: each
+/// farm whose file already says the same (parsed) is left alone, comments
+/// and all; a changed or new farm is written whole; a farm file no longer
+/// wanted is deleted.
+pub fn farm_changes(config_dir: &Path, farms: &[Farm]) -> anyhow::Result<Vec<v1::FileChange>> {
+    let current = farm_files(config_dir)?;
+    let mut out = Vec::new();
+    for f in farms {
+        let path = format!("{FARMS_DIR}/{}.toml", f.name);
+        let same = current
+            .iter()
+            .find(|(p, _)| *p == path)
+            .and_then(|(_, text)| toml::from_str::<Farm>(text).ok())
+            .is_some_and(|existing| existing == *f);
+        if !same {
+            out.push(v1::FileChange {
+                path,
+                content: Some(toml::to_string(f)?.into_bytes()),
+            });
+        }
+    }
+    for (path, _) in &current {
+        if !farms
+            .iter()
+            .any(|f| *path == format!("{FARMS_DIR}/{}.toml", f.name))
+        {
+            out.push(v1::FileChange {
+                path: path.clone(),
+                content: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces every farm with `farms`: through clustermanager's ApplyChange
+/// (validated as a whole, master only, replicated to the peer, the daemons
+/// reloaded once). Without clustermanager, a standalone node writes them
+/// here and reloads lb-forwarder; a clustered one refuses.
+async fn change_farms(
+    config_dir: &Path,
+    runtime_dir: &Path,
+    farms: &[Farm],
+    what: &str,
+) -> anyhow::Result<ExitCode> {
+    let changes = farm_changes(config_dir, farms)?;
+    if changes.is_empty() {
+        println!("{what}: nothing to change, the farms are already those");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if tandem_runtime::connect(runtime_dir, "clustermanager")
+        .await
+        .is_ok()
+    {
+        let summary = format!(
+            "{what} ({} file(s): {})",
+            changes.len(),
+            changes
+                .iter()
+                .map(|c| format!(
+                    "{} {}",
+                    if c.content.is_some() {
+                        "write"
+                    } else {
+                        "delete"
+                    },
+                    c.path
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return crate::cluster::apply_files(runtime_dir, &summary, changes).await;
+    }
+    if config_dir.join(tandem_config::CLUSTER_FILE).exists() {
+        bail!(
+            "clustermanager is not running: on a cluster node, farm changes go through it (master only, validated, replicated to the peer); start it first"
+        );
+    }
+    replace_farms(config_dir, farms)?;
+    println!(
+        "{what}: {} farm(s) in {} (clustermanager is not running: written here)",
+        farms.len(),
+        config_dir.join(FARMS_DIR).display()
+    );
+    reload_forwarder(runtime_dir).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `farm restore [FILE]`: replace every farm with those of a saved document.
 pub async fn restore(
     config_dir: &Path,
@@ -400,14 +505,7 @@ pub async fn restore(
         None => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
     };
     let saved: Saved = toml::from_str(&text).context("parsing the saved farms")?;
-    replace_farms(config_dir, &saved.farms)?;
-    println!(
-        "restored {} farm(s) into {}",
-        saved.farms.len(),
-        config_dir.join(FARMS_DIR).display()
-    );
-    reload_forwarder(runtime_dir).await?;
-    Ok(ExitCode::SUCCESS)
+    change_farms(config_dir, runtime_dir, &saved.farms, "farm restore").await
 }
 
 /// `farm clear --yes`: remove every farm (like `ipvsadm -C`).
@@ -418,8 +516,47 @@ pub async fn clear(config_dir: &Path, runtime_dir: &Path, yes: bool) -> anyhow::
             config_dir.display()
         );
     }
-    replace_farms(config_dir, &[])?;
-    println!("every farm removed");
-    reload_forwarder(runtime_dir).await?;
-    Ok(ExitCode::SUCCESS)
+    change_farms(config_dir, runtime_dir, &[], "farm clear").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "# the web farm\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nsnat_address = \"10.1.0.100\"\n\n[[backends]]\naddress = \"10.1.0.11\"\n";
+
+    #[test]
+    fn restore_writes_only_what_changes_and_keeps_surviving_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("farms")).unwrap();
+        std::fs::write(d.path().join("farms/web.toml"), WEB).unwrap();
+        std::fs::write(
+            d.path().join("farms/old.toml"),
+            WEB.replace("\"web\"", "\"old\"")
+                .replace("port = 80", "port = 81"),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("farms/.web.toml.swp"), "x").unwrap();
+        let web: Farm = toml::from_str(WEB).unwrap();
+        let mut api = web.clone();
+        api.name = "api".into();
+        api.port.first = 82;
+        api.port.last = 82;
+        let c = farm_changes(d.path(), &[web.clone(), api]).unwrap();
+        let paths: Vec<(&str, bool)> = c
+            .iter()
+            .map(|c| (c.path.as_str(), c.content.is_some()))
+            .collect();
+        // web.toml is the same farm: untouched, its comment kept.
+        assert_eq!(paths, [("farms/api.toml", true), ("farms/old.toml", false)]);
+        let c = farm_changes(d.path(), &[]).unwrap();
+        assert_eq!(c.len(), 2, "clear deletes both farms, never the swap file");
+        assert!(c.iter().all(|c| c.content.is_none()));
+        assert!(
+            farm_changes(d.path(), &[web])
+                .unwrap()
+                .iter()
+                .all(|c| c.path == "farms/old.toml")
+        );
+    }
 }

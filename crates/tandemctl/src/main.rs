@@ -31,7 +31,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Ask every daemon of this node for its status and print a table.
-    /// Exits 3 when a daemon is not running.
+    /// Exits 3 when a daemon is not running, 4 when this node is red
+    /// (failure), 5 when it is yellow (degraded: replication lagging, a
+    /// foreign VRRP speaker, configuration set aside or refused); 0 when it
+    /// is green, or orange (maintenance).
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -147,10 +150,11 @@ enum FarmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace every farm with those of a saved document (FILE or stdin);
-    /// the whole configuration is validated first, nothing changes if invalid.
+    /// Replace every farm with those of a saved document (FILE or stdin),
+    /// through the master, replicated; the whole configuration is validated
+    /// first, nothing changes if invalid; unchanged farm files are kept.
     Restore { file: Option<PathBuf> },
-    /// Remove every farm (ipvsadm -C).
+    /// Remove every farm (ipvsadm -C), through the master, replicated.
     Clear {
         /// Confirm.
         #[arg(long)]

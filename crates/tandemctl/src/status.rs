@@ -9,7 +9,7 @@ use comfy_table::{Table, presets};
 use serde::Serialize;
 use tandem_proto::DAEMONS;
 use tandem_proto::v1::{
-    self, cfg_sync_client::CfgSyncClient, cluster_manager_client::ClusterManagerClient,
+    self, NodeHealth, cfg_sync_client::CfgSyncClient, cluster_manager_client::ClusterManagerClient,
     conntrack_sync_client::ConntrackSyncClient, lb_forwarder_client::LbForwarderClient,
     vrrpd_client::VrrpdClient,
 };
@@ -39,18 +39,30 @@ pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     for daemon in DAEMONS {
         rows.push(query(runtime_dir, daemon).await);
     }
+    let node = crate::cluster::node_status(runtime_dir).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{}", crate::cluster::summary_line(runtime_dir).await);
+        println!("{}", crate::cluster::summary_line(node.as_ref()));
         print_table(&rows);
     }
     let all_running = rows.iter().all(|r| r.state == "running");
-    Ok(if all_running {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
+    Ok(ExitCode::from(exit_code(
+        all_running,
+        node.map(|n| n.health()),
+    )))
+}
+
+/// `tandemctl status`'s exit status: 3 a daemon is not running, 4 this node
+/// is red (failure), 5 yellow (degraded); 0 green, or orange (maintenance,
+/// the operator's choice).
+pub fn exit_code(all_running: bool, health: Option<NodeHealth>) -> u8 {
+    match (all_running, health) {
+        (false, _) => 3,
+        (true, Some(NodeHealth::Failure)) => 4,
+        (true, Some(NodeHealth::Degraded)) => 5,
+        _ => 0,
+    }
 }
 
 fn print_table(rows: &[DaemonRow]) {
@@ -256,4 +268,19 @@ pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<Ex
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_status_says_how_the_node_is() {
+        assert_eq!(exit_code(true, Some(NodeHealth::Operational)), 0);
+        assert_eq!(exit_code(true, Some(NodeHealth::Maintenance)), 0);
+        assert_eq!(exit_code(true, Some(NodeHealth::Failure)), 4);
+        assert_eq!(exit_code(true, Some(NodeHealth::Degraded)), 5);
+        assert_eq!(exit_code(false, Some(NodeHealth::Operational)), 3);
+        assert_eq!(exit_code(false, None), 3);
+    }
 }

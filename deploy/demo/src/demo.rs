@@ -114,7 +114,8 @@ fn main() {
     println!("lab {}: both nodes up, standalone.\n", lab.lab.id());
 
     println!(
-        "$ tandemctl cluster create --local-ip 192.168.100.1 --remote-ip 192.168.100.2 --yes --password-stdin   (on lb1)"
+        "$ tandemctl cluster create --local-ip 192.168.100.1 --remote-ip 192.168.100.2 --host-key {} --yes --password-stdin   (on lb1; the fingerprint checked on lb2)",
+        lab.host_key_fingerprint("lb2")
     );
     let out = lab.create(ROOT_PASSWORD);
     print!("{}", text(&out.stdout));

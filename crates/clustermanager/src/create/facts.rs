@@ -261,6 +261,51 @@ pub fn list_replicated_command(config_dir: &Path) -> String {
     cmd
 }
 
+/// One shell script running several commands on the peer in one SSH
+/// round trip (each a named section with its exit status; stderr is kept
+/// only when the command fails, for the message): preflight asks its
+/// questions at once, not one exec each.
+pub fn sections_script(parts: &[(&str, String)]) -> String {
+    let mut script = String::from("e=$(mktemp) || exit 1");
+    for (name, cmd) in parts {
+        script.push_str(&format!(
+            "; printf '@@begin {name}\\n'; {{ {cmd} ; }} 2>\"$e\"; rc=$?; [ $rc -eq 0 ] || cat \"$e\"; printf '\\n@@end {name} %s\\n' $rc"
+        ));
+    }
+    script.push_str("; rm -f \"$e\"");
+    script
+}
+
+/// The output of a [`sections_script`]: section name → (output, exit status).
+pub fn parse_sections(text: &str) -> std::collections::BTreeMap<String, (String, i32)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<(String, Vec<&str>)> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("@@begin ") {
+            current = Some((name.to_owned(), Vec::new()));
+        } else if let Some(rest) = line.strip_prefix("@@end ") {
+            let mut f = rest.split_whitespace();
+            let (name, status) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+            if let Some((n, mut lines)) = current.take()
+                && n == name
+            {
+                // The newline printed before `@@end`.
+                if lines.last() == Some(&"") {
+                    lines.pop();
+                }
+                let mut body = lines.join("\n");
+                if !body.is_empty() {
+                    body.push('\n');
+                }
+                out.insert(n, (body, status.parse().unwrap_or(-1)));
+            }
+        } else if let Some((_, lines)) = current.as_mut() {
+            lines.push(line);
+        }
+    }
+    out
+}
+
 /// Single-quotes `s` for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -434,6 +479,23 @@ mod tests {
             parse_version("clustermanager 0.1.0\n"),
             Some("0.1.0".into())
         );
+    }
+
+    #[test]
+    fn sections_come_back_apart_with_their_status() {
+        let script = sections_script(&[
+            ("a", "printf 'x\\ny'".into()),
+            ("b", "echo oops >&2; false".into()),
+            ("c", "echo noise >&2; true".into()),
+        ]);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let s = parse_sections(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(s["a"], ("x\ny\n".to_owned(), 0));
+        assert_eq!(s["b"], ("oops\n".to_owned(), 1));
+        assert_eq!(s["c"], (String::new(), 0));
     }
 
     #[test]
