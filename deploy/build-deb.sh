@@ -47,6 +47,7 @@ declare -A names=(
     [conntrack-syncd]="Tandem connection-tracking replication"
     [cfg-syncd]="Tandem configuration replication over SSH"
     [clustermanager]="Tandem cluster manager"
+    [routed]="Tandem routing for active-active nodes: drives BIRD to announce the VIPs"
     [tandemctl]="the operator's CLI of a Tandem load-balancer cluster"
 )
 for b in "${!names[@]}"; do

@@ -6,8 +6,8 @@
 #   deploy/install.sh --uninstall [--prefix DIR] [--destdir DIR]
 #
 # What goes where (PREFIX=/usr by default, everything under $DESTDIR if set):
-#   PREFIX/bin/                          the six binaries
-#   PREFIX/lib/systemd/system/           five daemon units + tandem.target
+#   PREFIX/bin/                          the seven binaries
+#   PREFIX/lib/systemd/system/           six daemon units, tandem-bird.service, tandem.target
 #   PREFIX/lib/tmpfiles.d/tandem.conf    /run/tandem, the shared socket directory
 #   PREFIX/share/doc/tandem/             docs, examples/ (the example /etc/tandem)
 #   PREFIX/share/man/man8/               a man page per binary (help2man, from --help)
@@ -28,8 +28,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BINARIES=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager tandemctl)
-DAEMONS=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager)
+BINARIES=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager routed tandemctl)
+DAEMONS=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager routed)
 
 destdir=${DESTDIR:-}
 prefix=/usr
@@ -76,7 +76,8 @@ mandir=$prefix/share/man/man8
 bashdir=$prefix/share/bash-completion/completions
 zshdir=$prefix/share/zsh/site-functions
 fishdir=$prefix/share/fish/vendor_completions.d
-units=("${DAEMONS[@]/%/.service}" tandem.target)
+# tandem-bird.service runs BIRD (bird2) for routed, on active-active nodes only.
+units=("${DAEMONS[@]/%/.service}" tandem-bird.service tandem.target)
 sshd_dropin=/etc/ssh/sshd_config.d/tandem.conf
 
 # True when this script acts on the running system and systemd manages it.
@@ -161,6 +162,7 @@ document_binary() {
         conntrack-syncd) name="Tandem connection-tracking replication" ;;
         cfg-syncd) name="Tandem configuration replication over SSH" ;;
         clustermanager) name="Tandem cluster manager" ;;
+        routed) name="Tandem routing for active-active nodes: drives BIRD to announce the VIPs" ;;
         tandemctl) name="the operator's CLI of a Tandem load-balancer cluster" ;;
     esac
     if command -v help2man >/dev/null; then

@@ -28,8 +28,21 @@ const BINARIES: &[&str] = &[
     "conntrack-syncd",
     "cfg-syncd",
     "clustermanager",
+    "routed",
     "tandemctl",
 ];
+/// Every Tandem daemon with a unit: the five of every node and routed
+/// (active-active nodes).
+const UNIT_DAEMONS: &[&str] = &[
+    "clustermanager",
+    "vrrpd",
+    "lb-forwarder",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "routed",
+];
+/// BIRD, run for routed: not a Tandem binary (`/usr/sbin/bird`, bird2).
+const BIRD_UNIT: &str = "tandem-bird.service";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,7 +74,7 @@ fn text(bytes: &[u8]) -> String {
 fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let mut paths = Vec::new();
-    for daemon in DAEMONS {
+    for daemon in UNIT_DAEMONS {
         let unit = format!("{daemon}.service");
         let body = fs::read_to_string(repo().join("systemd").join(&unit)).unwrap();
         let exec = format!("ExecStart=/usr/bin/{daemon} ");
@@ -70,6 +83,13 @@ fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
         fs::write(dir.path().join(&unit), body).unwrap();
         paths.push(dir.path().join(unit));
     }
+    tool("bird", "bird2");
+    fs::copy(
+        repo().join("systemd").join(BIRD_UNIT),
+        dir.path().join(BIRD_UNIT),
+    )
+    .unwrap();
+    paths.push(dir.path().join(BIRD_UNIT));
     fs::copy(repo().join("systemd").join(TARGET), dir.path().join(TARGET)).unwrap();
     paths.push(dir.path().join(TARGET));
     (dir, paths)
@@ -94,7 +114,17 @@ fn verify(units: &[PathBuf]) -> Result<(), String> {
 #[test]
 fn every_unit_passes_systemd_analyze_verify() {
     let (_dir, units) = staged_units();
-    assert_eq!(units.len(), 6);
+    // Every unit of the repository is staged.
+    let in_repo = fs::read_dir(repo().join("systemd"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".service") || name.ends_with(".target")
+        })
+        .count();
+    assert_eq!(units.len(), in_repo);
+    assert_eq!(units.len(), UNIT_DAEMONS.len() + 2);
     if let Err(e) = verify(&units) {
         panic!("systemd-analyze verify failed: {e}");
     }
@@ -223,11 +253,18 @@ const PRIVILEGES: &[Privileges] = &[
         rw: &["/run/tandem", "/etc/tandem"],
         state: true,
     },
+    Privileges {
+        daemon: "routed",
+        caps: &[],
+        families: &["AF_UNIX"],
+        rw: &["/run/tandem", "/var/lib/tandem"],
+        state: true,
+    },
 ];
 
 #[test]
 fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
-    assert_eq!(PRIVILEGES.len(), DAEMONS.len());
+    assert_eq!(PRIVILEGES.len(), UNIT_DAEMONS.len());
     for p in PRIVILEGES {
         let (daemon, caps, rw) = (p.daemon, p.caps, p.rw);
         let d = directives(&format!("{daemon}.service"));
@@ -460,10 +497,10 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
             "{b}: {page}"
         );
     }
-    for unit in DAEMONS
+    for unit in UNIT_DAEMONS
         .iter()
         .map(|d| format!("{d}.service"))
-        .chain([TARGET.to_owned()])
+        .chain([BIRD_UNIT.to_owned(), TARGET.to_owned()])
     {
         let installed = root.join("usr/lib/systemd/system").join(&unit);
         assert_eq!(
@@ -472,11 +509,13 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
             "{unit}"
         );
     }
-    for daemon in DAEMONS {
+    for unit in UNIT_DAEMONS
+        .iter()
+        .map(|d| format!("{d}.service"))
+        .chain([BIRD_UNIT.to_owned()])
+    {
         // Enabled offline (systemctl --root): the target pulls them in at boot.
-        let link = root.join(format!(
-            "etc/systemd/system/tandem.target.wants/{daemon}.service"
-        ));
+        let link = root.join(format!("etc/systemd/system/tandem.target.wants/{unit}"));
         assert!(
             link.symlink_metadata().is_ok(),
             "{} missing",

@@ -90,6 +90,21 @@ pub const UNITS: [&str; 5] = [
     "clustermanager",
 ];
 
+/// The package's other units: routed runs on every node and, on a node that
+/// is not active-active, writes no BIRD configuration, so tandem-bird's
+/// condition keeps BIRD stopped.
+pub const ROUTED: &str = "routed";
+pub const BIRD_UNIT: &str = "tandem-bird";
+/// Every Tandem daemon a node of this cluster runs.
+pub const RUNNING: [&str; 6] = [
+    "lb-forwarder",
+    "conntrack-syncd",
+    "vrrpd",
+    "cfg-syncd",
+    "clustermanager",
+    ROUTED,
+];
+
 /// The farm the future master serves before the cluster exists.
 pub const WEB: &str = "name = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nsnat_address = \"10.1.0.100\"\n\
 [health_check]\nkind = \"tcp\"\ninterval_ms = 1000\ntimeout_ms = 500\n\
@@ -881,7 +896,7 @@ impl Container {
     /// one file per unit: `<node>-<unit>.log`.
     pub fn save_journals(&self, dir: &Path) {
         fs::create_dir_all(dir).expect("journal dir");
-        for u in UNITS {
+        for u in RUNNING {
             let body = self.journal(&[u]);
             fs::write(dir.join(format!("{}-{u}.log", self.name)), body).expect("journal file");
         }
