@@ -248,7 +248,7 @@ const PRIVILEGES: &[Privileges] = &[
     },
     Privileges {
         daemon: "clustermanager",
-        caps: &["CAP_NET_ADMIN"],
+        caps: &["CAP_NET_ADMIN", "CAP_NET_RAW"],
         families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
         rw: &["/run/tandem", "/etc/tandem"],
         state: true,

@@ -362,6 +362,15 @@ fn a_cluster_of_two_real_systemd_nodes_from_install_to_destroy() {
     lab.wait_for("clustermanager back", Duration::from_secs(20), |l| {
         serving(&l.lb1)
     });
+    // The peer's host key, as the operator reads it on lb2's console.
+    let host_key = lab
+        .lb2
+        .sh("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2");
+    let host_key = host_key.trim();
+    assert!(
+        host_key.starts_with("SHA256:"),
+        "lb2's host key: {host_key}"
+    );
     let create = [
         "cluster",
         "create",
@@ -369,6 +378,8 @@ fn a_cluster_of_two_real_systemd_nodes_from_install_to_destroy() {
         "192.168.100.1",
         "--remote-ip",
         "192.168.100.2",
+        "--host-key",
+        host_key,
         "--yes",
         "--password-stdin",
     ];
@@ -779,18 +790,18 @@ fn a_cluster_of_two_real_systemd_nodes_from_install_to_destroy() {
     );
 
     // ---- Control for the sandbox check at the end: a unit that refuses
-    // russh its mlock'ed key buffers (LimitMEMLOCK=0, no CAP_IPC_LOCK) makes
-    // clustermanager log `mlock: Operation not permitted`, which that check
-    // looks for.
+    // the mlock of its SSH key buffers (LimitMEMLOCK=0, no CAP_IPC_LOCK)
+    // makes clustermanager say, at debug level, `mlock: Operation not
+    // permitted`, which that check looks for.
     let before_control = lab.lb2.cursor();
     let control_started = now_us();
     lab.lb2.write(
         "etc/systemd/system/clustermanager.service.d/control.conf",
-        "[Service]\nLimitMEMLOCK=0\n",
+        "[Service]\nLimitMEMLOCK=0\nEnvironment=RUST_LOG=debug\n",
     );
     lab.lb2
         .sh("systemctl daemon-reload && systemctl restart clustermanager");
-    lab.wait_for("the mlock warning", Duration::from_secs(30), |l| {
+    lab.wait_for("the mlock refusal", Duration::from_secs(30), |l| {
         l.lb2
             .journal_after(&["clustermanager"], Some(&before_control))
             .contains("Operation not permitted")
@@ -978,7 +989,7 @@ fn journal_checks(lab: &SystemdLab, controls: &[(&str, u64, u64)], checks: &mut 
     // Filtering on a field, as the docs show.
     for (unit, field, says) in [
         ("lb-forwarder", "FARM=web", "farm web: "),
-        ("vrrpd", "VRID=51", "vrid=51"),
+        ("vrrpd", "VRID=159", "vrid=159"),
     ] {
         let out = lab.lb1.exec(
             &["journalctl", "--no-pager", "-o", "cat", "-u", unit, field],
