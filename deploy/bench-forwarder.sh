@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Benchmark: throughput through the VIP for Tandem's nftables datapath, a
-# minimal hand-written nftables DNAT rule (the ceiling) and HAProxy in TCP
-# mode, in the same namespace lab and run; then the time to apply a change to
-# a farm of 1,000 backends. Release build. Usage: deploy/bench-forwarder.sh [ROUNDS]
+# Benchmark: throughput through a VIP each for Tandem's nftables datapath
+# (round-robin, persistent and Maglev farms), a minimal hand-written nftables
+# DNAT rule (the ceiling) and HAProxy in TCP mode, all driven at once in the
+# same namespace lab; then the time to apply a change to a farm of 1,000
+# backends. Release build. Usage: deploy/bench-forwarder.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v haproxy >/dev/null || { echo "needs haproxy: apt-get install haproxy" >&2; exit 1; }

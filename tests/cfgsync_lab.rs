@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_lab::{Lab, LabChild, Netns};
-use tandem_proto::v1::{self, cfg_sync_client::CfgSyncClient};
+use tandem_proto::v1::{
+    self, cfg_sync_client::CfgSyncClient, lb_forwarder_client::LbForwarderClient,
+};
 
 pub const SSH_PORT: u16 = 2222;
 pub const MASTER_ADDR: &str = "10.0.0.1";
@@ -35,6 +37,15 @@ pub struct SyncNode {
     pub config: PathBuf,
     pub runtime: PathBuf,
     pub daemon: Option<LabChild>,
+    /// Extra environment of this node's cfg-syncd (the fault switches of
+    /// the tests' controls, debug builds only).
+    pub env: Vec<(String, String)>,
+    /// lb-forwarder on this node, when a test runs it: a real daemon whose
+    /// configuration must follow every applied batch.
+    pub forwarder: Option<LabChild>,
+    /// A command cfg-syncd is started through (which execs it: same pid),
+    /// e.g. `setpriv --bounding-set -fsetid --`.
+    pub wrapper: Vec<String>,
     log: PathBuf,
 }
 
@@ -58,6 +69,16 @@ impl SyncNode {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// This node's `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        crate::state_dir_beside(&self.runtime)
+    }
+
+    /// The pid of this node's cfg-syncd.
+    pub fn pid(&self) -> Option<i32> {
+        self.daemon.as_ref().map(|d| d.pid().as_raw())
+    }
 }
 
 pub struct CfgSyncLab {
@@ -79,8 +100,14 @@ pub fn known_hosts_line(pubkey: &str) -> String {
 impl CfgSyncLab {
     /// The namespaces, keys, configs and the backup's sshd; no cfg-syncd yet.
     pub fn with_sshd() -> CfgSyncLab {
+        CfgSyncLab::with_sshd_in(&std::env::temp_dir())
+    }
+
+    /// As [`CfgSyncLab::with_sshd`], with both nodes' directories under
+    /// `parent` (e.g. a tmpfs for a test moving gigabytes).
+    pub fn with_sshd_in(parent: &Path) -> CfgSyncLab {
         let lab = Lab::new().expect("lab");
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let tmp = tempfile::tempdir_in(parent).expect("tempdir");
         let m_ns = lab.netns("lb1").expect("netns lb1");
         let b_ns = lab.netns("lb2").expect("netns lb2");
         lab.link(
@@ -100,6 +127,9 @@ impl CfgSyncLab {
                 config: root.join("etc"),
                 runtime: root.join("run"),
                 daemon: None,
+                env: Vec::new(),
+                forwarder: None,
+                wrapper: Vec::new(),
                 log: root.join("cfg-syncd.log"),
             };
             n.write(
@@ -219,7 +249,14 @@ impl CfgSyncLab {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let mut cmd = Command::new(crate::bin("cfg-syncd"));
+        let mut cmd = match node.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(crate::bin("cfg-syncd"));
+                c
+            }
+            None => Command::new(crate::bin("cfg-syncd")),
+        };
         cmd.arg("--config-dir")
             .arg(&node.config)
             .arg("--runtime-dir")
@@ -234,6 +271,7 @@ impl CfgSyncLab {
             .arg(&peer.runtime)
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -262,6 +300,88 @@ impl CfgSyncLab {
             d.kill(Signal::SIGKILL).expect("SIGKILL cfg-syncd");
             let _ = d.wait_timeout(Duration::from_secs(5));
         }
+    }
+
+    /// SIGKILL of the backup's cfg-syncd.
+    pub fn kill_backup(&mut self) {
+        if let Some(mut d) = self.backup.daemon.take() {
+            d.kill(Signal::SIGKILL).expect("SIGKILL cfg-syncd");
+            let _ = d.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts lb-forwarder on the backup (its namespace, its directories)
+    /// and waits for its datapath: the daemon cfg-syncd reloads after each
+    /// applied batch.
+    pub fn start_backup_forwarder(&mut self) {
+        let node = &self.backup;
+        fs::create_dir_all(&node.runtime).expect("runtime dir");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.runtime.with_file_name("lb-forwarder.log"))
+            .expect("log file");
+        let mut cmd = Command::new(crate::bin("lb-forwarder"));
+        cmd.arg("--config-dir")
+            .arg(&node.config)
+            .arg("--runtime-dir")
+            .arg(&node.runtime)
+            .arg("--state-dir")
+            .arg(node.state_dir())
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = self
+            .lab
+            .spawn(&node.ns, &mut cmd)
+            .expect("spawn lb-forwarder");
+        tandem_lab::wait_for_unix_socket(
+            &node.runtime.join("lb-forwarder.sock"),
+            Duration::from_secs(10),
+        )
+        .expect("lb-forwarder serving");
+        self.backup.forwarder = Some(child);
+        self.wait_for("the backup's datapath", Duration::from_secs(10), || {
+            self.forwarder_status().datapath_loaded
+        });
+    }
+
+    pub fn forwarder_status(&self) -> v1::LbForwarderStatus {
+        crate::rpc(&self.backup.runtime, "lb-forwarder", async |ch| {
+            LbForwarderClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .expect("lb-forwarder status")
+                .into_inner()
+        })
+    }
+
+    /// The farms lb-forwarder runs on the backup: name -> first port.
+    pub fn forwarder_farms(&self) -> BTreeMap<String, u32> {
+        crate::rpc(&self.backup.runtime, "lb-forwarder", async |ch| {
+            LbForwarderClient::new(ch)
+                .list_farms(v1::ListFarmsRequest {})
+                .await
+                .expect("lb-forwarder farms")
+                .into_inner()
+        })
+        .farms
+        .into_iter()
+        .map(|f| (f.name, f.port_first))
+        .collect()
+    }
+
+    /// SetDirection on a node's cfg-syncd (what clustermanager does when
+    /// the VRRP role changes).
+    pub fn set_direction(&self, node: &SyncNode, d: v1::SyncDirection) -> v1::CfgSyncStatus {
+        rpc(&node.runtime, |mut c| async move {
+            c.set_direction(v1::SetDirectionRequest {
+                direction: d.into(),
+            })
+            .await
+        })
     }
 
     /// Both replicated trees, compared the way an operator would: every file
@@ -299,6 +419,27 @@ impl CfgSyncLab {
     pub fn status(&self, node: &SyncNode) -> v1::CfgSyncStatus {
         rpc(&node.runtime, |mut c| async move {
             c.status(v1::StatusRequest {}).await
+        })
+    }
+
+    /// Status, or None while the node's cfg-syncd does not answer.
+    pub fn try_status(&self, node: &SyncNode) -> Option<v1::CfgSyncStatus> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let ch = tandem_runtime::connect(&node.runtime, "cfg-syncd")
+                .await
+                .ok()?;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                CfgSyncClient::new(ch).status(v1::StatusRequest {}),
+            )
+            .await
+            .ok()?
+            .ok()
+            .map(tonic::Response::into_inner)
         })
     }
 
@@ -351,7 +492,7 @@ impl CfgSyncLab {
 }
 
 /// One gRPC call to a node's cfg-syncd.
-fn rpc<F, Fut, T>(runtime: &Path, call: F) -> T
+pub fn rpc<F, Fut, T>(runtime: &Path, call: F) -> T
 where
     F: FnOnce(CfgSyncClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -453,4 +594,53 @@ pub fn staged_files(config: &Path) -> usize {
         }
     }
     n
+}
+
+/// The tree of cfg-syncd's tested limits under `root`: 99,742 certificates
+/// of 500 bytes in 100 directories and 256 files of 4,000,000 bytes (under
+/// the default 4 MiB cap), random content. With cluster.toml and one farm:
+/// 100,000 files, 1,073,871,000 bytes and more. Returns (files, bytes)
+/// written.
+pub fn populate_scale_tree(root: &Path) -> (usize, u64) {
+    use std::io::Read;
+    const SMALL: usize = 99_742;
+    const BIG: usize = 256;
+    const BIG_BYTES: usize = 4_000_000;
+    let mut random = vec![0u8; BIG_BYTES];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .expect("/dev/urandom");
+    let mut total = 0u64;
+    for d in 0..100 {
+        fs::create_dir_all(root.join(format!("certs/d{d:02}"))).expect("certs dir");
+    }
+    for i in 0..SMALL {
+        let mut data = format!("certificate {i}\n").into_bytes();
+        data.resize(500, b'.');
+        fs::write(
+            root.join(format!("certs/d{:02}/c{i:05}.pem", i % 100)),
+            &data,
+        )
+        .expect("certificate");
+        total += data.len() as u64;
+    }
+    fs::create_dir_all(root.join("checks/big")).expect("checks dir");
+    for i in 0..BIG {
+        // Every file different: its number in its first bytes.
+        random[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        fs::write(root.join(format!("checks/big/b{i:03}.bin")), &random).expect("big file");
+        total += BIG_BYTES as u64;
+    }
+    (SMALL + BIG, total)
+}
+
+/// A field of /proc/<pid>/status (kB, or a count), 0 when unreadable.
+pub fn proc_status(pid: i32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -405,6 +405,23 @@ pub fn echo_backend(ns: &tandem_lab::Netns, name: &str, port: u16) {
     });
 }
 
+/// A UDP backend in `ns` on `port`: answers every datagram with its name.
+pub fn udp_backend(ns: &tandem_lab::Netns, name: &str, port: u16) {
+    let socket = ns
+        .run(move || std::net::UdpSocket::bind(("0.0.0.0", port)))
+        .expect("ns")
+        .expect("bind");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            if socket.send_to(name.as_bytes(), from).is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// One call to a daemon of a node, on a runtime of its own.
 pub fn rpc<T>(
     runtime_dir: &Path,
@@ -449,6 +466,7 @@ pub fn conntrack_status(runtime_dir: &Path) -> tandem_proto::v1::ConntrackSyncSt
 }
 
 pub mod cfgsync_lab;
+pub mod chaos_lab;
 pub mod cluster_lab;
 pub mod cluster_ops_lab;
 pub mod conntrack_lab;

@@ -210,7 +210,13 @@ fn lb_forwarder_reports_backend_health_and_counters_once_metrics_listen_is_reloa
     let spread = lab.spread(6);
     assert_eq!(spread.get("b1"), Some(&3), "{spread:?}");
     assert_eq!(spread.get("b2"), Some(&3), "{spread:?}");
-    let body = scrape(&lab.lb, port).expect("scrape").1;
+    // Counters are sampled once a second, not at each scrape.
+    let counted =
+        |b: &str| format!("tandem_lb_backend_packets_total{{farm=\"web\",backend=\"{b}\"}}");
+    let body = scrape_until(&lab.lb, port, "the connections counted", |b| {
+        value(b, &counted("10.1.0.11:8080")).is_some_and(|v| v > 0.0)
+            && value(b, &counted("10.1.0.12:8080")).is_some_and(|v| v > 0.0)
+    });
     let packets = |b: &str| {
         expect(
             &body,

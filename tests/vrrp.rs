@@ -319,3 +319,182 @@ fn vrrp_over_ipv6_elects_and_moves_the_ipv6_vip() {
         |l| l.ping6_vip(),
     );
 }
+
+/// Over IPv6 adverts come from link-local addresses, which cluster.toml
+/// does not list: the peer's is accepted once verified (same MAC as the
+/// peer's configured address); a foreign speaker's is refused and
+/// reported, and takes no role.
+#[test]
+fn ipv6_adverts_count_only_from_the_peers_verified_link_local_address() {
+    let opts = ClusterOptions {
+        ipv6: true,
+        ..ClusterOptions::default()
+    };
+    let mut lab = VrrpLab::new(&opts);
+    lab.start("lb1");
+    lab.start("lb2");
+    let master = lab.wait_elected(SETTLE);
+    let backup = other(&master);
+    let before: Vec<_> = ["lb1", "lb2"]
+        .iter()
+        .map(|n| {
+            lab.status(n)
+                .and_then(|s| s.counters)
+                .map(|c| (c.became_master, c.became_backup))
+        })
+        .collect();
+    let spoofer = lab.start_foreign_speaker(&opts);
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<_> = ["lb1", "lb2"]
+        .iter()
+        .map(|n| {
+            lab.status(n)
+                .and_then(|s| s.counters)
+                .map(|c| (c.became_master, c.became_backup))
+        })
+        .collect();
+    assert_eq!(before, after, "no role change");
+    assert_eq!(lab.masters(), vec![master.clone()]);
+    for n in [master.as_str(), backup] {
+        let s = lab.status(n).expect("status");
+        assert_eq!(s.foreign_speakers.len(), 1, "{n}: {:?}", s.foreign_speakers);
+        let f = &s.foreign_speakers[0];
+        assert!(f.address.starts_with("fe80::"), "{}", f.address);
+        assert_eq!(f.priority, 254);
+        assert!(s.counters.expect("counters").foreign_adverts_dropped > 0);
+    }
+    // The backup still follows the real master, by its link-local address.
+    let s = lab.status(backup).expect("status");
+    assert!(
+        s.master_address.starts_with("fe80::"),
+        "{}",
+        s.master_address
+    );
+    drop(spoofer);
+}
+
+fn node_dir(lab: &VrrpLab, name: &str) -> std::path::PathBuf {
+    lab.nodes
+        .iter()
+        .find(|n| n.name == name)
+        .expect("node")
+        .runtime_dir
+        .clone()
+}
+
+/// Maintenance is kept in the state directory: a vrrpd that crashes and
+/// restarts (or a node that reboots) comes back in maintenance and stays
+/// out of the election. Returns the state after the restart.
+fn restart_in_maintenance(forget: bool) -> (Option<VrrpState>, bool) {
+    let (mut lab, master) = elected(&ClusterOptions::default());
+    let backup = other(&master).to_owned();
+    let dir = node_dir(&lab, &master);
+    let s = set_maintenance(&dir, true);
+    assert_eq!(s.state(), VrrpState::Maintenance);
+    let flag = tandem_e2e::state_dir_beside(&dir).join("vrrpd/maintenance");
+    assert!(flag.exists(), "kept in {}", flag.display());
+    lab.kill9(&master);
+    if forget {
+        std::fs::remove_file(&flag).expect("forget the flag");
+    }
+    lab.start(&master);
+    std::thread::sleep(Duration::from_secs(2));
+    let s = lab.status(&master).expect("status");
+    let never_master =
+        s.counters.expect("counters").became_master == 0 && lab.masters() == vec![backup];
+    (Some(s.state()), never_master)
+}
+
+#[test]
+fn maintenance_survives_a_vrrpd_restart() {
+    let (state, never_master) = restart_in_maintenance(false);
+    assert_eq!(state, Some(VrrpState::Maintenance));
+    assert!(never_master, "the restarted node took no role");
+}
+
+/// Control: without the persisted flag the restarted vrrpd is a backup again.
+#[test]
+fn control_without_the_persisted_flag_a_restart_forgets_maintenance() {
+    let (state, _) = restart_in_maintenance(true);
+    assert_eq!(state, Some(VrrpState::Backup));
+}
+
+/// The router thread of a vrrpd process: (SCHED policy, rt priority).
+fn router_thread_scheduling(pid: i32) -> (u32, u32) {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let task = entry.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() == "vrrp-router" {
+            let stat = std::fs::read_to_string(task.join("stat")).expect("stat");
+            // Fields after the command name's closing parenthesis; policy
+            // and rt_priority are fields 41 and 40 of stat(5).
+            let rest = &stat[stat.rfind(')').expect("comm end") + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            return (
+                f[41 - 3].parse().expect("policy"),
+                f[40 - 3].parse().expect("prio"),
+            );
+        }
+    }
+    panic!("no vrrp-router thread in process {pid}");
+}
+
+/// The advert path runs on its own thread at real-time priority
+/// (SCHED_FIFO 10 by default), with the process's memory locked.
+#[test]
+fn the_advert_thread_runs_at_real_time_priority_with_memory_locked() {
+    for (extra, policy, prio) in [("", 1, 10), ("rt_priority = 0", 0, 0)] {
+        let mut lab = VrrpLab::new(&ClusterOptions {
+            vrrp_extra: extra.into(),
+            ..ClusterOptions::default()
+        });
+        lab.start("lb1");
+        let pid = lab
+            .node("lb1")
+            .vrrpd
+            .as_ref()
+            .expect("vrrpd")
+            .pid()
+            .as_raw();
+        assert_eq!(router_thread_scheduling(pid), (policy, prio), "{extra:?}");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let locked = status
+            .lines()
+            .find(|l| l.starts_with("VmLck:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert_eq!(locked > 0, policy == 1, "{extra:?}: VmLck {locked} kB");
+    }
+}
+
+/// VRRPv3 over IPv6 with unicast adverts: sent from the link-local address
+/// (the checksum covers it) to the peer's configured address, verified on
+/// arrival as the peer's; the pair elects and fails over.
+#[test]
+fn vrrp_over_ipv6_unicast_elects_and_fails_over() {
+    let opts = ClusterOptions {
+        ipv6: true,
+        unicast: true,
+        ..ClusterOptions::default()
+    };
+    let mut lab = VrrpLab::new(&opts);
+    lab.start("lb1");
+    lab.start("lb2");
+    let master = lab.wait_elected(SETTLE);
+    let backup = other(&master);
+    let s = lab.status(backup).expect("status");
+    assert!(
+        s.counters.expect("counters").adverts_received > 0,
+        "the backup hears the master's unicast adverts"
+    );
+    assert!(
+        s.master_address.starts_with("fe80::"),
+        "{}",
+        s.master_address
+    );
+    lab.crash(&master);
+    lab.wait_until(SETTLE, "the backup to take the IPv6 VIP", |l| {
+        l.holds_vip6(backup)
+    });
+}

@@ -29,6 +29,12 @@ pub struct ClusterOptions {
     pub unicast: bool,
     /// Run VRRP over IPv6 (cluster addresses fd00::1/2, VIP fd00::100/64).
     pub ipv6: bool,
+    /// Extra lines of the `[vrrp]` table.
+    pub vrrp_extra: String,
+    /// Run the responders on the nodes and the client's probe threads at
+    /// real-time priority, so that CPU hogs (a stress benchmark) delay
+    /// neither: what the probe then sees is the VRRP speakers' doing.
+    pub realtime_probe: bool,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +46,8 @@ impl Default for ClusterOptions {
             version: 3,
             unicast: false,
             ipv6: false,
+            vrrp_extra: String::new(),
+            realtime_probe: false,
         }
     }
 }
@@ -62,6 +70,7 @@ pub struct VrrpNode {
 
 pub struct VrrpLab {
     pub lab: Lab,
+    pub realtime_probe: bool,
     pub lan: Bridge,
     pub client: Netns,
     pub nodes: Vec<VrrpNode>,
@@ -104,7 +113,7 @@ impl VrrpLab {
                 &config_dir.join("cluster.toml"),
                 &format!(
                     "virtual_router_id = 51\nfailback = \"{}\"\ntracked_interfaces = {tracked}\n\n\
-                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\nunicast = {}\n\n\
+                     [vrrp]\nversion = {}\nadvert_interval_ms = {}\ngarp_repeat = 2\nunicast = {}\n{}\n\n\
                      [[nodes]]\nname = \"lb1\"\naddress = \"{}\"\n\n\
                      [[nodes]]\nname = \"lb2\"\naddress = \"{}\"\n\n\
                      [[floating_ips]]\naddress = \"{}\"\ninterface = \"eth0\"\n",
@@ -112,6 +121,7 @@ impl VrrpLab {
                     opts.version,
                     opts.advert_interval_ms,
                     opts.unicast,
+                    opts.vrrp_extra,
                     node_addr(opts, 1),
                     node_addr(opts, 2),
                     if opts.ipv6 {
@@ -121,7 +131,7 @@ impl VrrpLab {
                     },
                 ),
             );
-            whoami(&ns, &name);
+            whoami(&ns, &name, opts.realtime_probe);
             crate::write_file(
                 &config_dir.join("keepalived.conf"),
                 &keepalived_conf(&name, opts, if opts.tracked { Some("eth1") } else { None }),
@@ -137,6 +147,7 @@ impl VrrpLab {
         }
         VrrpLab {
             lab,
+            realtime_probe: opts.realtime_probe,
             lan,
             client,
             nodes,
@@ -248,10 +259,14 @@ impl VrrpLab {
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let dest: SocketAddr = format!("{VIP}:{WHOAMI_PORT}").parse().expect("addr");
+        let rt = self.realtime_probe;
         let sender = {
             let sock = sock.try_clone().expect("clone socket");
             let stop = stop.clone();
             std::thread::spawn(move || {
+                if rt {
+                    set_realtime();
+                }
                 let mut sent = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     // Unreachable moments (no ARP answer) are expected mid-failover.
@@ -265,6 +280,9 @@ impl VrrpLab {
         let receiver = {
             let stop = stop.clone();
             std::thread::spawn(move || {
+                if rt {
+                    set_realtime();
+                }
                 let mut answers = Vec::new();
                 let mut buf = [0u8; 64];
                 while !stop.load(Ordering::Relaxed) {
@@ -407,6 +425,40 @@ impl VrrpLab {
             .expect("client thread")
     }
 
+    /// A keepalived in a namespace of its own on the lab's link, speaking
+    /// for VRID 51 at priority 254 from an address that is not a cluster
+    /// node (10.0.0.9, or over IPv6 from its link-local address).
+    pub fn start_foreign_speaker(&self, opts: &ClusterOptions) -> LabChild {
+        let ns = self.lab.netns("spoof").expect("spoofer netns");
+        self.lab
+            .attach(&ns, "eth0", &self.lan, &["10.0.0.9/24", "fd00::9/64"])
+            .expect("spoofer eth0");
+        let dir = self._tmp.path().join("spoof");
+        std::fs::create_dir_all(&dir).expect("spoofer dir");
+        let vip = if opts.ipv6 {
+            "fd00::200/64"
+        } else {
+            "10.0.0.200/24"
+        };
+        let conf = format!(
+            "global_defs {{\n  router_id spoofer\n  vrrp_version 3\n}}\n\
+             vrrp_instance SPOOF {{\n  state MASTER\n  interface eth0\n  virtual_router_id 51\n  priority 254\n  \
+             advert_int {}\n  virtual_ipaddress {{\n    {vip} dev eth0\n  }}\n}}\n",
+            f64::from(opts.advert_interval_ms) / 1000.0
+        );
+        std::fs::write(dir.join("keepalived.conf"), conf).expect("spoofer conf");
+        let mut cmd = Command::new("keepalived");
+        cmd.args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+            .arg(dir.join("keepalived.conf"))
+            .arg("--pid")
+            .arg(dir.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(dir.join("keepalived-vrrp.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived")
+    }
+
     /// Drops VRRP (IP protocol 112) in and out of a node: the heartbeat link is cut.
     pub fn cut_heartbeat(&self, name: &str, cut: bool) {
         let node = self.nodes.iter().find(|n| n.name == name).expect("node");
@@ -518,13 +570,24 @@ fn keepalived_conf(name: &str, opts: &ClusterOptions, tracked: Option<&str>) -> 
 
 /// Threads inside `ns` answering TCP connections and UDP datagrams on port
 /// 7000 with the node's name, for the life of the test process.
-fn whoami(ns: &Netns, name: &str) {
+/// SCHED_FIFO 20 for the calling thread (the lab runs as root); a
+/// failure leaves it at normal priority.
+pub fn set_realtime() {
+    let param = libc::sched_param { sched_priority: 20 };
+    // SAFETY: pid 0 is the calling thread; `param` is valid.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+}
+
+fn whoami(ns: &Netns, name: &str, realtime: bool) {
     let udp = ns
         .run(|| UdpSocket::bind(("0.0.0.0", WHOAMI_PORT)))
         .expect("ns thread")
         .expect("bind udp whoami");
     let reply = name.to_owned();
     std::thread::spawn(move || {
+        if realtime {
+            set_realtime();
+        }
         let mut buf = [0u8; 64];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(reply.as_bytes(), peer);
@@ -612,7 +675,10 @@ pub fn set_maintenance(runtime_dir: &Path, on: bool) -> v1::VrrpStatus {
             .await
             .expect("connect vrrpd");
         v1::vrrpd_client::VrrpdClient::new(ch)
-            .set_maintenance(v1::SetMaintenanceRequest { enabled: on })
+            .set_maintenance(v1::SetMaintenanceRequest {
+                enabled: on,
+                transient: false,
+            })
             .await
             .expect("SetMaintenance")
             .into_inner()

@@ -134,7 +134,9 @@ async fn perform(shared: &Shared, retries: &mut Retries, actions: Vec<Action>) -
             }
             Action::SetConntrackRole(r) => crate::local::set_conntrack_role(dir, *r).await,
             Action::SetCfgDirection(d) => crate::local::set_cfg_direction(dir, *d).await,
-            Action::SetMaintenance(on) => crate::local::set_maintenance(dir, *on).await.map(|_| ()),
+            Action::SetMaintenance(on) => crate::local::set_maintenance_hold(dir, *on)
+                .await
+                .map(|_| ()),
             Action::ResyncConntrack => {
                 shared.hold_started_ms.store(
                     tandem_runtime::unix_ms(std::time::SystemTime::now()),

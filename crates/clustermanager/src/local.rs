@@ -181,9 +181,26 @@ fn rpc_error(daemon: &str, s: tonic::Status) -> String {
 /// vrrpd's SetMaintenance; returns once the router is in (or out of)
 /// maintenance.
 pub async fn set_maintenance(runtime_dir: &Path, enabled: bool) -> Result<v1::VrrpStatus, String> {
+    set_vrrpd_maintenance(runtime_dir, enabled, false).await
+}
+
+/// The failback gate's hold: like [`set_maintenance`], but not persisted by
+/// vrrpd and kept apart from the operator's maintenance.
+pub async fn set_maintenance_hold(
+    runtime_dir: &Path,
+    enabled: bool,
+) -> Result<v1::VrrpStatus, String> {
+    set_vrrpd_maintenance(runtime_dir, enabled, true).await
+}
+
+async fn set_vrrpd_maintenance(
+    runtime_dir: &Path,
+    enabled: bool,
+    transient: bool,
+) -> Result<v1::VrrpStatus, String> {
     let ch = connect_to(runtime_dir, "vrrpd").await?;
     VrrpdClient::new(ch)
-        .set_maintenance(v1::SetMaintenanceRequest { enabled })
+        .set_maintenance(v1::SetMaintenanceRequest { enabled, transient })
         .await
         .map(tonic::Response::into_inner)
         .map_err(|s| rpc_error("vrrpd", s))

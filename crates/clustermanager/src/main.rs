@@ -5,6 +5,7 @@ mod conductor;
 mod create;
 mod destroy;
 mod edit;
+mod hooks;
 mod local;
 mod node_table;
 mod orchestrate;
@@ -131,6 +132,8 @@ fn main() -> ExitCode {
         );
         tokio::spawn(conductor::run(shared.clone(), ctx.shutdown()));
         tokio::spawn(node_table::watch_health(shared.clone(), ctx.shutdown()));
+        // node.toml [hooks]: off the failover path (see hooks.rs).
+        tokio::spawn(hooks::run(shared.clone(), ctx.shutdown()));
         let served = ctx
             .serve(Server::builder().add_service(ClusterManagerServer::new(
                 api::ClusterManagerApi {

@@ -1,21 +1,29 @@
 //! Keeps the kernel datapath equal to what configuration, health, operator
-//! overrides and (for `lc`) connection loads ask for. Re-renders on every
-//! change and applies only when the rules differ; counters are carried over.
+//! overrides and connection loads ask for. Re-renders on every change and
+//! applies only when the rules differ; counters are carried over.
 //! On shutdown the table stays: the kernel keeps serving without us
 //! (DESIGN.md, "the fast path stays short").
+//!
+//! Once a second, when a farm needs it, it also reads the connection table:
+//! loads for the load-aware schedulers and thresholds, and — on a node that
+//! does not hold a persistent farm's VIP — the persistence entries derived
+//! from the replicated connections, so that a failover finds them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tandem_config::{BackendState, Scheduler};
+use tandem_config::{BackendState, Farm, OnBackendFailure};
 use tandem_runtime::{ConfigCell, Shutdown};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
+use crate::conns;
 use crate::nft;
 use crate::ruleset::{self, BackendKey, FarmPlan, Inputs};
+use crate::sched::{self, Load, Thresholds};
 
-/// How often `lc` farms re-read connection counts from conntrack.
+/// How often loads are re-read (and persistence derived on a backup).
 pub const LC_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the datapath currently is, for Status and the farm RPCs.
@@ -31,10 +39,30 @@ pub struct DatapathState {
     pub plans: Vec<FarmPlan>,
     pub failing: HashSet<BackendKey>,
     pub overrides: HashMap<BackendKey, BackendState>,
+    /// The connection counts of the last refresh (farms that need them).
+    pub loads: HashMap<BackendKey, Load>,
+    pub overloaded: HashSet<BackendKey>,
+}
+
+/// A backend entering or leaving the rotation (or a sorry server starting
+/// or stopping to answer), for WatchBackends and the hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendEvent {
+    pub key: BackendKey,
+    /// The farm's sorry server rather than a backend.
+    pub sorry: bool,
+    pub in_rotation: bool,
+    pub state: BackendState,
+    pub failing: bool,
+    pub overloaded: bool,
+    /// Why, in words.
+    pub reason: String,
+    pub at: SystemTime,
 }
 
 pub struct Datapath {
     pub state: watch::Sender<DatapathState>,
+    pub events: broadcast::Sender<BackendEvent>,
     overrides: Mutex<HashMap<BackendKey, BackendState>>,
     kick: Notify,
 }
@@ -43,6 +71,7 @@ impl Datapath {
     pub fn new() -> Arc<Self> {
         Arc::new(Datapath {
             state: watch::channel(DatapathState::default()).0,
+            events: broadcast::channel(1024).0,
             overrides: Mutex::new(HashMap::new()),
             kick: Notify::new(),
         })
@@ -65,6 +94,126 @@ impl Datapath {
     }
 }
 
+/// What a backend is, as far as new connections are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Standing {
+    in_rotation: bool,
+    state: BackendState,
+    failing: bool,
+    overloaded: bool,
+}
+
+/// Every backend's (and active sorry server's) standing.
+fn standings(
+    farms: &[Farm],
+    inputs: &Inputs,
+    plans: &[FarmPlan],
+) -> BTreeMap<(BackendKey, bool), Standing> {
+    let mut out = BTreeMap::new();
+    for f in farms {
+        let plan = plans.iter().find(|p| p.farm == f.name);
+        for b in &f.backends {
+            let k = BackendKey::of(f, b);
+            let in_rotation = plan.is_some_and(|p| p.rotation.iter().any(|(r, _)| *r == k));
+            out.insert(
+                (k.clone(), false),
+                Standing {
+                    in_rotation,
+                    state: inputs.state_of(&k, b.state),
+                    failing: inputs.failing.contains(&k),
+                    overloaded: inputs.overloaded.contains(&k),
+                },
+            );
+        }
+        if let Some(k) = BackendKey::sorry(f) {
+            let on = plan.is_some_and(|p| p.sorry.as_ref() == Some(&k));
+            out.insert(
+                (k, true),
+                Standing {
+                    in_rotation: on,
+                    state: BackendState::Up,
+                    failing: false,
+                    overloaded: false,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Why a backend stands where it does, in words.
+fn reason(s: &Standing, sorry: bool) -> String {
+    if sorry {
+        return if s.in_rotation {
+            "no backend can take a connection: the sorry server answers".into()
+        } else {
+            "a backend is back: the sorry server no longer answers".into()
+        };
+    }
+    if s.in_rotation {
+        "in rotation".into()
+    } else if s.state != BackendState::Up {
+        format!("state {}", state_word(s.state))
+    } else if s.failing {
+        "health check failing".into()
+    } else if s.overloaded {
+        "over its upper connection threshold".into()
+    } else {
+        "not chosen by the scheduler".into()
+    }
+}
+
+pub fn state_word(s: BackendState) -> &'static str {
+    match s {
+        BackendState::Up => "up",
+        BackendState::Down => "down",
+        BackendState::Drain => "drain",
+        BackendState::Maintenance => "maintenance",
+    }
+}
+
+/// The local addresses of this node's namespace.
+fn local_addresses() -> HashSet<IpAddr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| a.address)
+            .filter_map(|s| {
+                s.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect(),
+        Err(_) => HashSet::new(),
+    }
+}
+
+/// The persistence entries of the farms whose VIP this node does not hold
+/// (a backup), derived from its connection table: the script that replaces
+/// each such farm's persistence map, and whether anything is to apply.
+fn persistence_script(
+    farms: &[Farm],
+    records: &[tandem_conntrack::Record],
+    local: &HashSet<IpAddr>,
+) -> String {
+    let mut out = String::new();
+    for f in farms {
+        let Some(timeout) = f.persistence_timeout_s else {
+            continue;
+        };
+        if f.forwarding != tandem_config::Forwarding::Nat || local.contains(&f.vip) {
+            continue;
+        }
+        let members: Vec<u32> = f
+            .backends
+            .iter()
+            .map(|b| BackendKey::of(f, b).mark())
+            .collect();
+        let seeds = conns::persistence_seeds(records, &members, f.persistence_prefix());
+        out.push_str(&ruleset::persistence_seed_script(f, &seeds, timeout));
+    }
+    out
+}
+
 /// Runs until shutdown. `failing` is the health checks' verdict.
 pub async fn run(
     config: Arc<ConfigCell>,
@@ -75,19 +224,31 @@ pub async fn run(
     let mut configs = config.subscribe();
     // What the kernel holds, as last applied; None forces a full replacement.
     let mut applied: Option<ruleset::Rendered> = None;
-    let mut loads: HashMap<BackendKey, u64> = HashMap::new();
-    let mut loads_unreadable = false;
-    let mut lc_tick = tokio::time::interval(LC_REFRESH);
-    lc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut loads: HashMap<BackendKey, Load> = HashMap::new();
+    let mut overloaded: HashSet<BackendKey> = HashSet::new();
+    let mut refresh: u64 = 0;
+    let mut tick = tokio::time::interval(LC_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_failing: HashSet<BackendKey> = HashSet::new();
+    let mut standing: BTreeMap<(BackendKey, bool), Standing> = BTreeMap::new();
+    let mut table_unreadable = false;
+    let mut last_seed: Option<(String, Instant)> = None;
     loop {
         let loaded = configs.borrow_and_update().clone();
         let farms = &loaded.config.farms;
-        let has_lc = farms.iter().any(|f| f.scheduler == Scheduler::Lc);
+        let ticking = farms
+            .iter()
+            .any(|f| ruleset::needs_loads(f) || f.persistence_timeout_s.is_some());
+        let failing_now = failing.borrow_and_update().clone();
+        reset_failed(farms, &was_failing, &failing_now);
+        was_failing.clone_from(&failing_now);
         let inputs = Inputs {
             hash_seed: loaded.config.cluster.as_ref().map_or(0, |c| c.hash_seed),
-            failing: failing.borrow_and_update().clone(),
+            failing: failing_now,
             overrides: dp.overrides(),
             loads: loads.clone(),
+            overloaded: overloaded.clone(),
+            refresh,
             counters: HashMap::new(),
         };
         let parts = ruleset::render_parts(farms, &inputs);
@@ -103,26 +264,38 @@ pub async fn run(
         let started = Instant::now();
         let result = match fast {
             Some(update) if update.is_empty() => None,
-            Some(update) => Some(nft::apply(&update).await),
-            None => Some(
+            Some(update) => Some((nft::apply(&update).await, false)),
+            None => Some((
                 async {
                     let counters = nft::read_counters().await?;
                     nft::apply(&parts.full(&counters)).await
                 }
                 .await,
-            ),
+                true,
+            )),
         };
         let took = started.elapsed();
         match result {
             None => {}
-            Some(Ok(())) => {
-                tracing::info!(
-                    farms = farms.len(),
-                    took_ms = took.as_millis() as u64,
-                    "datapath applied: {} in {} ms",
-                    count(farms.len(), "farm"),
-                    took.as_millis()
-                );
+            Some((Ok(()), whole)) => {
+                // Load refreshes rewrite a farm chain every second: not news.
+                if whole || !ticking {
+                    tracing::info!(
+                        farms = farms.len(),
+                        took_ms = took.as_millis() as u64,
+                        "datapath applied: {} in {} ms",
+                        count(farms.len(), "farm"),
+                        took.as_millis()
+                    );
+                } else {
+                    tracing::debug!(
+                        farms = farms.len(),
+                        took_ms = took.as_millis() as u64,
+                        "datapath updated: {} in {} ms",
+                        count(farms.len(), "farm"),
+                        took.as_millis()
+                    );
+                }
                 applied = Some(parts);
                 dp.state.send_modify(|s| {
                     s.loaded = true;
@@ -132,7 +305,7 @@ pub async fn run(
                     s.last_error = None;
                 });
             }
-            Some(Err(e)) => {
+            Some((Err(e), _)) => {
                 tracing::error!(
                     farms = farms.len(),
                     error = %e,
@@ -147,34 +320,78 @@ pub async fn run(
                 });
             }
         }
+        // Backends entering or leaving the rotation: one event each.
+        let now = standings(farms, &inputs, &plans);
+        for ((key, sorry), s) in &now {
+            let before = standing.get(&(key.clone(), *sorry));
+            if before.is_some_and(|b| b.in_rotation == s.in_rotation) {
+                continue;
+            }
+            // A sorry server that never answered is no news.
+            if before.is_none() && (*sorry && !s.in_rotation || !*sorry && s.in_rotation) {
+                continue;
+            }
+            let why = reason(s, *sorry);
+            if *sorry {
+                tracing::warn!(farm = %key.farm, backend = %key.address, "farm {}: {why} ({})", key.farm, key.address);
+            } else if !s.in_rotation {
+                tracing::info!(farm = %key.farm, backend = %key.address, "farm {}: backend {} left the rotation: {why}", key.farm, key.address);
+            } else {
+                tracing::info!(farm = %key.farm, backend = %key.address, "farm {}: backend {} is back in rotation", key.farm, key.address);
+            }
+            let _ = dp.events.send(BackendEvent {
+                key: key.clone(),
+                sorry: *sorry,
+                in_rotation: s.in_rotation,
+                state: s.state,
+                failing: s.failing,
+                overloaded: s.overloaded,
+                reason: why,
+                at: SystemTime::now(),
+            });
+        }
+        standing = now;
         dp.state.send_modify(|s| {
             s.plans = plans;
             s.failing = inputs.failing.clone();
             s.overrides = inputs.overrides.clone();
+            s.loads = inputs.loads.clone();
+            s.overloaded = inputs.overloaded.clone();
         });
 
         tokio::select! {
             r = configs.changed() => if r.is_err() { return },
             r = failing.changed() => if r.is_err() { return },
             () = dp.kick.notified() => {}
-            _ = lc_tick.tick(), if has_lc => {
-                match read_loads(&loaded.config.farms).await {
-                    Ok(l) => {
-                        if loads_unreadable {
-                            tracing::info!("least-connections farms: connection counts readable again (conntrack -L)");
+            _ = tick.tick(), if ticking => {
+                match conns::dump_async().await {
+                    Ok(records) => {
+                        if table_unreadable {
+                            table_unreadable = false;
+                            tracing::info!("the connection table is readable again");
                         }
-                        loads_unreadable = false;
+                        let by_mark = conns::loads_by_mark(&records);
+                        let (l, o) = loads_of(&loaded.config.farms, &by_mark, &overloaded);
                         loads = l;
-                    }
-                    // Logged once per failure, not every second.
-                    Err(e) => {
-                        if !loads_unreadable {
-                            tracing::warn!(
-                                error = %e,
-                                "least-connections farms: cannot read connection counts (conntrack -L), scheduling on the last counts: {e}"
-                            );
+                        overloaded = o;
+                        refresh += 1;
+                        let script = persistence_script(&loaded.config.farms, &records, &local_addresses());
+                        // Re-applied when it changes, and at least every few
+                        // seconds so derived entries outlive their timeout
+                        // only while their connections live.
+                        let stale = last_seed.as_ref().is_none_or(|(s, at)| *s != script || at.elapsed() >= Duration::from_secs(5));
+                        if !script.is_empty() && stale {
+                            match nft::apply(&script).await {
+                                Ok(()) => last_seed = Some((script, Instant::now())),
+                                Err(e) => tracing::warn!(error = %e, "persistence entries derived from the connection table not applied: {e}"),
+                            }
                         }
-                        loads_unreadable = true;
+                    }
+                    Err(e) => {
+                        if !table_unreadable {
+                            table_unreadable = true;
+                            tracing::warn!(error = %e, "cannot read the connection table (load-aware schedulers keep their last loads): {e}");
+                        }
                     }
                 }
             }
@@ -183,27 +400,87 @@ pub async fn run(
     }
 }
 
-/// Established connections per backend of the `lc` farms.
-async fn read_loads(
-    farms: &[tandem_config::Farm],
-) -> Result<HashMap<BackendKey, u64>, nft::NftError> {
-    let by_mark = nft::connections_by_mark().await?;
-    Ok(farms
-        .iter()
-        .filter(|f| f.scheduler == Scheduler::Lc)
-        .flat_map(|f| f.backends.iter().map(move |b| BackendKey::of(f, b)))
-        .map(|k| {
-            let n = by_mark.get(&k.mark()).copied().unwrap_or(0);
-            (k, n)
-        })
-        .collect())
-}
-
 /// `1 farm`, `3 farms`.
 fn count(n: usize, noun: &str) -> String {
     if n == 1 {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")
+    }
+}
+
+/// Loads of the backends of the farms that need them, and which are
+/// overloaded now (thresholds, with the hysteresis of `-y`).
+fn loads_of(
+    farms: &[Farm],
+    by_mark: &HashMap<u32, Load>,
+    was: &HashSet<BackendKey>,
+) -> (HashMap<BackendKey, Load>, HashSet<BackendKey>) {
+    let mut loads = HashMap::new();
+    let mut overloaded = HashSet::new();
+    for f in farms.iter().filter(|f| ruleset::needs_loads(f)) {
+        for b in &f.backends {
+            let k = BackendKey::of(f, b);
+            let load = by_mark.get(&k.mark()).copied().unwrap_or_default();
+            if let Some(upper) = b.upper_threshold {
+                let t = Thresholds {
+                    upper: u64::from(upper),
+                    lower: b.lower_threshold.map(u64::from),
+                };
+                let over = sched::overloaded(was.contains(&k), load.total(), t);
+                if over != was.contains(&k) {
+                    let word = if over { "overloaded" } else { "readmitted" };
+                    tracing::info!(
+                        farm = %f.name,
+                        backend = %b.address,
+                        "farm {}: backend {} {word}: {} connections (thresholds {}/{})",
+                        f.name,
+                        b.address,
+                        load.total(),
+                        upper,
+                        b.lower_threshold.map_or_else(|| "3/4".to_owned(), |l| l.to_string())
+                    );
+                }
+                if over {
+                    overloaded.insert(k.clone());
+                }
+            }
+            loads.insert(k, load);
+        }
+    }
+    (loads, overloaded)
+}
+
+/// Removes from the kernel the connections of backends that just started
+/// failing their health check, in farms with `on_backend_failure = "reset"`
+/// (IPVS `expire_nodest_conn`); on a blocking thread, not awaited.
+fn reset_failed(farms: &[Farm], was: &HashSet<BackendKey>, now: &HashSet<BackendKey>) {
+    for f in farms
+        .iter()
+        .filter(|f| f.on_backend_failure == OnBackendFailure::Reset)
+    {
+        for b in &f.backends {
+            let k = BackendKey::of(f, b);
+            if !now.contains(&k) || was.contains(&k) {
+                continue;
+            }
+            let mark = k.mark();
+            tokio::task::spawn_blocking(move || match conns::delete_marked(mark) {
+                Ok(n) => tracing::info!(
+                    farm = %k.farm,
+                    backend = %k.address,
+                    "farm {}: backend {} is failing: {n} of its connections reset",
+                    k.farm,
+                    k.address
+                ),
+                Err(e) => tracing::warn!(
+                    farm = %k.farm,
+                    backend = %k.address,
+                    "farm {}: backend {} is failing but its connections could not be reset: {e}",
+                    k.farm,
+                    k.address
+                ),
+            });
+        }
     }
 }

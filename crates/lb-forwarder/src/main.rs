@@ -34,8 +34,15 @@ fn main() -> ExitCode {
             );
         let failing = monitor.failing();
         let health = monitor.watch();
-        let scrape =
-            lb_forwarder::metrics::LbMetrics::new(config.clone(), dp.clone(), monitor.watch());
+        // The counters, read once a second (rates, metrics).
+        let sampler = lb_forwarder::rates::Sampler::new();
+        tokio::spawn(lb_forwarder::rates::run(sampler.clone(), ctx.shutdown()));
+        let scrape = lb_forwarder::metrics::LbMetrics::new(
+            config.clone(),
+            dp.clone(),
+            monitor.watch(),
+            sampler.clone(),
+        );
         tandem_runtime::metrics::spawn(
             ctx.daemon,
             &config,
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
             datapath: dp,
             health,
             events,
+            sampler,
             shutdown: ctx.shutdown(),
         };
         let served = ctx

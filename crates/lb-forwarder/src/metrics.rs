@@ -1,13 +1,14 @@
 //! lb-forwarder's Prometheus series: backend health from the health
 //! checks' watch, rotation and apply figures from the datapath's state,
-//! and packet/byte counters read from the kernel's nftables counters at
-//! each scrape (the same source as `tandemctl farm show`).
+//! and packet/byte counters from the kernel's nftables counters as the
+//! sampler last read them (once a second, over netlink): a scrape never
+//! reads the kernel, so any number of scrapers costs the same.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tandem_runtime::ConfigCell;
 use tandem_runtime::metrics::prometheus_client::registry::Registry;
@@ -16,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::datapath::Datapath;
 use crate::health::{BackendHealth, Health};
-use crate::nft;
+use crate::rates::Sampler;
 use crate::ruleset::{self, BackendKey, Count};
 
 /// The health checks' view of every probed backend.
@@ -41,22 +42,30 @@ fn health_value(h: Option<Health>) -> f64 {
     }
 }
 
-/// What /metrics serves: reads the kernel counters, then encodes.
+/// What /metrics serves: the sampler's last reading, encoded.
 pub struct LbMetrics {
     registry: Registry,
-    counters: Arc<Mutex<Option<HashMap<String, Count>>>>,
 }
 
+/// Counters older than this are not served (the sampler stopped reading).
+const STALE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl LbMetrics {
-    pub fn new(config: Arc<ConfigCell>, datapath: Arc<Datapath>, health: HealthView) -> Self {
-        let counters: Arc<Mutex<Option<HashMap<String, Count>>>> = Arc::default();
-        let read = counters.clone();
+    pub fn new(
+        config: Arc<ConfigCell>,
+        datapath: Arc<Datapath>,
+        health: HealthView,
+        sampler: Arc<Sampler>,
+    ) -> Self {
         let mut registry = metrics::registry("lb-forwarder");
         registry.register_collector(Box::new(FnCollector(move |s: &mut Series<'_>| {
             let loaded = config.current();
             let dp = datapath.state.borrow().clone();
             let checks = health.borrow().clone();
-            let kernel = read.lock().ok().and_then(|c| c.clone());
+            let kernel: Option<Arc<HashMap<String, Count>>> = sampler
+                .latest()
+                .filter(|x| x.at.elapsed() < STALE)
+                .map(|x| x.counters);
             let farms = &loaded.config.farms;
             let backends: Vec<(String, BackendKey)> = farms
                 .iter()
@@ -102,11 +111,9 @@ impl LbMetrics {
                 }),
             )?;
             if let Some(kernel) = &kernel {
+                let get = |name: String| kernel.get(&name).copied().unwrap_or_default();
                 let count = |key: &BackendKey| {
-                    kernel
-                        .get(&ruleset::backend_counter(key))
-                        .copied()
-                        .unwrap_or_default()
+                    get(ruleset::backend_in_counter(key)) + get(ruleset::backend_out_counter(key))
                 };
                 let mut farm_totals: Vec<(String, Count)> = farms
                     .iter()
@@ -134,6 +141,16 @@ impl LbMetrics {
                         .map(|(farm, key)| (labels(farm, key), count(key).bytes)),
                 )?;
                 s.counters(
+                    "lb_backend_connections",
+                    "New connections sent to the backend",
+                    backends.iter().map(|(farm, key)| {
+                        (
+                            labels(farm, key),
+                            get(ruleset::backend_conn_counter(key)).packets,
+                        )
+                    }),
+                )?;
+                s.counters(
                     "lb_farm_packets",
                     "Packets through the farm (sum of its backends)",
                     farm_totals
@@ -150,8 +167,13 @@ impl LbMetrics {
             }
             s.gauge(
                 "lb_counters_readable",
-                "1 when the last scrape could read the nftables counters",
+                "1 when the counters were read from the kernel in the last 5 s",
                 u8::from(kernel.is_some()),
+            )?;
+            s.counter(
+                "lb_counter_reads",
+                "Readings of the nftables counters (once a second, whatever the scrape rate)",
+                sampler.reads(),
             )?;
             s.gauge(
                 "lb_datapath_loaded",
@@ -179,24 +201,12 @@ impl LbMetrics {
                 u8::from(dp.last_error.is_some()),
             )
         })));
-        LbMetrics { registry, counters }
+        LbMetrics { registry }
     }
 }
 
 impl Scrape for LbMetrics {
     fn scrape(&self) -> Pin<Box<dyn Future<Output = Result<String, fmt::Error>> + Send + '_>> {
-        Box::pin(async move {
-            let read = match nft::read_counters().await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::debug!("metrics: reading the nftables counters failed: {e}");
-                    None
-                }
-            };
-            if let Ok(mut c) = self.counters.lock() {
-                *c = read;
-            }
-            metrics::encode(&self.registry)
-        })
+        Box::pin(async move { metrics::encode(&self.registry) })
     }
 }

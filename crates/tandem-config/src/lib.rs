@@ -8,6 +8,7 @@ mod locate;
 mod model;
 mod scaleout;
 mod validate;
+mod validate_farm;
 
 use std::fmt;
 use std::fs;
@@ -314,7 +315,25 @@ fn cross_check_farms(l: &mut Loader, farms: &[(Source, Farm)]) {
                     ),
                 ));
             }
-            if other.vip == farm.vip
+            // A firewall-mark farm is matched by its mark, not its vip and port.
+            if let (Some(a), Some(b)) = (other.fwmark, farm.fwmark)
+                && a == b
+                && other.protocol.intersects(farm.protocol)
+            {
+                l.errors.push(src.error_at(
+                    &[Key("fwmark")],
+                    format!(
+                        "farms `{}` and `{}` both serve firewall mark {a:#x} (`{}` is in {})",
+                        other.name,
+                        farm.name,
+                        other.name,
+                        other_src.path.display()
+                    ),
+                ));
+            }
+            if other.fwmark.is_none()
+                && farm.fwmark.is_none()
+                && other.vip == farm.vip
                 && other.port.overlaps(&farm.port)
                 && other.protocol.intersects(farm.protocol)
             {

@@ -30,6 +30,77 @@ pub struct NodeConfig {
     /// API keys accepted by the control API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<ApiKey>,
+    /// The `[hooks]` table: executables this node runs on its own role and
+    /// backend changes (keepalived's notify scripts). Node-local: each node
+    /// runs its own, and a standalone node has them too.
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    pub hooks: Hooks,
+}
+
+/// `[hooks]` in `node.toml`: an absolute path per event (keepalived's
+/// `notify_master`, `notify_backup`, `notify_fault`, `notify`). Each runs
+/// with the event in `TANDEM_*` environment variables, one at a time in the
+/// order of the events, off the failover path, and is killed after
+/// `timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hooks {
+    /// This node became master (it holds the floating IPs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
+    /// This node became backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// This node gave up mastership because a tracked interface is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// This node entered maintenance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<String>,
+    /// A backend entered or left the rotation (health, operator state,
+    /// thresholds), or a farm's sorry server started or stopped answering.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Every event, after its own hook (keepalived `notify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    /// How long one hook may run before it is killed, 100-3600000 ms,
+    /// default 30000.
+    pub timeout_ms: u32,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            master: None,
+            backup: None,
+            fault: None,
+            maintenance: None,
+            backend: None,
+            notify: None,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Hooks {
+    /// No hook configured.
+    pub fn is_empty(&self) -> bool {
+        *self == Hooks::default()
+    }
+
+    /// The hooks of one event: its own, then `notify`.
+    pub fn for_event(&self, event: &str) -> Vec<&str> {
+        let own = match event {
+            "master" => &self.master,
+            "backup" => &self.backup,
+            "fault" => &self.fault,
+            "maintenance" => &self.maintenance,
+            "backend" => &self.backend,
+            _ => &None,
+        };
+        own.iter().chain(&self.notify).map(String::as_str).collect()
+    }
 }
 
 /// An API key, stored as the SHA-256 of the token (never the token).
@@ -219,6 +290,41 @@ pub struct VrrpSettings {
     /// false (default): adverts go to 224.0.0.18 / ff02::12; true: to the
     /// peer's address, for links that drop multicast.
     pub unicast: bool,
+    /// Gratuitous ARPs / unsolicited NAs per floating IP sent by a master
+    /// that hears an advert it outranks (another master: a healed split
+    /// brain or flap), so clients and backends come back to it at once.
+    /// 0-100, default 3; 0 turns it off (keepalived's `garp_lower_prio_repeat`).
+    pub garp_lower_prio_repeat: u8,
+    /// At most one such burst per this many ms, 0-3600000, default 1000
+    /// (keepalived's `garp_lower_prio_delay`).
+    pub garp_lower_prio_delay_ms: u32,
+    /// While master, announce every floating IP once every this many
+    /// seconds; 0 (default) never (keepalived's `garp_master_refresh`). 0-86400.
+    pub garp_refresh_s: u32,
+    /// After vrrpd starts, the preferred node (failback) does not preempt
+    /// a lower-priority master for this many seconds, so a restarted node
+    /// rejoins as backup and clustermanager's failback gate decides when it
+    /// takes the role back (keepalived's `preempt_delay`). 0-1000, default 5.
+    pub preempt_delay_s: u16,
+    /// true (default): adverts are accepted only from the `[[nodes]]`
+    /// addresses (for IPv6, from the peer's link-local address, verified to
+    /// be the same host); others are dropped and reported as foreign speakers.
+    pub members_only: bool,
+    /// Lifetime the floating IPs are added with, refreshed while vrrpd
+    /// runs, so a dead vrrpd leaves no second master. Absent (default):
+    /// derived from the advert interval (about Master_Down_Interval, at
+    /// least 1 s); 0: permanent addresses; else 1-3600 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floating_ip_lifetime_s: Option<u32>,
+    /// How long a master that hands over (maintenance, vrrpd stopping) keeps
+    /// its floating IPs while waiting for the peer to advertise as master.
+    /// Absent (default): four advert intervals, at least 1 s; 0: release
+    /// at once (RFC 5798's and keepalived's behaviour); else 1-60000 ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover_timeout_ms: Option<u32>,
+    /// SCHED_FIFO priority of vrrpd's advert thread (timers, VRRP socket,
+    /// floating IPs), 1-99, default 10; 0 runs it at normal priority.
+    pub rt_priority: u8,
 }
 
 impl Default for VrrpSettings {
@@ -229,6 +335,14 @@ impl Default for VrrpSettings {
             garp_repeat: 3,
             garp_interval_ms: 100,
             unicast: false,
+            garp_lower_prio_repeat: 3,
+            garp_lower_prio_delay_ms: 1000,
+            garp_refresh_s: 0,
+            preempt_delay_s: 5,
+            members_only: true,
+            floating_ip_lifetime_s: None,
+            handover_timeout_ms: None,
+            rt_priority: 10,
         }
     }
 }
@@ -294,7 +408,19 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Configuration replication refuses a file larger than this, naming it
+    /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
+    pub max_file_bytes: u64,
+    /// Configuration replication refuses the files beyond this many (after
+    /// cluster.toml, keys/sync.key and farms/, in path order), naming them;
+    /// 1-1,000,000, default 100,000.
+    pub max_files: u32,
 }
+
+/// Default of `[sync] max_file_bytes`: 4 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default of `[sync] max_files`.
+pub const DEFAULT_MAX_FILES: u32 = 100_000;
 
 impl SyncSettings {
     /// `key_file` resolved against the configuration directory.
@@ -309,6 +435,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }
@@ -412,7 +540,9 @@ pub struct Farm {
     /// `tcp` (default), `udp` or `both`.
     #[serde(default)]
     pub protocol: Protocol,
-    /// `rr` (default), `wrr`, `lc` or `sh`.
+    /// How a backend is chosen for a new connection: `rr` (default),
+    /// `wrr`, `lc`, `wlc`, `sed`, `nq`, `sh`, `dh`, `mh`, `fo` or `ovf`
+    /// (the IPVS schedulers of the same names).
     #[serde(default)]
     pub scheduler: Scheduler,
     /// `nat` (default) or `dsr`.
@@ -424,6 +554,47 @@ pub struct Farm {
     /// backends answer the dead node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_address: Option<IpAddr>,
+    /// A firewall-mark farm (`ipvsadm -f`): the farm serves the packets the
+    /// operator's own nftables rules marked with this value (`meta mark`,
+    /// set before the nat hook), whatever their address or port, instead of
+    /// `vip` and `port`. 1-0xffffffff. `vip` and `port` still say where the
+    /// marked traffic is addressed: the cluster checks and the replication
+    /// of connection state use them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<u32>,
+    /// Persistence (`ipvsadm -p`, keepalived `persistence_timeout`): a
+    /// client's new connections go to the backend its earlier ones went to
+    /// while it keeps coming back within this many seconds, 1-2592000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence_timeout_s: Option<u32>,
+    /// Persistence granularity (`ipvsadm -M`, keepalived
+    /// `persistence_granularity`): clients whose addresses share this mask
+    /// are one client. `"255.255.255.0"` or `"/24"` (IPv6: `"/64"`); default
+    /// the whole address. Needs `persistence_timeout_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence_netmask: Option<Netmask>,
+    /// `sh`, `dh` and `mh`: hash the client's port too (`sh-port`,
+    /// `mh-port`), spreading one client's connections. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hash_source_port: bool,
+    /// One-packet scheduling (`ipvsadm -o`): each UDP datagram is scheduled
+    /// on its own, even within one flow (DNS-style traffic). udp only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_packet: bool,
+    /// What happens to the established connections of a backend whose
+    /// health check fails: `quiesce` (default; keepalived
+    /// `inhibit_on_failure`: weight 0, they continue) or `reset` (IPVS
+    /// `expire_nodest_conn`: removed, so clients notice at once).
+    #[serde(default, skip_serializing_if = "OnBackendFailure::is_default")]
+    pub on_backend_failure: OnBackendFailure,
+    /// `[sorry_server]` (keepalived `sorry_server`): where new connections
+    /// go while no backend can take them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sorry_server: Option<SorryServer>,
+    /// `[timeouts]` (`ipvsadm --set tcp tcpfin udp`): the kernel's
+    /// connection-tracking timeouts for this farm's connections.
+    #[serde(default, skip_serializing_if = "Timeouts::is_empty")]
+    pub timeouts: Timeouts,
     /// The `[health_check]` table; absent: a TCP connect check with the
     /// defaults below.
     #[serde(default)]
@@ -438,6 +609,13 @@ impl Farm {
     /// farm's (the first of a range) when it has none.
     pub fn check_port(&self, backend: &Backend) -> u16 {
         backend.port.unwrap_or(self.port.first)
+    }
+
+    /// The persistence netmask as a prefix length: the configured one, or
+    /// the whole address.
+    pub fn persistence_prefix(&self) -> u8 {
+        let full = if self.vip.is_ipv4() { 32 } else { 128 };
+        self.persistence_netmask.map_or(full, |m| m.prefix_len)
     }
 }
 
@@ -534,6 +712,131 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// A contiguous netmask, written `"255.255.255.0"` (IPv4) or `"/24"`
+/// (either family); kept as its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Netmask {
+    /// Leading one bits: 0-32 (IPv4) or 0-128 (IPv6).
+    pub prefix_len: u8,
+    /// Whether it was written as an IPv4 dotted mask (and so only fits IPv4).
+    pub dotted: bool,
+}
+
+impl fmt::Display for Netmask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dotted {
+            let bits = u32::MAX
+                .checked_shl(32 - u32::from(self.prefix_len))
+                .unwrap_or(0);
+            write!(f, "{}", std::net::Ipv4Addr::from(bits))
+        } else {
+            write!(f, "/{}", self.prefix_len)
+        }
+    }
+}
+
+impl FromStr for Netmask {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix('/') {
+            let prefix_len: u8 = p
+                .parse()
+                .ok()
+                .filter(|p| *p <= 128)
+                .ok_or_else(|| format!("netmask `{s}`: a prefix length is /0-/128"))?;
+            return Ok(Netmask {
+                prefix_len,
+                dotted: false,
+            });
+        }
+        let a: std::net::Ipv4Addr = s.parse().map_err(|_| {
+            format!("netmask `{s}` is neither a dotted IPv4 mask (255.255.255.0) nor a prefix length (/24)")
+        })?;
+        let bits = u32::from(a);
+        let prefix_len = bits.leading_ones();
+        if bits.checked_shl(prefix_len).unwrap_or(0) != 0 {
+            return Err(format!(
+                "netmask `{s}` is not contiguous: its one bits must all come first"
+            ));
+        }
+        Ok(Netmask {
+            prefix_len: prefix_len as u8,
+            dotted: true,
+        })
+    }
+}
+
+impl Serialize for Netmask {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Netmask {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `[sorry_server]` of a farm: the server that answers new connections
+/// while no backend can (every one down, failing, draining or over its
+/// threshold). Established connections are never moved to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SorryServer {
+    /// Its address, of the vip's family.
+    pub address: IpAddr,
+    /// 1-65535; default the port the client used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a failing health check does to a backend's established connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBackendFailure {
+    /// Out of the rotation; established connections continue (keepalived
+    /// `inhibit_on_failure`, IPVS weight 0).
+    #[default]
+    Quiesce,
+    /// Out of the rotation and its connections removed from the kernel's
+    /// table, so their next packet is answered with a reset (IPVS
+    /// `expire_nodest_conn`).
+    Reset,
+}
+
+impl OnBackendFailure {
+    fn is_default(&self) -> bool {
+        *self == OnBackendFailure::default()
+    }
+}
+
+/// `[timeouts]` of a farm (`ipvsadm --set tcp tcpfin udp`), in seconds,
+/// 1-2592000; absent keys keep the kernel's defaults. They are set on the
+/// farm's connections in the kernel (nftables `ct timeout` objects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// An established TCP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_s: Option<u32>,
+    /// A TCP connection after its first FIN (FIN_WAIT, CLOSE_WAIT,
+    /// LAST_ACK, TIME_WAIT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_fin_s: Option<u32>,
+    /// A UDP flow, answered or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_s: Option<u32>,
+}
+
+impl Timeouts {
+    /// Nothing set: the kernel's defaults.
+    pub fn is_empty(&self) -> bool {
+        *self == Timeouts::default()
+    }
+}
+
 /// The transport protocol(s) a farm listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -566,7 +869,9 @@ impl Protocol {
     }
 }
 
-/// How a farm picks a backend for a new connection.
+/// How a farm picks a backend for a new connection: the IPVS schedulers
+/// of the same names (see docs/lb-forwarder.md for how each is realised
+/// and its precision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
@@ -575,11 +880,62 @@ pub enum Scheduler {
     Rr,
     /// Weighted round robin.
     Wrr,
-    /// Least connections.
+    /// Least connections: the backend with the fewest connections.
     Lc,
+    /// Weighted least connections: the fewest connections per unit of weight.
+    Wlc,
+    /// Shortest expected delay: the least (active connections + 1) / weight.
+    Sed,
+    /// Never queue: an idle backend if there is one, otherwise as `sed`.
+    Nq,
     /// Source hash: a client keeps its backend. Seeded with the cluster's
     /// `hash_seed`, so both nodes pick the same backend for a flow.
     Sh,
+    /// Destination hash: a destination address keeps its backend (for
+    /// firewall-mark farms serving many addresses). Seeded like `sh`.
+    Dh,
+    /// Maglev hashing of the source: consistent, so removing one backend
+    /// moves only its own clients; seeded like `sh`.
+    Mh,
+    /// Weighted failover: every new connection to the backend in rotation
+    /// with the highest weight.
+    Fo,
+    /// Overflow: the backend with the highest weight until it holds as many
+    /// connections as its weight, then the next.
+    Ovf,
+}
+
+impl Scheduler {
+    /// The name written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sed => "sed",
+            Scheduler::Nq => "nq",
+            Scheduler::Sh => "sh",
+            Scheduler::Dh => "dh",
+            Scheduler::Mh => "mh",
+            Scheduler::Fo => "fo",
+            Scheduler::Ovf => "ovf",
+        }
+    }
+
+    /// Whether its decisions depend on the backends' connection counts.
+    pub fn uses_loads(self) -> bool {
+        matches!(
+            self,
+            Scheduler::Lc | Scheduler::Wlc | Scheduler::Sed | Scheduler::Nq | Scheduler::Ovf
+        )
+    }
+
+    /// Whether it hashes the packet (stateless: every node picks the same
+    /// backend for a flow).
+    pub fn is_hash(self) -> bool {
+        matches!(self, Scheduler::Sh | Scheduler::Dh | Scheduler::Mh)
+    }
 }
 
 /// How packets reach the backends.
@@ -692,12 +1048,23 @@ pub struct Backend {
     /// each connection keeps its port). With `dsr`, only the farm's own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// 1-10000, default 1: the relative share of new connections with `wrr`.
+    /// 1-10000, default 1: the backend's relative capacity, used by `wrr`,
+    /// `wlc`, `sed`, `nq`, `mh`, `fo` and `ovf` (`ovf`: its connection limit).
     #[serde(default = "default_weight")]
     pub weight: u16,
     /// `up` (default), `down`, `drain` or `maintenance`.
     #[serde(default)]
     pub state: BackendState,
+    /// Upper connection threshold (`ipvsadm -x`): at this many connections
+    /// the backend takes no new ones until it is down to
+    /// `lower_threshold`. 1-1000000; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_threshold: Option<u32>,
+    /// Lower connection threshold (`ipvsadm -y`): an overloaded backend is
+    /// readmitted at this many connections or fewer. Below
+    /// `upper_threshold`; default: readmitted below 3/4 of it, as IPVS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower_threshold: Option<u32>,
 }
 
 impl Backend {

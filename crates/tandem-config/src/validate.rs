@@ -20,7 +20,7 @@ impl Report {
     }
 }
 
-fn with(path: &[Seg], seg: Seg) -> Vec<Seg> {
+pub(crate) fn with(path: &[Seg], seg: Seg) -> Vec<Seg> {
     let mut p = path.to_vec();
     p.push(seg);
     p
@@ -75,7 +75,7 @@ fn check_ident(r: &mut Report, path: Vec<Seg>, what: &str, name: &str, max: usiz
     ok
 }
 
-fn check_range<T: PartialOrd + std::fmt::Display>(
+pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
     r: &mut Report,
     path: Vec<Seg>,
     what: &str,
@@ -109,6 +109,7 @@ pub fn node(n: &NodeConfig) -> Report {
             format!("cluster_address {a} is not a usable unicast address"),
         );
     }
+    crate::validate_farm::hooks(&mut r, &n.hooks);
     let mut names = HashSet::new();
     for (i, k) in n.api_keys.iter().enumerate() {
         let p = vec![Key("api_keys"), Index(i)];
@@ -139,6 +140,7 @@ pub fn node(n: &NodeConfig) -> Report {
 
 pub fn cluster(c: &ClusterConfig) -> Report {
     let mut r = Report::default();
+    replication_caps(&mut r, &c.sync);
     if c.virtual_router_id == 0 {
         r.add(
             vec![Key("virtual_router_id")],
@@ -185,6 +187,66 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         v.garp_interval_ms,
         0,
         10_000,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_repeat")],
+        "cluster: garp_lower_prio_repeat",
+        v.garp_lower_prio_repeat,
+        0,
+        100,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_lower_prio_delay_ms")],
+        "cluster: garp_lower_prio_delay_ms",
+        v.garp_lower_prio_delay_ms,
+        0,
+        3_600_000,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("garp_refresh_s")],
+        "cluster: garp_refresh_s",
+        v.garp_refresh_s,
+        0,
+        86_400,
+    );
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("preempt_delay_s")],
+        "cluster: preempt_delay_s",
+        v.preempt_delay_s,
+        0,
+        1000,
+    );
+    if let Some(l) = v.floating_ip_lifetime_s {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("floating_ip_lifetime_s")],
+            "cluster: floating_ip_lifetime_s",
+            l,
+            0,
+            3600,
+        );
+    }
+    if let Some(t) = v.handover_timeout_ms {
+        check_range(
+            &mut r,
+            vec![Key("vrrp"), Key("handover_timeout_ms")],
+            "cluster: handover_timeout_ms",
+            t,
+            0,
+            60_000,
+        );
+    }
+    check_range(
+        &mut r,
+        vec![Key("vrrp"), Key("rt_priority")],
+        "cluster: rt_priority",
+        v.rt_priority,
+        0,
+        99,
     );
 
     if c.nodes.len() != 2 {
@@ -351,6 +413,26 @@ pub fn cluster(c: &ClusterConfig) -> Report {
     r
 }
 
+/// `[sync] max_file_bytes` and `max_files`: cfg-syncd's bounds.
+fn replication_caps(r: &mut Report, s: &SyncSettings) {
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_file_bytes")],
+        "cluster: max_file_bytes",
+        s.max_file_bytes,
+        1024,
+        1 << 30,
+    );
+    check_range(
+        r,
+        vec![Key("sync"), Key("max_files")],
+        "cluster: max_files",
+        s.max_files,
+        1,
+        1_000_000,
+    );
+}
+
 /// Why a path given relative to the configuration directory would reach
 /// outside it, if it would.
 fn outside_config_dir(path: &str) -> Option<&'static str> {
@@ -426,12 +508,22 @@ pub fn farm(f: &Farm, file_stem: &str) -> Report {
         }
         _ => {}
     }
-    if f.forwarding == Forwarding::Dsr && f.scheduler == Scheduler::Lc {
+    if f.forwarding == Forwarding::Dsr && f.scheduler.uses_loads() {
         r.add(
             vec![Key("scheduler")],
-            format!("farm `{name}`: least connections cannot be used with direct server return: the replies never cross the balancer, so it cannot count connections; use rr, wrr or sh"),
+            format!(
+                "farm `{name}`: {} cannot be used with direct server return: the replies never cross the balancer, so it cannot count connections; use rr, wrr, sh, dh, mh or fo",
+                match f.scheduler {
+                    Scheduler::Lc => "least connections",
+                    Scheduler::Wlc => "weighted least connections (wlc)",
+                    Scheduler::Sed => "shortest expected delay (sed)",
+                    Scheduler::Nq => "never queue (nq)",
+                    _ => "overflow (ovf)",
+                }
+            ),
         );
     }
+    crate::validate_farm::features(&mut r, f);
     let hc = &f.health_check;
     let hp = |k| vec![Key("health_check"), Key(k)];
     check_range(

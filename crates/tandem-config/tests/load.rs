@@ -22,6 +22,13 @@ fn the_base_fixture_is_valid() {
     assert_eq!(cluster.vrrp.version, 3);
     assert_eq!(cluster.vrrp.advert_interval_ms, 100);
     assert_eq!(cluster.vrrp.garp_repeat, 3);
+    assert_eq!(cluster.vrrp.garp_lower_prio_repeat, 3);
+    assert_eq!(cluster.vrrp.garp_lower_prio_delay_ms, 1000);
+    assert_eq!(cluster.vrrp.garp_refresh_s, 0);
+    assert_eq!(cluster.vrrp.preempt_delay_s, 5);
+    assert!(cluster.vrrp.members_only);
+    assert_eq!(cluster.vrrp.floating_ip_lifetime_s, None);
+    assert_eq!(cluster.vrrp.rt_priority, 10);
     assert_eq!(cluster.hash_seed, 0x7a6e_6465);
     assert_eq!(cluster.sync.conntrack_port, 3780);
     assert_eq!(cluster.nodes[1].priority, 100);
@@ -46,7 +53,7 @@ fn the_shipped_examples_are_valid() {
     assert_eq!(c.node.metrics_listen, None);
 
     let cluster = c.cluster.as_ref().expect("clustered");
-    assert_eq!(cluster.virtual_router_id, 51);
+    assert_eq!(cluster.virtual_router_id, 173);
     assert_eq!(cluster.vrrp.advert_interval_ms, 100);
     assert_eq!(cluster.tracked_interfaces, ["eth0", "eth2"]);
     let fips: Vec<String> = cluster

@@ -93,6 +93,71 @@ fn a_vrrp_interval_must_fit_the_wire_format() {
 }
 
 #[test]
+fn the_vrrp_fault_handling_keys_are_range_checked_at_their_position() {
+    for (key, bad, message) in [
+        (
+            "garp_lower_prio_repeat",
+            "101",
+            "cluster: garp_lower_prio_repeat 101 is out of range (0-100)",
+        ),
+        (
+            "garp_lower_prio_delay_ms",
+            "3600001",
+            "cluster: garp_lower_prio_delay_ms 3600001 is out of range (0-3600000)",
+        ),
+        (
+            "garp_refresh_s",
+            "86401",
+            "cluster: garp_refresh_s 86401 is out of range (0-86400)",
+        ),
+        (
+            "preempt_delay_s",
+            "1001",
+            "cluster: preempt_delay_s 1001 is out of range (0-1000)",
+        ),
+        (
+            "floating_ip_lifetime_s",
+            "3601",
+            "cluster: floating_ip_lifetime_s 3601 is out of range (0-3600)",
+        ),
+        (
+            "handover_timeout_ms",
+            "60001",
+            "cluster: handover_timeout_ms 60001 is out of range (0-60000)",
+        ),
+        (
+            "rt_priority",
+            "100",
+            "cluster: rt_priority 100 is out of range (0-99)",
+        ),
+    ] {
+        let e = one_error(&[(
+            "cluster.toml",
+            &cluster_with(
+                "advert_interval_ms = 100",
+                &format!("advert_interval_ms = 100\n{key} = {bad}"),
+            ),
+        )]);
+        let col = key.len() + 4;
+        assert_eq!(e, format!("cluster.toml:6:{col}: {message}"), "{key}");
+    }
+    // Off switches are valid values.
+    let d = dir(&[(
+        "cluster.toml",
+        &cluster_with(
+            "advert_interval_ms = 100",
+            "advert_interval_ms = 100\ngarp_lower_prio_repeat = 0\nfloating_ip_lifetime_s = 0\n\
+             rt_priority = 0\nmembers_only = false\npreempt_delay_s = 0",
+        ),
+    )]);
+    let c = Config::load(d.path()).expect("valid");
+    let v = c.cluster.expect("clustered").vrrp;
+    assert_eq!(v.garp_lower_prio_repeat, 0);
+    assert_eq!(v.floating_ip_lifetime_s, Some(0));
+    assert!(!v.members_only);
+}
+
+#[test]
 fn a_bad_port_range_is_refused() {
     let e = one_error(&[(
         "farms/web.toml",

@@ -45,10 +45,68 @@ struct FarmJson<'a> {
     scheduler: &'a str,
     forwarding: &'a str,
     snat_address: &'a str,
+    /// 0: matched by `listen`.
+    fwmark: u32,
+    /// 0: no persistence.
+    persistence_timeout_s: u32,
+    persistence_netmask: &'a str,
+    hash_source_port: bool,
+    one_packet: bool,
+    on_backend_failure: &'a str,
+    timeouts: TimeoutsJson,
+    sorry_server: Option<SorryJson<'a>>,
     all_backends_down: bool,
+    schedule_finite: bool,
+    connections: u64,
     packets: u64,
     bytes: u64,
+    in_packets: u64,
+    in_bytes: u64,
+    out_packets: u64,
+    out_bytes: u64,
+    rates: RatesJson,
     backends: Vec<BackendJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct TimeoutsJson {
+    tcp_s: u32,
+    tcp_fin_s: u32,
+    udp_s: u32,
+}
+
+#[derive(Serialize)]
+struct SorryJson<'a> {
+    address: &'a str,
+    port: u32,
+    active: bool,
+    active_connections: u32,
+    connections: u64,
+    packets: u64,
+    bytes: u64,
+    rates: RatesJson,
+}
+
+#[derive(Serialize, Default)]
+struct RatesJson {
+    cps: f64,
+    in_pps: f64,
+    out_pps: f64,
+    in_bps: f64,
+    out_bps: f64,
+}
+
+impl From<Option<v1::Rates>> for RatesJson {
+    fn from(r: Option<v1::Rates>) -> Self {
+        let r = r.unwrap_or_default();
+        RatesJson {
+            cps: r.cps,
+            in_pps: r.in_pps,
+            out_pps: r.out_pps,
+            in_bps: r.in_bps,
+            out_bps: r.out_bps,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -58,44 +116,199 @@ struct BackendJson<'a> {
     weight: u32,
     state: String,
     health: String,
+    in_rotation: bool,
     active_connections: u32,
+    inactive_connections: u32,
+    /// 0: none.
+    upper_threshold: u32,
+    lower_threshold: u32,
+    overloaded: bool,
+    connections: u64,
     packets: u64,
     bytes: u64,
+    in_packets: u64,
+    in_bytes: u64,
+    out_packets: u64,
+    out_bytes: u64,
+    rates: RatesJson,
 }
 
 fn to_json(f: &v1::FarmState) -> FarmJson<'_> {
     let c = f.counters.unwrap_or_default();
+    let (i, o) = (
+        f.in_counters.unwrap_or_default(),
+        f.out_counters.unwrap_or_default(),
+    );
+    let t = f.timeouts.unwrap_or_default();
     FarmJson {
         name: &f.name,
         listen: listen(f),
         scheduler: &f.scheduler,
         forwarding: &f.forwarding,
         snat_address: &f.snat_address,
+        fwmark: f.fwmark,
+        persistence_timeout_s: f.persistence_timeout_s,
+        persistence_netmask: &f.persistence_netmask,
+        hash_source_port: f.hash_source_port,
+        one_packet: f.one_packet,
+        on_backend_failure: &f.on_backend_failure,
+        timeouts: TimeoutsJson {
+            tcp_s: t.tcp_s,
+            tcp_fin_s: t.tcp_fin_s,
+            udp_s: t.udp_s,
+        },
+        sorry_server: f.sorry_server.as_ref().map(|s| {
+            let c = s.counters.unwrap_or_default();
+            SorryJson {
+                address: &s.address,
+                port: s.port,
+                active: s.active,
+                active_connections: s.active_connections,
+                connections: s.connections,
+                packets: c.packets,
+                bytes: c.bytes,
+                rates: s.rates.into(),
+            }
+        }),
         all_backends_down: f.all_backends_down,
+        schedule_finite: f.schedule_finite,
+        connections: f.connections,
         packets: c.packets,
         bytes: c.bytes,
+        in_packets: i.packets,
+        in_bytes: i.bytes,
+        out_packets: o.packets,
+        out_bytes: o.bytes,
+        rates: f.rates.into(),
         backends: f
             .backends
             .iter()
             .map(|b| {
                 let c = b.counters.unwrap_or_default();
+                let (i, o) = (
+                    b.in_counters.unwrap_or_default(),
+                    b.out_counters.unwrap_or_default(),
+                );
                 BackendJson {
                     address: &b.address,
                     port: b.port,
                     weight: b.weight,
                     state: lower(b.admin_state().as_str_name(), "BACKEND_ADMIN_STATE_"),
                     health: lower(b.health().as_str_name(), "BACKEND_HEALTH_"),
+                    in_rotation: b.in_rotation,
                     active_connections: b.active_connections,
+                    inactive_connections: b.inactive_connections,
+                    upper_threshold: b.upper_threshold,
+                    lower_threshold: b.lower_threshold,
+                    overloaded: b.overloaded,
+                    connections: b.connections,
                     packets: c.packets,
                     bytes: c.bytes,
+                    in_packets: i.packets,
+                    in_bytes: i.bytes,
+                    out_packets: o.packets,
+                    out_bytes: o.bytes,
+                    rates: b.rates.into(),
                 }
             })
             .collect(),
     }
 }
 
-/// `farm list`: like `ipvsadm -L -n`.
-pub async fn list(runtime_dir: &Path, json: bool, stats: bool) -> anyhow::Result<ExitCode> {
+/// The farm's options as ipvsadm prints them after the scheduler.
+fn farm_notes(f: &v1::FarmState) -> String {
+    let mut notes = Vec::new();
+    if f.fwmark != 0 {
+        notes.push(format!("fwmark {:#x}", f.fwmark));
+    }
+    if f.persistence_timeout_s != 0 {
+        let mut p = format!("persistent {}", f.persistence_timeout_s);
+        if !f.persistence_netmask.is_empty() {
+            p.push_str(&format!(" mask {}", f.persistence_netmask));
+        }
+        notes.push(p);
+    }
+    if f.hash_source_port {
+        notes.push("hash source port".into());
+    }
+    if f.one_packet {
+        notes.push("ops".into());
+    }
+    if f.on_backend_failure == "reset" {
+        notes.push("reset on failure".into());
+    }
+    if let Some(t) = f.timeouts
+        && (t.tcp_s != 0 || t.tcp_fin_s != 0 || t.udp_s != 0)
+    {
+        let show = |v: u32| {
+            if v == 0 {
+                "-".to_owned()
+            } else {
+                v.to_string()
+            }
+        };
+        notes.push(format!(
+            "timeouts {} {} {}",
+            show(t.tcp_s),
+            show(t.tcp_fin_s),
+            show(t.udp_s)
+        ));
+    }
+    if f.all_backends_down {
+        notes.push("NO BACKEND".into());
+    } else if f.schedule_finite {
+        notes.push("backends full soon".into());
+    }
+    notes.join(", ")
+}
+
+fn backend_notes(b: &v1::BackendState) -> String {
+    let mut notes = Vec::new();
+    if b.upper_threshold != 0 {
+        let lower = if b.lower_threshold == 0 {
+            "3/4".to_owned()
+        } else {
+            b.lower_threshold.to_string()
+        };
+        notes.push(format!("thresholds {}/{lower}", b.upper_threshold));
+    }
+    if b.overloaded {
+        notes.push("overloaded".into());
+    }
+    notes.join(", ")
+}
+
+fn target(address: &str, port: u32) -> String {
+    let addr = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_owned()
+    };
+    if port == 0 {
+        addr
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn rate_cells(r: Option<v1::Rates>) -> [String; 5] {
+    let r = r.unwrap_or_default();
+    [r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps].map(|v| format!("{v:.0}"))
+}
+
+/// What `farm list` and `farm stats` show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// ipvsadm -L -n: scheduler, options, states, connections.
+    List,
+    /// ipvsadm -L --stats: connections, packets, bytes.
+    Stats,
+    /// ipvsadm -L --rate: per second.
+    Rate,
+}
+
+/// `farm list` / `farm stats`: like `ipvsadm -L -n`, `--stats`, `--rate`.
+pub async fn list(runtime_dir: &Path, json: bool, view: View) -> anyhow::Result<ExitCode> {
     let farms = client(runtime_dir)
         .await?
         .list_farms(v1::ListFarmsRequest {})
@@ -110,66 +323,214 @@ pub async fn list(runtime_dir: &Path, json: bool, stats: bool) -> anyhow::Result
     }
     let mut t = Table::new();
     t.load_style(presets::NOTHING);
-    if stats {
-        t.set_header(["FARM / BACKEND", "CONNS", "PACKETS", "BYTES"]);
-    } else {
-        t.set_header([
+    match view {
+        View::Stats => t.set_header([
+            "FARM / BACKEND",
+            "CONNS",
+            "INPKTS",
+            "OUTPKTS",
+            "INBYTES",
+            "OUTBYTES",
+        ]),
+        View::Rate => t.set_header([
+            "FARM / BACKEND",
+            "CPS",
+            "INPPS",
+            "OUTPPS",
+            "INBPS",
+            "OUTBPS",
+        ]),
+        View::List => t.set_header([
             "FARM / BACKEND",
             "SCHED / WEIGHT",
             "STATE",
             "HEALTH",
             "ACTIVE",
-        ]);
-    }
+            "INACTIVE",
+            "NOTES",
+        ]),
+    };
     for f in &farms {
-        let c = f.counters.unwrap_or_default();
-        let down = if f.all_backends_down {
-            "NO BACKEND"
-        } else {
-            ""
-        };
-        if stats {
-            let conns: u32 = f.backends.iter().map(|b| b.active_connections).sum();
-            t.add_row([
-                format!("{} {}", f.name, listen(f)),
+        let head = format!("{} {}", f.name, listen(f));
+        let stats_cells = |conns: u64, i: Option<v1::Counters>, o: Option<v1::Counters>| {
+            let (i, o) = (i.unwrap_or_default(), o.unwrap_or_default());
+            [
                 conns.to_string(),
-                c.packets.to_string(),
-                c.bytes.to_string(),
-            ]);
-        } else {
-            t.add_row([
-                format!("{} {}", f.name, listen(f)),
-                f.scheduler.clone(),
-                down.to_owned(),
-                String::new(),
-                String::new(),
-            ]);
-        }
-        for b in &f.backends {
-            let c = b.counters.unwrap_or_default();
-            let addr = if b.address.contains(':') {
-                format!("[{}]", b.address)
-            } else {
-                b.address.clone()
-            };
-            let target = format!("  -> {addr}:{}", b.port);
-            if stats {
+                i.packets.to_string(),
+                o.packets.to_string(),
+                i.bytes.to_string(),
+                o.bytes.to_string(),
+            ]
+        };
+        match view {
+            View::Stats => {
+                let c = stats_cells(f.connections, f.in_counters, f.out_counters);
                 t.add_row([
-                    target,
-                    b.active_connections.to_string(),
-                    c.packets.to_string(),
-                    c.bytes.to_string(),
+                    head,
+                    c[0].clone(),
+                    c[1].clone(),
+                    c[2].clone(),
+                    c[3].clone(),
+                    c[4].clone(),
                 ]);
-            } else {
+            }
+            View::Rate => {
+                let [a, b, c, d, e] = rate_cells(f.rates);
+                t.add_row([head, a, b, c, d, e]);
+            }
+            View::List => {
                 t.add_row([
-                    target,
-                    b.weight.to_string(),
-                    lower(b.admin_state().as_str_name(), "BACKEND_ADMIN_STATE_"),
-                    lower(b.health().as_str_name(), "BACKEND_HEALTH_"),
-                    b.active_connections.to_string(),
+                    head,
+                    f.scheduler.clone(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    farm_notes(f),
                 ]);
             }
         }
+        for b in &f.backends {
+            let name = format!("  -> {}", target(&b.address, b.port));
+            match view {
+                View::Stats => {
+                    let c = stats_cells(b.connections, b.in_counters, b.out_counters);
+                    t.add_row([
+                        name,
+                        c[0].clone(),
+                        c[1].clone(),
+                        c[2].clone(),
+                        c[3].clone(),
+                        c[4].clone(),
+                    ]);
+                }
+                View::Rate => {
+                    let [a, b2, c, d, e] = rate_cells(b.rates);
+                    t.add_row([name, a, b2, c, d, e]);
+                }
+                View::List => {
+                    t.add_row([
+                        name,
+                        b.weight.to_string(),
+                        lower(b.admin_state().as_str_name(), "BACKEND_ADMIN_STATE_"),
+                        lower(b.health().as_str_name(), "BACKEND_HEALTH_"),
+                        b.active_connections.to_string(),
+                        b.inactive_connections.to_string(),
+                        backend_notes(b),
+                    ]);
+                }
+            }
+        }
+        if let Some(s) = &f.sorry_server {
+            let name = format!("  -> {} (sorry server)", target(&s.address, s.port));
+            match view {
+                View::Stats => {
+                    let c = stats_cells(s.connections, s.in_counters, s.out_counters);
+                    t.add_row([
+                        name,
+                        c[0].clone(),
+                        c[1].clone(),
+                        c[2].clone(),
+                        c[3].clone(),
+                        c[4].clone(),
+                    ])
+                }
+                View::Rate => {
+                    let [a, b, c, d, e] = rate_cells(s.rates);
+                    t.add_row([name, a, b, c, d, e])
+                }
+                View::List => t.add_row([
+                    name,
+                    String::new(),
+                    if s.active { "answering" } else { "standby" }.to_owned(),
+                    String::new(),
+                    s.active_connections.to_string(),
+                    String::new(),
+                    String::new(),
+                ]),
+            };
+        }
+    }
+    println!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// JSON form of one connection.
+#[derive(Serialize)]
+struct ConnJson<'a> {
+    farm: &'a str,
+    protocol: &'a str,
+    state: &'a str,
+    expires_s: u32,
+    client: String,
+    #[serde(rename = "virtual")]
+    virtual_: String,
+    backend: String,
+    sorry_server: bool,
+    zone: u32,
+}
+
+/// `conn list`: the connection table, like `ipvsadm -L -n -c`.
+pub async fn connections(
+    runtime_dir: &Path,
+    farm: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let conns = client(runtime_dir)
+        .await?
+        .list_connections(v1::ListConnectionsRequest {
+            farm: farm.unwrap_or_default().to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .context("asking lb-forwarder for the connection table")?
+        .into_inner()
+        .connections;
+    let rows: Vec<ConnJson<'_>> = conns
+        .iter()
+        .map(|c| ConnJson {
+            farm: &c.farm,
+            protocol: &c.protocol,
+            state: &c.state,
+            expires_s: c.expires_s,
+            client: target(&c.client_address, c.client_port),
+            virtual_: target(&c.virtual_address, c.virtual_port),
+            backend: target(&c.backend_address, c.backend_port),
+            sorry_server: c.sorry_server,
+            zone: c.zone,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    t.set_header([
+        "PRO",
+        "EXPIRE",
+        "STATE",
+        "SOURCE",
+        "VIRTUAL",
+        "DESTINATION",
+        "FARM",
+    ]);
+    for r in &rows {
+        let expire = format!("{:02}:{:02}", r.expires_s / 60, r.expires_s % 60);
+        let dest = if r.sorry_server {
+            format!("{} (sorry)", r.backend)
+        } else {
+            r.backend.clone()
+        };
+        t.add_row([
+            r.protocol.to_uppercase(),
+            expire,
+            if r.state.is_empty() { "-" } else { r.state }.to_owned(),
+            r.client.clone(),
+            r.virtual_.clone(),
+            dest,
+            r.farm.to_owned(),
+        ]);
     }
     println!("{t}");
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! tandemctl — the operator's CLI for a Tandem cluster.
 
+mod ack;
 mod cluster;
 mod cluster_create;
 mod completions;
@@ -60,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: BackendCommand,
     },
+    /// The connection table (ipvsadm -L -n -c).
+    Conn {
+        #[command(subcommand)]
+        command: ConnCommand,
+    },
     /// The cluster: its settings and its two nodes.
     Cluster {
         #[command(subcommand)]
@@ -90,6 +96,14 @@ enum ClusterCommand {
     Nodes {
         #[arg(long)]
         json: bool,
+    },
+    /// Acknowledge the local changes this node set aside when the peer's
+    /// configuration replaced them (listed in `cluster nodes` until then);
+    /// the files stay in their set-aside directory.
+    Ack {
+        /// Set-aside directories to acknowledge (default: every one listed).
+        #[arg(value_name = "DIRECTORY")]
+        directories: Vec<String>,
     },
     /// Change cluster settings on the master; replicated to the backup.
     Edit {
@@ -137,13 +151,21 @@ enum FarmCommand {
     Delete { name: String },
     /// Farms and backends with state, health and active connections (ipvsadm -L -n).
     List {
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Packet, byte and connection counters read from the kernel (ipvsadm -L --stats).
     Stats {
+        /// Machine-readable output (every field of every farm).
         #[arg(long)]
         json: bool,
+        /// Rates instead: connections, packets and bytes per second (ipvsadm --rate).
+        #[arg(long)]
+        rate: bool,
     },
     /// Every farm as one TOML document (or JSON), for `farm restore`.
     Save {
@@ -159,6 +181,19 @@ enum FarmCommand {
         /// Confirm.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnCommand {
+    /// Every live connection of the farms, with farm and backend (ipvsadm -L -n -c).
+    List {
+        /// Only this farm's connections.
+        #[arg(long)]
+        farm: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -208,11 +243,21 @@ fn main() -> ExitCode {
                         status::reload(&cli.runtime_dir, daemon.as_deref()).await
                     }
                     Command::Farm { command } => match command {
-                        FarmCommand::List { json } => {
-                            farms::list(&cli.runtime_dir, json, false).await
+                        FarmCommand::List { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::List
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
-                        FarmCommand::Stats { json } => {
-                            farms::list(&cli.runtime_dir, json, true).await
+                        FarmCommand::Stats { json, rate } => {
+                            let view = if rate {
+                                farms::View::Rate
+                            } else {
+                                farms::View::Stats
+                            };
+                            farms::list(&cli.runtime_dir, json, view).await
                         }
                         FarmCommand::Save { json } => farms::save(&cli.config_dir, json),
                         FarmCommand::Restore { file } => {
@@ -243,6 +288,9 @@ fn main() -> ExitCode {
                         }
                         ClusterCommand::Nodes { json } => {
                             cluster::nodes(&cli.runtime_dir, json).await
+                        }
+                        ClusterCommand::Ack { directories } => {
+                            ack::run(&cli.runtime_dir, directories).await
                         }
                         ClusterCommand::Edit {
                             failback,
@@ -279,6 +327,9 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
+                    Command::Conn {
+                        command: ConnCommand::List { farm, json },
+                    } => farms::connections(&cli.runtime_dir, farm.as_deref(), json).await,
                     Command::Config { .. } | Command::Completions { .. } => {
                         unreachable!("handled above")
                     }

@@ -6,8 +6,12 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, CacheInfo,
+};
 use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::Handle;
 use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
@@ -26,6 +30,13 @@ impl std::fmt::Display for FloatingIp {
             "{}/{} dev {}",
             self.address, self.prefix_len, self.interface
         )
+    }
+}
+
+impl FloatingIp {
+    /// `10.0.0.100/24`, as log lines name it.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.address, self.prefix_len)
     }
 }
 
@@ -134,27 +145,121 @@ impl Addresses {
     }
 
     /// Adds the address (idempotent: NLM_F_REPLACE), without duplicate
-    /// address detection for IPv6 so it is usable at once.
-    pub async fn add(&self, ip: &FloatingIp) -> Result<Link, AddressError> {
+    /// address detection for IPv6 so it is usable at once. With a
+    /// `lifetime`, the kernel removes the address by itself once that much
+    /// time passed since the last add or [`Addresses::refresh`].
+    pub async fn add(
+        &self,
+        ip: &FloatingIp,
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<Link, AddressError> {
         let link = self.link(&ip.interface).await?;
+        self.add_on(ip, &link, lifetime).await?;
+        Ok(link)
+    }
+
+    /// Re-adds the address on a link already looked up, restarting its
+    /// lifetime (NLM_F_REPLACE with IFA_CACHEINFO updates the existing
+    /// address in place, or adds it again if it expired).
+    pub async fn refresh(
+        &self,
+        ip: &FloatingIp,
+        link: &Link,
+        lifetime: std::time::Duration,
+    ) -> Result<(), AddressError> {
+        self.add_on(ip, link, Some(lifetime)).await
+    }
+
+    async fn add_on(
+        &self,
+        ip: &FloatingIp,
+        link: &Link,
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<(), AddressError> {
         let mut req = self
             .handle
             .address()
             .add(link.index, ip.address, ip.prefix_len)
             .replace();
+        let msg = req.message_mut();
         if ip.address.is_ipv6() {
-            let msg = req.message_mut();
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        req.execute()
+        if let Some(l) = lifetime {
+            let secs = u32::try_from(l.as_secs().max(1)).unwrap_or(u32::MAX);
+            let mut info = CacheInfo::default();
+            info.ifa_valid = secs;
+            info.ifa_preferred = secs;
+            msg.attributes.push(AddressAttribute::CacheInfo(info));
+        }
+        req.execute().await.map_err(|source| AddressError::Netlink {
+            interface: ip.interface.clone(),
+            source,
+        })
+    }
+
+    /// The link-layer address the neighbour table holds for `addr` on
+    /// interface `ifindex`, if the entry is resolved.
+    pub async fn neighbour_mac(
+        &self,
+        ifindex: u32,
+        addr: IpAddr,
+        ifname: &str,
+    ) -> Result<Option<[u8; 6]>, AddressError> {
+        let family = if addr.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        while let Some(msg) = dump
+            .try_next()
             .await
             .map_err(|source| AddressError::Netlink {
-                interface: ip.interface.clone(),
+                interface: ifname.to_owned(),
                 source,
-            })?;
-        Ok(link)
+            })?
+        {
+            if msg.header.ifindex != ifindex
+                || !matches!(
+                    msg.header.state,
+                    NeighbourState::Reachable
+                        | NeighbourState::Stale
+                        | NeighbourState::Delay
+                        | NeighbourState::Probe
+                        | NeighbourState::Permanent
+                )
+            {
+                continue;
+            }
+            let mut dest = None;
+            let mut mac = None;
+            for attr in &msg.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dest = Some(IpAddr::V6(*a));
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dest = Some(IpAddr::V4(*a));
+                    }
+                    NeighbourAttribute::LinkLayerAddress(b) => {
+                        mac = <[u8; 6]>::try_from(b.as_slice()).ok();
+                    }
+                    _ => {}
+                }
+            }
+            if dest == Some(addr) && mac.is_some() {
+                return Ok(mac);
+            }
+        }
+        Ok(None)
     }
 
     /// Removes the address if present. Returns whether it was there.

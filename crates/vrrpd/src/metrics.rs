@@ -130,8 +130,23 @@ pub fn registry(shared: &Arc<Shared>, mut shutdown: Shutdown) -> Registry {
         )?;
         s.counter(
             "vrrp_packets_dropped",
-            "VRRP packets dropped as invalid (TTL, checksum, version, authentication)",
+            "VRRP packets dropped: invalid (TTL, checksum, version, authentication), another VRID, or an IPv6 source not yet verified",
             c.packets_dropped,
+        )?;
+        s.counter(
+            "vrrp_foreign_adverts_dropped",
+            "Adverts for this VRID from a source that is not a cluster node (dropped, never acted upon)",
+            c.foreign_adverts_dropped,
+        )?;
+        s.gauge(
+            "vrrp_foreign_speakers",
+            "Sources of foreign adverts for this VRID remembered (at most 16)",
+            u32::try_from(snap.foreign_speakers.len()).unwrap_or(u32::MAX),
+        )?;
+        s.gauge(
+            "vrrp_handing_over",
+            "1 while this master hands over (priority 0 sent, floating IPs kept until the peer takes over)",
+            u8::from(snap.handing_over),
         )?;
         s.gauges(
             "vrrp_tracked_interface_up",

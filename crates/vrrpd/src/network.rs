@@ -12,14 +12,14 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg, sets
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
-use crate::packet::{self, DecodeError, IP_PROTOCOL, IPV4_GROUP, IPV6_GROUP, TTL};
+use crate::packet::{self, Advertisement, DecodeError, IP_PROTOCOL, IPV4_GROUP, IPV6_GROUP, TTL};
 
-/// A VRRP message as received, before decoding.
-#[derive(Debug)]
-pub struct Received<'a> {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub message: &'a [u8],
+/// A VRRP packet as received: its source (when the IP header could tell)
+/// and the decoded advert, or why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub src: Option<IpAddr>,
+    pub advert: Result<Advertisement, DecodeError>,
 }
 
 pub struct VrrpSocket {
@@ -28,6 +28,7 @@ pub struct VrrpSocket {
     destination: IpAddr,
     /// The source the checksum is computed over (our primary address).
     source: IpAddr,
+    ifindex: u32,
     buf: Vec<u8>,
 }
 
@@ -58,6 +59,7 @@ impl VrrpSocket {
             fd,
             destination,
             source,
+            ifindex,
             buf: vec![0; 2048],
         })
     }
@@ -74,52 +76,81 @@ impl VrrpSocket {
         let to = SockAddr::from(SocketAddr::new(self.destination, 0));
         loop {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|s| s.get_ref().send_to(message, &to)) {
-                Ok(r) => return r.map(|_| ()),
+            let res = guard.try_io(|s| match self.source {
+                IpAddr::V4(_) => s.get_ref().send_to(message, &to).map(drop),
+                IpAddr::V6(src) => {
+                    send_v6(s.get_ref(), message, src, self.destination, self.ifindex)
+                }
+            });
+            match res {
+                Ok(r) => return r,
                 Err(_would_block) => continue,
             }
         }
     }
 
-    /// The next VRRP message. `Err(Ok(e))`-style nesting is avoided: an I/O
-    /// error is `Err(io)`, a packet the IP-level checks reject is
-    /// `Ok(Err(decode))` so the caller can count it and go on.
-    pub async fn recv(&mut self) -> io::Result<Result<Received<'_>, DecodeError>> {
-        let v6 = self.source.is_ipv6();
-        let (len, meta) = loop {
+    /// The next VRRP packet. An I/O error is `Err`; a packet the checks
+    /// refuse is an [`Inbound`] with the reason, so the caller can count it
+    /// and go on.
+    pub async fn recv(&mut self) -> io::Result<Inbound> {
+        loop {
             let mut guard = self.fd.readable().await?;
+            let v6 = self.source.is_ipv6();
             let buf = &mut self.buf;
-            let res = guard.try_io(|s| {
-                if v6 {
-                    recv_v6(s.get_ref(), buf).map(|(n, m)| (n, Some(m)))
-                } else {
-                    recv_v4(s.get_ref(), buf).map(|n| (n, None))
+            match guard.try_io(|s| read_one(s.get_ref(), buf, v6)) {
+                Ok(r) => {
+                    let (len, meta) = r?;
+                    return Ok(inbound(&self.buf[..len], meta));
                 }
-            });
-            match res {
-                Ok(r) => break r?,
                 Err(_would_block) => continue,
             }
-        };
-        let data = &self.buf[..len];
-        Ok(match meta {
-            None => packet::parse_ipv4(data).map(|env| Received {
-                src: env.src.into(),
-                dst: env.dst.into(),
-                message: env.payload,
-            }),
-            Some(m) => {
-                if m.hop_limit != Some(TTL) {
-                    Err(DecodeError::Ttl(m.hop_limit.unwrap_or(0)))
-                } else {
-                    Ok(Received {
-                        src: IpAddr::V6(m.src),
-                        dst: IpAddr::V6(m.dst.unwrap_or(IPV6_GROUP)),
-                        message: data,
-                    })
-                }
+        }
+    }
+
+    /// A packet already queued on the socket, without waiting: `Ok(None)`
+    /// when there is none. Used to drain the socket before acting on a
+    /// timer that expired in the same wake-up.
+    pub fn try_recv(&mut self) -> io::Result<Option<Inbound>> {
+        let v6 = self.source.is_ipv6();
+        match read_one(self.fd.get_ref(), &mut self.buf, v6) {
+            Ok((len, meta)) => Ok(Some(inbound(&self.buf[..len], meta))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn read_one(sock: &Socket, buf: &mut [u8], v6: bool) -> io::Result<(usize, Option<V6Meta>)> {
+    if v6 {
+        recv_v6(sock, buf).map(|(n, m)| (n, Some(m)))
+    } else {
+        recv_v4(sock, buf).map(|n| (n, None))
+    }
+}
+
+fn inbound(data: &[u8], meta: Option<V6Meta>) -> Inbound {
+    match meta {
+        None => {
+            // The source as the header says, even when the checks fail, so
+            // a refused packet can be logged with it.
+            let src = (data.len() >= 20)
+                .then(|| IpAddr::V4(Ipv4Addr::new(data[12], data[13], data[14], data[15])));
+            let advert = packet::parse_ipv4(data)
+                .and_then(|env| Advertisement::decode(env.payload, env.src.into(), env.dst.into()));
+            Inbound { src, advert }
+        }
+        Some(m) => {
+            let src = IpAddr::V6(m.src);
+            let advert = if m.hop_limit != Some(TTL) {
+                Err(DecodeError::Ttl(m.hop_limit.unwrap_or(0)))
+            } else {
+                Advertisement::decode(data, src, IpAddr::V6(m.dst.unwrap_or(IPV6_GROUP)))
+            };
+            Inbound {
+                src: Some(src),
+                advert,
             }
-        })
+        }
     }
 }
 
@@ -169,6 +200,38 @@ fn recv_v4(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     // an initialised `[u8]` as `[MaybeUninit<u8>]` is sound.
     let uninit = unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) };
     sock.recv(uninit)
+}
+
+/// Sends from the link-local `src` that RFC 5798 §5.1.2.1 requires (and
+/// the checksum covers), also toward a unicast peer's global address, for
+/// which the kernel would otherwise pick a global source.
+fn send_v6(
+    sock: &Socket,
+    message: &[u8],
+    src: Ipv6Addr,
+    dst: IpAddr,
+    ifindex: u32,
+) -> io::Result<()> {
+    let IpAddr::V6(dst) = dst else {
+        return Err(io::Error::other("IPv6 socket with an IPv4 destination"));
+    };
+    let info = libc::in6_pktinfo {
+        ipi6_addr: libc::in6_addr {
+            s6_addr: src.octets(),
+        },
+        ipi6_ifindex: ifindex,
+    };
+    let to = SockaddrIn6::from(std::net::SocketAddrV6::new(dst, 0, 0, ifindex));
+    let iov = [std::io::IoSlice::new(message)];
+    nix::sys::socket::sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &[nix::sys::socket::ControlMessage::Ipv6PacketInfo(&info)],
+        MsgFlags::empty(),
+        Some(&to),
+    )
+    .map(drop)
+    .map_err(io::Error::from)
 }
 
 struct V6Meta {

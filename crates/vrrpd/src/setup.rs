@@ -27,6 +27,22 @@ pub struct VrrpSetup {
     pub tracked_interfaces: Vec<String>,
     pub garp_repeat: u32,
     pub garp_interval: Duration,
+    /// Heal announcements (0 = off) and their rate limit.
+    pub garp_lower_prio_repeat: u32,
+    pub garp_lower_prio_delay: Duration,
+    pub garp_refresh: Option<Duration>,
+    pub preempt_delay: Duration,
+    /// The cluster's node addresses: the only accepted sources of adverts
+    /// when `members_only` (IPv6: their link-local addresses, verified).
+    pub members: Vec<IpAddr>,
+    pub members_only: bool,
+    /// None: permanent floating IPs; Some(s): added with this lifetime and
+    /// refreshed while vrrpd runs.
+    pub address_lifetime: Option<Duration>,
+    /// SCHED_FIFO priority of the advert thread; 0 = normal scheduling.
+    pub rt_priority: u8,
+    /// None: automatic; zero: release at once.
+    pub handover_timeout: Option<Duration>,
 }
 
 impl VrrpSetup {
@@ -38,6 +54,18 @@ impl VrrpSetup {
             && self.address == other.address
             && self.unicast_peer == other.unicast_peer
             && self.tracked_interfaces == other.tracked_interfaces
+    }
+
+    /// The peer's configured address (the other `[[nodes]]` entry).
+    pub fn peer(&self) -> Option<IpAddr> {
+        self.members.iter().copied().find(|a| *a != self.address)
+    }
+
+    /// Master_Down_Interval for this node's own priority and interval.
+    pub fn master_down_interval(&self) -> Duration {
+        let interval_us = u64::from(self.advert_interval_cs) * 10_000;
+        let skew_us = (256 - u64::from(self.priority)) * interval_us / 256;
+        Duration::from_micros(3 * interval_us + skew_us)
     }
 
     /// The virtual addresses carried in adverts: those of the VRRP family.
@@ -85,7 +113,7 @@ pub fn from_config(config: &Config) -> Result<Option<VrrpSetup>, String> {
     };
     let advert_interval_cs = u16::try_from(cluster.vrrp.advert_interval_ms / 10)
         .map_err(|_| "advert_interval_ms is too large".to_owned())?;
-    let setup = VrrpSetup {
+    let mut setup = VrrpSetup {
         version,
         vrid: cluster.virtual_router_id,
         interface,
@@ -110,6 +138,26 @@ pub fn from_config(config: &Config) -> Result<Option<VrrpSetup>, String> {
         tracked_interfaces: cluster.tracked_interfaces.clone(),
         garp_repeat: u32::from(cluster.vrrp.garp_repeat),
         garp_interval: Duration::from_millis(u64::from(cluster.vrrp.garp_interval_ms)),
+        garp_lower_prio_repeat: u32::from(cluster.vrrp.garp_lower_prio_repeat),
+        garp_lower_prio_delay: Duration::from_millis(u64::from(
+            cluster.vrrp.garp_lower_prio_delay_ms,
+        )),
+        garp_refresh: (cluster.vrrp.garp_refresh_s > 0)
+            .then(|| Duration::from_secs(u64::from(cluster.vrrp.garp_refresh_s))),
+        preempt_delay: Duration::from_secs(u64::from(cluster.vrrp.preempt_delay_s)),
+        members: cluster.nodes.iter().map(|n| n.address).collect(),
+        members_only: cluster.vrrp.members_only,
+        address_lifetime: None,
+        rt_priority: cluster.vrrp.rt_priority,
+        handover_timeout: cluster
+            .vrrp
+            .handover_timeout_ms
+            .map(|t| Duration::from_millis(u64::from(t))),
+    };
+    setup.address_lifetime = match cluster.vrrp.floating_ip_lifetime_s {
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(u64::from(s))),
+        None => Some(auto_lifetime(setup.master_down_interval())),
     };
     if setup.advertised().is_empty() {
         return Err(format!(
@@ -118,4 +166,18 @@ pub fn from_config(config: &Config) -> Result<Option<VrrpSetup>, String> {
         ));
     }
     Ok(Some(setup))
+}
+
+/// The floating IPs' lifetime when the configuration does not set one.
+///
+/// The kernel expires an address with `valid_lft` L between L and L + 0.25 s
+/// after it was last refreshed (IPv4's check_lifetime and IPv6's
+/// addrconf_verify run on whole seconds, with a quarter-second slack;
+/// measured here: 1.0-1.2 s for L = 1). A vrrpd that dies must not leave
+/// its addresses behind for much longer than the peer needs to take over,
+/// Master_Down_Interval: whole seconds, L + 0.25 s <= MDI + 1 s, at least 1.
+pub fn auto_lifetime(master_down_interval: Duration) -> Duration {
+    let budget_ms = master_down_interval.as_millis() + 750;
+    let secs = u64::try_from(budget_ms / 1000).unwrap_or(u64::MAX).max(1);
+    Duration::from_secs(secs)
 }

@@ -3,15 +3,18 @@
 //! tests/cfgsync_lab.rs (a real sshd on the backup). Measures the
 //! change-to-visible latency of N single-file changes (from the write on the
 //! master to the new content readable on the backup) and the time to bring
-//! 1,000 farm files to an empty backup.
-//! Usage: tandem-bench-cfgsync [N] (default 200); run by deploy/bench-cfgsync.sh.
+//! 1,000 farm files to an empty backup. With `--scale`, also cfg-syncd's
+//! tested limits: 100,000 files holding 1 GiB to an empty backup (time and
+//! both daemons' peak RSS), against rsync of the same tree.
+//! Usage: tandem-bench-cfgsync [N] [--scale] (default 200); run by
+//! deploy/bench-cfgsync.sh.
 
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets};
-use tandem_e2e::cfgsync_lab::{BACKUP_ADDR, CfgSyncLab, farm};
+use tandem_e2e::cfgsync_lab::{BACKUP_ADDR, CfgSyncLab, farm, populate_scale_tree, proc_status};
 
 /// Writes like clustermanager and editors that replace files do: a
 /// temporary name, then an atomic rename.
@@ -83,11 +86,112 @@ fn rsync_farms(lab: &CfgSyncLab) -> Duration {
     took
 }
 
+/// 100000 -> "100,000".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `rsync -a --delete` of the master's whole replicated tree onto the
+/// backup's (node-local files excluded, as cfg-syncd does).
+fn rsync_all(lab: &CfgSyncLab) -> Duration {
+    let src = format!("{}/", lab.master.config.display());
+    let dst = format!("root@{BACKUP_ADDR}:{}/", lab.backup.config.display());
+    let ssh = lab.ssh_command();
+    let start = Instant::now();
+    let out = lab
+        .master
+        .ns
+        .exec(
+            "rsync",
+            &[
+                "-a",
+                "--delete",
+                "--exclude",
+                "/node.toml",
+                "--exclude",
+                "/ssh/",
+                "--exclude",
+                ".*",
+                "-e",
+                &ssh,
+                &src,
+                &dst,
+            ],
+        )
+        .expect("rsync (apt-get install rsync)");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+/// 100,000 files, 1 GiB: cfg-syncd's full sync (time, peak RSS of both
+/// daemons) and rsync's, each to an empty backup. Returns the table rows.
+fn scale() -> Vec<[String; 3]> {
+    let shm = std::path::Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    let mut lab = CfgSyncLab::with_sshd_in(&parent);
+    lab.master.write("farms/web.toml", &farm("web", 80));
+    let (files, bytes) = populate_scale_tree(&lab.master.config);
+    lab.start_backup();
+    lab.start_master();
+    let start = Instant::now();
+    lab.wait_for("the full sync", Duration::from_secs(1800), || {
+        let (m, b) = (lab.status(&lab.master), lab.status(&lab.backup));
+        !m.manifest_hash.is_empty()
+            && m.manifest_hash == b.manifest_hash
+            && !m.batch_in_flight
+            && m.pending_changes == 0
+    });
+    let ours = start.elapsed();
+    let rss = [&lab.master, &lab.backup].map(|n| proc_status(n.pid().expect("pid"), "VmHWM:"));
+    lab.kill_master();
+    lab.kill_backup();
+    for dir in ["certs", "checks", "farms"] {
+        fs::remove_dir_all(lab.backup.path(dir)).expect("empty the backup");
+    }
+    let theirs = rsync_all(&lab);
+    assert!(
+        lab.backup.path("checks/big/b255.bin").exists(),
+        "rsync did not copy the tree"
+    );
+    vec![
+        [
+            format!(
+                "full sync of {} files ({:.2} GiB) to an empty backup",
+                thousands(files + 2),
+                bytes as f64 / f64::from(1u32 << 30)
+            ),
+            format!("{:.1} s", ours.as_secs_f64()),
+            format!("{:.1} s", theirs.as_secs_f64()),
+        ],
+        [
+            "peak RSS during it, master / backup".to_owned(),
+            format!("{} MB / {} MB", rss[0] / 1024, rss[1] / 1024),
+            "not measured".to_owned(),
+        ],
+    ]
+}
+
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(200);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(200);
+    let with_scale = args.iter().any(|a| a == "--scale");
     let lab = CfgSyncLab::running();
     lab.master.write("farms/lat.toml", &farm("lat", 2000));
     lab.wait_converged(Duration::from_secs(10));
@@ -159,6 +263,12 @@ fn main() {
         ms(ours_full),
         ms(theirs_full),
     ]);
+    if with_scale {
+        drop(lab);
+        for row in scale() {
+            t.add_row(row);
+        }
+    }
     println!("{t}");
     println!(
         "cfg-syncd latency includes its 50 ms debounce; rsync latency is one whole rsync run per change (connection, handshake, file list), started right after the write."

@@ -3,6 +3,12 @@
 //! floating IP every 2 ms over UDP; the master crashes (link down, then
 //! SIGKILL); failover = last answer from the old master to first answer from
 //! the new one. Several runs per (interval, speaker); prints a table.
+//!
+//! With `--stress`, no node fails: CPU hogs keep every core busy and the
+//! table counts the role changes they cause (false takeovers), the worst
+//! client outage and the worst gap between adverts on the wire.
+
+mod stress;
 
 use std::time::Duration;
 
@@ -56,7 +62,12 @@ fn ms(d: Duration) -> String {
 
 fn main() {
     // Usage: tandem-bench-failover [RUNS] [INTERVAL_MS ...] (default 5; 1000 50)
+    //        tandem-bench-failover --stress [SECONDS] [INTERVAL_MS ...] (default 60; 100 50 10)
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--stress") {
+        stress::main(&args[1..]);
+        return;
+    }
     let runs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
     let mut intervals: Vec<u32> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
     if intervals.is_empty() {

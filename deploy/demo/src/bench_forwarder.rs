@@ -1,49 +1,59 @@
-//! Throughput through the VIP for three datapaths in the same lab and run:
-//! (a) Tandem (lb-forwarder's nftables table), (b) a hand-written minimal
-//! nftables DNAT rule — the ceiling — and (c) HAProxy in TCP mode; same
-//! client, same three backends. Then the time to apply a change to a farm
+//! Throughput through a VIP for the datapaths in the same lab, measured
+//! at the same moment: Tandem (lb-forwarder's nftables table) with a
+//! round-robin farm, a persistent farm (`persistence_timeout_s`: every new
+//! connection of a client looked up and recorded in the persistence map)
+//! and a Maglev (`mh`) farm, each on its own VIP; a hand-written minimal
+//! nftables DNAT rule — the ceiling — on another, and HAProxy in TCP mode
+//! on a fifth; same client, same three backends. All five are driven at
+//! once in each round, so the background load of the machine weighs on
+//! every side of a ratio alike. Then the time to apply a change to a farm
 //! of 1,000 backends. Prints tables.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets};
 use lb_forwarder::ruleset::{self, Inputs};
-use tandem_e2e::forwarder_lab::{FwdLab, VIP};
+use tandem_e2e::forwarder_lab::{FwdLab, LabOptions, extra_source};
+use tandem_lab::LabError;
 
 const RUN: Duration = Duration::from_secs(2);
 const THREADS: usize = 2;
 
-const FARM: &str = r#"
-name = "web"
-vip = "10.0.0.100"
-port = 80
-scheduler = "rr"
-snat_address = "10.1.0.100"
-[health_check]
-kind = "none"
-[[backends]]
-address = "10.1.0.11"
-port = 8080
-[[backends]]
-address = "10.1.0.12"
-port = 8080
-[[backends]]
-address = "10.1.0.13"
-port = 8080
-"#;
+/// A round-robin farm `name` on `vip`:80 over the three backends, with
+/// `extra` top-level lines.
+fn farm(name: &str, vip: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nvip = \"{vip}\"\nport = 80\nscheduler = \"rr\"\nsnat_address = \"10.1.0.100\"\n{extra}\n\
+         [health_check]\nkind = \"none\"\n\
+         [[backends]]\naddress = \"10.1.0.11\"\nport = 8080\n\
+         [[backends]]\naddress = \"10.1.0.12\"\nport = 8080\n\
+         [[backends]]\naddress = \"10.1.0.13\"\nport = 8080\n"
+    )
+}
+
+/// The datapaths: name, VIP.
+const DATAPATHS: [(&str, &str); 5] = [
+    ("Tandem rr (lb-forwarder nftables)", "10.0.0.100"),
+    ("Tandem rr + persistence 300 s", "10.0.0.103"),
+    ("Tandem mh (Maglev)", "10.0.0.104"),
+    ("minimal nftables DNAT (ceiling)", "10.0.0.101"),
+    ("HAProxy 2.6 TCP mode", "10.0.0.102"),
+];
+const CEIL: usize = 3;
 
 const CEILING: &str = "table ip bench {
   chain pre {
     type nat hook prerouting priority dstnat; policy accept;
-    ip daddr 10.0.0.100 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 10.1.0.11 . 8080, 1 : 10.1.0.12 . 8080, 2 : 10.1.0.13 . 8080 }
+    ip daddr 10.0.0.101 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 10.1.0.11 . 8080, 1 : 10.1.0.12 . 8080, 2 : 10.1.0.13 . 8080 }
   }
   chain post {
     type nat hook postrouting priority srcnat; policy accept;
-    ip daddr 10.1.0.0/24 tcp dport 8080 ct status dnat snat to 10.1.0.100
+    ct original ip daddr 10.0.0.101 ct status dnat snat to 10.1.0.100
   }
 }
 ";
@@ -57,7 +67,7 @@ defaults
   timeout client 30s
   timeout server 30s
 frontend vip
-  bind 10.0.0.100:80
+  bind 10.0.0.102:80
   default_backend web
 backend web
   balance roundrobin
@@ -76,14 +86,16 @@ fn connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s.into())
 }
 
-/// New connections per second: connect, read the backend's name, reset.
-/// Each datapath uses its own client addresses (`first_source`..), so no
-/// run meets the conntrack entries an earlier one left behind.
-fn new_connections(lab: &FwdLab, first_source: usize) -> f64 {
-    let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
-    let handles: Vec<_> = (0..THREADS)
+type Counting = Vec<JoinHandle<Result<u64, LabError>>>;
+
+/// Starts measuring new connections per second to `vip`: connect, read the
+/// backend's name, reset; from client addresses `first_source`.. of the
+/// lab's extra sources, so no datapath meets another's conntrack entries.
+fn new_connections(lab: &FwdLab, vip: &str, first_source: usize) -> Counting {
+    let dst: SocketAddr = format!("{vip}:80").parse().expect("addr");
+    (0..THREADS)
         .map(|t| {
-            let src: SocketAddr = format!("10.0.0.{}:0", first_source + t)
+            let src: SocketAddr = format!("{}:0", extra_source(first_source + t))
                 .parse()
                 .expect("addr");
             lab.client
@@ -102,20 +114,18 @@ fn new_connections(lab: &FwdLab, first_source: usize) -> f64 {
                 })
                 .expect("client thread")
         })
-        .collect();
-    let total: u64 = handles
-        .into_iter()
-        .map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0))
-        .sum();
-    total as f64 / RUN.as_secs_f64()
+        .collect()
 }
 
-/// Requests per second on established connections: a line out, its echo back.
-fn requests(lab: &FwdLab) -> f64 {
-    let dst: SocketAddr = format!("{VIP}:80").parse().expect("addr");
-    let handles: Vec<_> = (0..THREADS)
+/// Starts measuring requests per second on established connections to
+/// `vip`: a line out, its echo back.
+fn requests(lab: &FwdLab, vip: &str, first_source: usize) -> Counting {
+    let dst: SocketAddr = format!("{vip}:80").parse().expect("addr");
+    (0..THREADS)
         .map(|t| {
-            let src: SocketAddr = format!("10.0.0.{}:0", 56 + t).parse().expect("addr");
+            let src: SocketAddr = format!("{}:0", extra_source(first_source + t))
+                .parse()
+                .expect("addr");
             lab.client
                 .spawn_thread(move || {
                     let Ok(mut s) = connect(src, dst) else {
@@ -142,7 +152,11 @@ fn requests(lab: &FwdLab) -> f64 {
                 })
                 .expect("client thread")
         })
-        .collect();
+        .collect()
+}
+
+/// Per second, once the threads are done.
+fn rate(handles: Counting) -> f64 {
     let total: u64 = handles
         .into_iter()
         .map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0))
@@ -160,72 +174,89 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let mut lab = FwdLab::new(FARM);
+    let mut lab = FwdLab::with(
+        &farm("web", "10.0.0.100", ""),
+        LabOptions {
+            extra_sources: 24,
+            ..LabOptions::default()
+        },
+    );
+    for a in ["10.0.0.101", "10.0.0.102", "10.0.0.103", "10.0.0.104"] {
+        lab.lb
+            .add_address("eth0", &format!("{a}/24"))
+            .expect("VIP address");
+    }
+    // Tandem's three farms in one lb-forwarder.
+    std::fs::write(
+        lab.config.join("farms/sticky.toml"),
+        farm("sticky", "10.0.0.103", "persistence_timeout_s = 300"),
+    )
+    .expect("farm file");
+    std::fs::write(
+        lab.config.join("farms/maglev.toml"),
+        farm("maglev", "10.0.0.104", "hash_source_port = true")
+            .replace("scheduler = \"rr\"", "scheduler = \"mh\""),
+    )
+    .expect("farm file");
+    let reply = lab.rpc(async |mut c| {
+        c.reload(tandem_proto::v1::ReloadRequest {})
+            .await
+            .expect("reload")
+            .into_inner()
+    });
+    assert!(reply.applied, "{:?}", reply.errors);
+    lab.wait_for(Duration::from_secs(10), "three farms", |s| {
+        s.farms == 3 && s.datapath_loaded
+    });
     let tmp = tempfile::tempdir().expect("tempdir");
     let haproxy_cfg = tmp.path().join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, HAPROXY).expect("haproxy.cfg");
     let ceiling = tmp.path().join("ceiling.nft");
     std::fs::write(&ceiling, CEILING).expect("ceiling.nft");
-    let ceiling = ceiling.to_string_lossy().into_owned();
+    lab.lb
+        .exec("nft", &["-f", &ceiling.to_string_lossy()])
+        .expect("ceiling rule");
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
+    let mut haproxy = lab.lab.spawn(&lab.lb, &mut cmd).expect("haproxy");
+    lab.client
+        .wait_tcp(
+            "10.0.0.102:80".parse().expect("addr"),
+            Duration::from_secs(5),
+        )
+        .expect("haproxy up");
 
-    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
-        ("Tandem (lb-forwarder nftables)", vec![], vec![]),
-        ("minimal nftables DNAT (ceiling)", vec![], vec![]),
-        ("HAProxy 2.6 TCP mode", vec![], vec![]),
-    ];
-    // The order alternates (T C H, then H C T), so Tandem and the ceiling
-    // are always measured next to each other; each ratio is taken within a
-    // round, and the table shows the median of those ratios. Background load
-    // on the machine then shifts both sides of a ratio alike.
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = DATAPATHS
+        .iter()
+        .map(|(name, _)| (*name, Vec::new(), Vec::new()))
+        .collect();
+    // Every datapath at once, new connections then requests; each ratio is
+    // taken within a round and the table shows the median of those ratios.
     for round in 0..rounds {
-        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
-        for which in order {
-            let (conns, reqs) = match which {
-                // (a) Tandem: lb-forwarder owns the datapath.
-                0 => {
-                    if lab.fwd.is_none() {
-                        lab.start();
-                    }
-                    let m = (new_connections(&lab, 50), requests(&lab));
-                    if let Some(mut f) = lab.fwd.take() {
-                        let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
-                        let _ = f.wait_timeout(Duration::from_secs(5));
-                    }
-                    lab.lb
-                        .exec("nft", &["delete", "table", "inet", "tandem"])
-                        .expect("remove tandem table");
-                    m
-                }
-                // (b) the ceiling: one hand-written rule.
-                1 => {
-                    lab.lb.exec("nft", &["-f", &ceiling]).expect("ceiling rule");
-                    let m = (new_connections(&lab, 52), requests(&lab));
-                    lab.lb
-                        .exec("nft", &["delete", "table", "ip", "bench"])
-                        .expect("remove ceiling");
-                    m
-                }
-                // (c) HAProxy on the VIP, same backends, same SNAT source.
-                _ => {
-                    let mut cmd = Command::new("haproxy");
-                    cmd.arg("-db").arg("-f").arg(&haproxy_cfg);
-                    let mut haproxy = lab.lab.spawn(&lab.lb, &mut cmd).expect("haproxy");
-                    lab.client
-                        .wait_tcp(
-                            format!("{VIP}:80").parse().expect("addr"),
-                            Duration::from_secs(5),
-                        )
-                        .expect("haproxy up");
-                    let m = (new_connections(&lab, 54), requests(&lab));
-                    let _ = haproxy.kill(nix::sys::signal::Signal::SIGTERM);
-                    let _ = haproxy.wait_timeout(Duration::from_secs(5));
-                    m
-                }
-            };
-            results[which].1.push(conns);
-            results[which].2.push(reqs);
+        let conns: Vec<Counting> = DATAPATHS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, vip))| new_connections(&lab, vip, 2 * i))
+            .collect();
+        for (i, h) in conns.into_iter().enumerate() {
+            results[i].1.push(rate(h));
+        }
+        let reqs: Vec<Counting> = DATAPATHS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, vip))| requests(&lab, vip, 12 + 2 * i))
+            .collect();
+        for (i, h) in reqs.into_iter().enumerate() {
+            results[i].2.push(rate(h));
         }
         eprintln!("round {} done", round + 1);
+    }
+    let _ = haproxy.kill(nix::sys::signal::Signal::SIGTERM);
+    let _ = haproxy.wait_timeout(Duration::from_secs(5));
+    // The apply timings below own the table: lb-forwarder stops first.
+    if let Some(mut f) = lab.fwd.take() {
+        let _ = f.kill(nix::sys::signal::Signal::SIGTERM);
+        let _ = f.wait_timeout(Duration::from_secs(5));
     }
 
     let ratio = |mine: &[f64], ceiling: &[f64]| {
@@ -244,13 +275,13 @@ fn main() {
         t.add_row([
             (*name).to_owned(),
             format!("{:.0}", median(conns.clone())),
-            format!("{:.2}", ratio(conns, &results[1].1)),
+            format!("{:.2}", ratio(conns, &results[CEIL].1)),
             format!("{:.0}", median(reqs.clone())),
-            format!("{:.2}", ratio(reqs, &results[1].2)),
+            format!("{:.2}", ratio(reqs, &results[CEIL].2)),
         ]);
     }
     println!(
-        "Throughput through the VIP, median of {rounds} rounds of {} s (ratios: median of the per-round ratios), {THREADS} client threads, 3 backends (thread per connection):",
+        "Throughput through each VIP, median of {rounds} rounds of {} s, the five datapaths driven at once (ratios: median of the per-round ratios), {THREADS} client threads each, 3 backends (thread per connection):",
         RUN.as_secs()
     );
     println!("{t}");
