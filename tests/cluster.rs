@@ -217,6 +217,18 @@ fn destroy_leaves_two_standalone_nodes_and_the_master_keeps_the_vips() {
         l.cfgsync_status("lb1").direction() == v1::SyncDirection::None
             && l.cfgsync_status("lb2").direction() == v1::SyncDirection::None
     });
+    // Both green at once: an error left by the replication that ended (a
+    // push the peer refused) does not make a standalone node red.
+    lab.wait_for(
+        "both nodes green and standalone",
+        Duration::from_secs(3),
+        |l| {
+            ["lb1", "lb2"].iter().all(|n| {
+                let out = l.tandemctl(n, &["status"], "");
+                text(&out.stdout).starts_with(&format!("{n}: ● green operational, standalone"))
+            })
+        },
+    );
     // Standalone: a second destroy has nothing to do.
     let again = lab.tandemctl("lb1", &["cluster", "destroy", "--yes"], "");
     assert!(!again.status.success());

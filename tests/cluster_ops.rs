@@ -85,6 +85,13 @@ fn node_table_is_green_master_backup_then_red_for_a_dead_daemon_and_grey_for_a_l
             .is_some_and(|m| m.contains("lb2") && m.contains("unreachable")),
         "{t:?}"
     );
+    // Its role: the last one heard, with its age, not "unknown".
+    assert!(
+        row(&t, "lb2").unwrap()["role"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("unreachable (was backup ") && r.ends_with(" ago)")),
+        "{t:?}"
+    );
 }
 
 #[test]

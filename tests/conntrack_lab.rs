@@ -8,10 +8,11 @@
 //! backends :5353, round robin). Backends answer a TCP connection with their
 //! name and echo lines; a UDP datagram with `<name> <payload>`.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::Command;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -34,6 +35,8 @@ pub struct ClusterLab {
     pub client: Netns,
     pub nodes: Vec<Node>,
     pub backends: Vec<Netns>,
+    /// Where `start_logged` puts each daemon's log.
+    pub logs: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -118,11 +121,14 @@ impl ClusterLab {
             udp_backend(&ns, &format!("b{i}"));
             backends.push(ns);
         }
+        let logs = tmp.path().join("logs");
+        std::fs::create_dir_all(&logs).expect("log dir");
         ClusterLab {
             lab,
             client,
             nodes,
             backends,
+            logs,
             _tmp: tmp,
         }
     }
@@ -156,6 +162,159 @@ impl ClusterLab {
         )
         .expect("daemon serving");
         n.daemons.push((daemon, child));
+    }
+
+    /// Starts a daemon with its output appended to `logs/<node>-<daemon>.log`
+    /// (kept across restarts), and waits for its socket.
+    pub fn start_logged(&mut self, node: &str, daemon: &'static str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(node, daemon))
+            .expect("log file");
+        let lab = &self.lab;
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let mut cmd = Command::new(crate::bin(daemon));
+        cmd.arg("--config-dir")
+            .arg(&n.config_dir)
+            .arg("--runtime-dir")
+            .arg(&n.runtime_dir)
+            .arg("--state-dir")
+            .arg(crate::state_dir_beside(&n.runtime_dir))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
+        tandem_lab::wait_for_unix_socket(
+            &n.runtime_dir.join(format!("{daemon}.sock")),
+            Duration::from_secs(10),
+        )
+        .expect("daemon serving");
+        n.daemons.push((daemon, child));
+    }
+
+    pub fn log_path(&self, node: &str, daemon: &str) -> PathBuf {
+        self.logs.join(format!("{node}-{daemon}.log"))
+    }
+
+    /// What a daemon started with `start_logged` has written so far.
+    pub fn log(&self, node: &str, daemon: &str) -> String {
+        std::fs::read_to_string(self.log_path(node, daemon)).unwrap_or_default()
+    }
+
+    /// Sends `signal` to one daemon of a node (SIGSTOP, SIGCONT...).
+    pub fn signal(&mut self, node: &str, daemon: &str, signal: Signal) {
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let (_, child) = n
+            .daemons
+            .iter_mut()
+            .find(|(d, _)| *d == daemon)
+            .expect("daemon running");
+        child.kill(signal).expect("signal daemon");
+    }
+
+    /// Kills one daemon of a node (SIGKILL: a crash) and forgets it.
+    pub fn crash(&mut self, node: &str, daemon: &str) {
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("node");
+        let i = n
+            .daemons
+            .iter()
+            .position(|(d, _)| *d == daemon)
+            .expect("daemon running");
+        let (_, mut child) = n.daemons.remove(i);
+        let _ = child.kill(Signal::SIGKILL);
+        let _ = child.wait_timeout(Duration::from_secs(5));
+    }
+
+    /// The PID of a daemon of a node.
+    pub fn pid(&self, node: &str, daemon: &str) -> i32 {
+        self.node(node)
+            .daemons
+            .iter()
+            .find(|(d, _)| *d == daemon)
+            .map(|(_, c)| c.pid().as_raw())
+            .expect("daemon running")
+    }
+
+    /// The MAC address of a node's interface.
+    pub fn mac(&self, node: &str, ifname: &str) -> String {
+        let out = self
+            .node(node)
+            .ns
+            .ip(&["-o", "link", "show", "dev", ifname])
+            .expect("ip link");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("a MAC address")
+            .to_owned()
+    }
+
+    /// Points the client's neighbour entry for the VIP and the backends'
+    /// for the floating SNAT address at `node`, as their ARP caches do for
+    /// a while after that node announced them (a gratuitous ARP), whoever
+    /// is master now.
+    pub fn pin_neighbours_to(&self, node: &str) {
+        let (lan, back) = (self.mac(node, "eth0"), self.mac(node, "eth1"));
+        self.client
+            .ip(&[
+                "neigh",
+                "replace",
+                VIP,
+                "lladdr",
+                &lan,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])
+            .expect("client neighbour");
+        for b in &self.backends {
+            b.ip(&[
+                "neigh",
+                "replace",
+                "10.1.0.100",
+                "lladdr",
+                &back,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])
+            .expect("backend neighbour");
+        }
+    }
+
+    /// Original tuples of the flows to the VIP in a node's kernel table.
+    pub fn vip_tuples(&self, node: &str) -> HashSet<tandem_conntrack::Tuple> {
+        let vip: IpAddr = VIP.parse().expect("VIP");
+        self.node(node)
+            .ns
+            .run(move || {
+                let mut ct = tandem_conntrack::Conntrack::open().expect("ctnetlink");
+                ct.dump()
+                    .expect("dump")
+                    .into_iter()
+                    .map(|r| r.entry.original)
+                    .filter(|t| t.dst == vip)
+                    .collect()
+            })
+            .expect("node netns")
     }
 
     /// Starts vrrpd, lb-forwarder and, with `sync`, conntrack-syncd on both
@@ -244,6 +403,31 @@ impl ClusterLab {
             .count()
     }
 
+    /// TCP connections to the VIP from these exact source addresses and
+    /// ports (port 0: any), each with the name of the backend that answered.
+    pub fn connect_from(&self, sources: &[SocketAddr]) -> Vec<(String, TcpStream)> {
+        let sources = sources.to_vec();
+        let dst: SocketAddr = format!("{VIP}:80").parse().expect("dst");
+        self.client
+            .run(move || {
+                sources
+                    .iter()
+                    .map(|src| {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        s.set_reuse_address(true)?;
+                        s.bind(&(*src).into())?;
+                        greet(s, &dst)
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .expect("client thread")
+            .expect("connections to the VIP")
+    }
+
     /// `n` TCP connections to the VIP from the client, each with the name
     /// of the backend that answered.
     pub fn connect_many(&self, n: usize) -> Vec<(String, TcpStream)> {
@@ -260,13 +444,7 @@ impl ClusterLab {
                             None,
                         )?;
                         s.bind(&src.into())?;
-                        s.connect_timeout(&dst.into(), Duration::from_secs(2))?;
-                        let s: TcpStream = s.into();
-                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                        s.set_nodelay(true)?;
-                        let mut name = String::new();
-                        BufReader::new(s.try_clone()?).read_line(&mut name)?;
-                        Ok((name.trim().to_owned(), s))
+                        greet(s, &dst)
                     })
                     .collect::<std::io::Result<Vec<_>>>()
             })
@@ -296,6 +474,184 @@ impl Default for ClusterLab {
     fn default() -> Self {
         ClusterLab::new()
     }
+}
+
+/// New TCP flows through the VIP as fast as a SYN flood makes them:
+/// `flows` SYNs from the client's 8 addresses (one source port each),
+/// paced evenly over `over`, from a raw socket in the client's namespace.
+/// The client drops its own resets (the SYN-ACKs find no socket), so each
+/// flow stays half-open (SYN_RECV, 60 s) on the balancer. Returns the
+/// (source address, port) of every flow sent.
+/// Connects a socket to `dst` and reads the backend's greeting (its
+/// name). A loaded machine may drop a SYN (resent after 1 s, 3 s) or be
+/// slow to answer: the connection and the greeting get generous
+/// timeouts; later reads, which decide whether a connection survived a
+/// failover, get 3 s.
+fn greet(s: socket2::Socket, dst: &SocketAddr) -> std::io::Result<(String, TcpStream)> {
+    s.connect_timeout(&(*dst).into(), Duration::from_secs(8))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    let mut name = String::new();
+    BufReader::new(s.try_clone()?).read_line(&mut name)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok((name.trim().to_owned(), s))
+}
+
+pub fn syn_burst(client: &Netns, flows: usize, over: Duration) -> Vec<(IpAddr, u16)> {
+    client
+        .exec(
+            "nft",
+            &["add table inet burst; add chain inet burst out { type filter hook output priority 0; }; add rule inet burst out tcp flags & rst == rst drop"],
+        )
+        .expect("drop the client's resets");
+    client
+        .run(move || {
+            let raw = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(libc_ipproto_raw())),
+            )?;
+            let vip: std::net::Ipv4Addr = VIP.parse().expect("VIP");
+            let dst = socket2::SockAddr::from(SocketAddr::new(IpAddr::V4(vip), 0));
+            let start = Instant::now();
+            let mut sent = Vec::with_capacity(flows);
+            for n in 0..flows {
+                let src = std::net::Ipv4Addr::new(10, 0, 0, 50 + (n % 8) as u8);
+                let port = 1024 + (n / 8) as u16;
+                let packet = syn_packet(src, port, vip, 80, n as u32);
+                raw.send_to(&packet, &dst)?;
+                sent.push((IpAddr::V4(src), port));
+                // Even pacing, checked every 64 packets.
+                if n % 64 == 63 {
+                    let due = over.mul_f64((n + 1) as f64 / flows as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            Ok::<_, std::io::Error>(sent)
+        })
+        .expect("client netns")
+        .expect("SYN burst")
+}
+
+/// IPPROTO_RAW: the socket sends whole IP packets (IP_HDRINCL implied).
+fn libc_ipproto_raw() -> i32 {
+    255
+}
+
+/// An IPv4 TCP SYN, checksums included.
+fn syn_packet(
+    src: std::net::Ipv4Addr,
+    sport: u16,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let ip_sum = checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let tcp = &mut p[20..];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo: u32 = 0;
+    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += 6 + 20;
+    let sum = checksum(tcp, pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// The Internet checksum (RFC 1071) of `data`, starting from `sum`.
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for w in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Closes connections with a reset (SO_LINGER 0): the client keeps no
+/// TIME_WAIT, so its ports can be used again at once, and the balancers'
+/// entries go to CLOSE (10 s) and expire.
+pub fn reset(conns: Vec<(String, TcpStream)>) {
+    for (_, s) in conns {
+        let s = socket2::Socket::from(s);
+        let _ = s.set_linger(Some(Duration::ZERO));
+        drop(s);
+    }
+}
+
+/// How many of `conns` still carry bytes both ways: each sends a line with
+/// 1,000 bytes and must read it back intact (all at once, so that broken
+/// ones cost one read timeout in all, not one each).
+pub fn survivors(conns: &mut [(String, TcpStream)], tag: &str) -> usize {
+    std::thread::scope(|scope| {
+        let checks: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| {
+                scope.spawn(move || echo(s, &format!("{tag} {i} {}", "x".repeat(1000))).is_some())
+            })
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| c.join())
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    })
+}
+
+/// Peak resident memory of a process (VmHWM), in kB.
+pub fn peak_rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The UDP payloads of the IPv4 packets in a pcap file (tcpdump -w) whose
+/// source is `from` (Ethernet link type).
+pub fn pcap_udp_payloads(path: &Path, from: IpAddr) -> Vec<Vec<u8>> {
+    let data = std::fs::read(path).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let incl =
+            u32::from_le_bytes([data[at + 8], data[at + 9], data[at + 10], data[at + 11]]) as usize;
+        let pkt = &data[(at + 16).min(data.len())..(at + 16 + incl).min(data.len())];
+        at += 16 + incl;
+        // Ethernet, IPv4 (no options checked beyond IHL), UDP.
+        if pkt.len() < 14 + 20 + 8 || pkt[12..14] != [0x08, 0x00] || pkt[14 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(pkt[14] & 0x0f) * 4;
+        let src = IpAddr::from([pkt[26], pkt[27], pkt[28], pkt[29]]);
+        if src != from || pkt.len() < 14 + ihl + 8 {
+            continue;
+        }
+        out.push(pkt[14 + ihl + 8..].to_vec());
+    }
+    out
 }
 
 /// Sends `text` on a connection and reads the echo; None if the connection

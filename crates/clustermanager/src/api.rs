@@ -152,6 +152,42 @@ impl ClusterManagerApi {
         Ok(reply)
     }
 
+    /// This node's Status, and its daemons' Status it was judged from.
+    async fn own_status(&self) -> (v1::ClusterManagerStatus, local::LocalStatuses) {
+        let loaded = self.shared.config.current();
+        let (v, st) = self.local_verdict().await;
+        let control = self
+            .shared
+            .control_api
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let status = v1::ClusterManagerStatus {
+            daemon: Some(self.shared.config.daemon_info()),
+            role: v.role.into(),
+            health: v.health.into(),
+            message: v.message,
+            clustered: loaded.config.cluster.is_some(),
+            manifest_hash: st
+                .cfgsync
+                .running()
+                .map(|c| c.manifest_hash.clone())
+                .unwrap_or_default(),
+            address: loaded
+                .config
+                .node
+                .cluster_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            control_listen: control
+                .as_ref()
+                .map(|c| c.listen.to_string())
+                .unwrap_or_default(),
+            control_fingerprint: control.map(|c| c.fingerprint).unwrap_or_default(),
+        };
+        (status, st)
+    }
+
     async fn node_table(&self) -> v1::NodeTable {
         let loaded = self.shared.config.current();
         let (v, _) = self.local_verdict().await;
@@ -169,6 +205,7 @@ impl ClusterManagerApi {
             hostname: loaded.config.node.name.clone(),
             health: v.health.into(),
             message: v.message,
+            last_seen_unix_ms: 0,
         }];
         if let Some((name, addr)) = peer_of(&loaded.config) {
             let mut row = v1::NodeEntry {
@@ -188,7 +225,11 @@ impl ClusterManagerApi {
                     }
                 }
                 Err(e) => {
-                    row.set_role(NodeRole::Unspecified);
+                    // The last role heard, and when: better than nothing
+                    // for an operator deciding what the peer is doing.
+                    let (role, seen) = self.shared.peer.last_seen().unwrap_or_default();
+                    row.role = role.into();
+                    row.last_seen_unix_ms = seen;
                     row.set_health(NodeHealth::Unreachable);
                     row.message = e.to_string();
                 }
@@ -205,26 +246,7 @@ impl ClusterManager for ClusterManagerApi {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::ClusterManagerStatus>, Status> {
-        let loaded = self.shared.config.current();
-        let (v, st) = self.local_verdict().await;
-        Ok(Response::new(v1::ClusterManagerStatus {
-            daemon: Some(self.shared.config.daemon_info()),
-            role: v.role.into(),
-            health: v.health.into(),
-            message: v.message,
-            clustered: loaded.config.cluster.is_some(),
-            manifest_hash: st
-                .cfgsync
-                .running()
-                .map(|c| c.manifest_hash.clone())
-                .unwrap_or_default(),
-            address: loaded
-                .config
-                .node
-                .cluster_address
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-        }))
+        Ok(Response::new(self.own_status().await.0))
     }
 
     async fn reload(
@@ -232,6 +254,36 @@ impl ClusterManager for ClusterManagerApi {
         _: Request<v1::ReloadRequest>,
     ) -> Result<Response<v1::ReloadReply>, Status> {
         Ok(Response::new(self.shared.config.reload().into()))
+    }
+
+    async fn daemon_statuses(
+        &self,
+        _: Request<v1::DaemonStatusesRequest>,
+    ) -> Result<Response<v1::DaemonStatusesReply>, Status> {
+        let (own, st) = self.own_status().await;
+        Ok(Response::new(crate::control_api::daemon_statuses(
+            &self.shared.runtime_dir,
+            own,
+            st,
+        )))
+    }
+
+    async fn list_farms(
+        &self,
+        _: Request<v1::ListFarmsRequest>,
+    ) -> Result<Response<v1::ListFarmsReply>, Status> {
+        crate::control_api::list_farms(&self.shared.runtime_dir)
+            .await
+            .map(Response::new)
+    }
+
+    async fn read_config(
+        &self,
+        _: Request<v1::ReadConfigRequest>,
+    ) -> Result<Response<v1::ReadConfigReply>, Status> {
+        crate::control_api::read_config(&self.shared.config_dir)
+            .await
+            .map(Response::new)
     }
 
     async fn create_cluster(

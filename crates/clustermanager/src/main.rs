@@ -1,7 +1,9 @@
 //! clustermanager — the cluster lifecycle, the node table, role orchestration and command replication.
 
 mod api;
+mod auth;
 mod conductor;
+mod control_api;
 mod create;
 mod destroy;
 mod edit;
@@ -128,6 +130,13 @@ fn main() -> ExitCode {
             ctx.daemon,
             &shared.config,
             Arc::new(tandem_runtime::metrics::registry("clustermanager")),
+            ctx.shutdown(),
+        );
+        // Opt-in TCP listener with TLS and API keys (node.toml control_listen).
+        control_api::spawn(
+            shared.clone(),
+            create.clone(),
+            ctx.state_dir().to_owned(),
             ctx.shutdown(),
         );
         tokio::spawn(conductor::run(shared.clone(), ctx.shutdown()));

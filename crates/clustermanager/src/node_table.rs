@@ -172,7 +172,10 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
     }
     let mut notes = Vec::new();
     if let Some(c) = cfg {
-        if !c.last_error.is_empty() {
+        // A standalone node has no peer to replicate to: an error left
+        // from before `cluster destroy` (a push the former peer refused,
+        // its direction now NONE) says nothing about this node.
+        if !c.last_error.is_empty() && !ctx.standalone {
             // A master whose pushes fail only because the peer is gone is
             // not broken itself: the peer's row is grey and says so;
             // cfg-syncd catches up when it returns.
@@ -522,6 +525,26 @@ mod tests {
             Probe::Running(c) => c,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn a_standalone_node_is_green_despite_a_push_error_left_from_before_destroy() {
+        let mut st = healthy(VrrpState::Standalone);
+        if let Probe::Running(c) = &mut st.cfgsync {
+            c.last_error = "peer lb2: The system is not in a state required for the operation's execution: lb2 does not receive configuration (sync direction SYNC_DIRECTION_NONE)".into();
+            c.set_direction(v1::SyncDirection::None);
+        }
+        let standalone = Context {
+            peer_reachable: false,
+            peer_name: String::new(),
+            standalone: true,
+            ..reachable()
+        };
+        let v = judge(&st, &standalone);
+        assert_eq!(v.health, NodeHealth::Operational, "{}", v.message);
+        // The control: clustered, the same error is a failure.
+        let v = judge(&st, &reachable());
+        assert_eq!(v.health, NodeHealth::Failure, "{}", v.message);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct PeerLink {
     link: Mutex<Link>,
     /// Held while a connection attempt runs.
     connecting: Mutex<()>,
+    /// The role in the peer's last Status answer, and when (Unix ms).
+    last_seen: std::sync::Mutex<Option<(v1::NodeRole, i64)>>,
 }
 
 /// Why the peer could not be asked.
@@ -65,7 +67,33 @@ impl PeerLink {
                 up_logged: None,
             }),
             connecting: Mutex::new(()),
+            last_seen: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The peer's role when its clustermanager last answered Status, and
+    /// when (Unix ms); None if it never did.
+    pub fn last_seen(&self) -> Option<(v1::NodeRole, i64)> {
+        *self
+            .last_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn seen(
+        &self,
+        r: Result<v1::ClusterManagerStatus, PeerError>,
+    ) -> Result<v1::ClusterManagerStatus, PeerError> {
+        if let Ok(s) = &r {
+            *self
+                .last_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+                s.role(),
+                tandem_runtime::unix_ms(std::time::SystemTime::now()),
+            ));
+        }
+        r
     }
 
     /// A client of the peer's clustermanager, connecting if needed — unless
@@ -253,10 +281,12 @@ impl PeerLink {
 
     /// The peer clustermanager's Status.
     pub async fn status(&self, config: &ConfigCell) -> Result<v1::ClusterManagerStatus, PeerError> {
-        self.call(config, |mut c| async move {
-            c.status(v1::StatusRequest {}).await
-        })
-        .await
+        let r = self
+            .call(config, |mut c| async move {
+                c.status(v1::StatusRequest {}).await
+            })
+            .await;
+        self.seen(r)
     }
 
     /// The peer clustermanager's Status for an operator's request: at once
@@ -265,10 +295,12 @@ impl PeerLink {
         &self,
         config: &ConfigCell,
     ) -> Result<v1::ClusterManagerStatus, PeerError> {
-        self.call_now(config, |mut c| async move {
-            c.status(v1::StatusRequest {}).await
-        })
-        .await
+        let r = self
+            .call_now(config, |mut c| async move {
+                c.status(v1::StatusRequest {}).await
+            })
+            .await;
+        self.seen(r)
     }
 
     /// A session is up (no connection attempt is made).

@@ -28,6 +28,8 @@ pub struct Shared {
     pub peer_sequence: Mutex<u64>,
     /// When the failback gate last began holding this node (Unix ms).
     pub hold_started_ms: AtomicI64,
+    /// The control API, while it is served (control_api.rs).
+    pub control_api: Mutex<Option<crate::control_api::Served>>,
     orchestrator: Mutex<Orchestrator>,
 }
 
@@ -58,6 +60,7 @@ impl Shared {
             next_sequence: AtomicU64::new(start_us),
             peer_sequence: Mutex::new(0),
             hold_started_ms: AtomicI64::new(0),
+            control_api: Mutex::new(None),
             orchestrator: Mutex::new(Orchestrator::new(&node, preferred)),
         }
     }

@@ -4,5 +4,6 @@
 pub mod engine;
 pub mod kernel;
 pub mod metrics;
+pub mod priority;
 pub mod role;
 pub mod sync;

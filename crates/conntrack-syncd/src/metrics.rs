@@ -2,7 +2,7 @@
 //! engine's snapshot: the Status RPC's fields plus the sync protocol's own
 //! counters.
 
-use tandem_proto::v1::SyncRole;
+use tandem_proto::v1::{self, SyncRole};
 use tandem_runtime::metrics::prometheus_client::registry::Registry;
 use tandem_runtime::metrics::{self, FnCollector, Series};
 use tokio::sync::watch;
@@ -51,6 +51,51 @@ pub fn registry(snapshot: watch::Receiver<Snapshot>) -> Registry {
             "Replicated records the kernel refused",
             st.apply_errors,
         )?;
+        s.gauges(
+            "conntrack_sync_health",
+            "1 for this node's replication health: ok (green), degraded (yellow: lag or a resync over its threshold), failed (red: the peer silent or refusing)",
+            [
+                ("ok", v1::SyncHealth::Ok),
+                ("degraded", v1::SyncHealth::Degraded),
+                ("failed", v1::SyncHealth::Failed),
+            ]
+            .map(|(name, h)| ([("health", name)], if st.health() == h { 1.0 } else { 0.0 })),
+        )?;
+        s.counter(
+            "conntrack_sync_foreign_records_dropped",
+            "Peer records of flows outside this node's farms, dropped",
+            snap.shell.foreign_records_dropped,
+        )?;
+        s.counter(
+            "conntrack_sync_entries_replaced",
+            "Entries replaced (delete + create) because their NAT differed from the peer's",
+            snap.shell.replaced,
+        )?;
+        s.counter(
+            "conntrack_sync_stale_entries_removed",
+            "Entries a complete resync from the master did not hold, deleted",
+            snap.shell.stale_removed,
+        )?;
+        s.counter(
+            "conntrack_sync_event_overruns",
+            "Times kernel events were lost (event socket receive buffer full)",
+            snap.shell.event_overruns,
+        )?;
+        s.gauge(
+            "conntrack_sync_favoured",
+            "1 while the daemon runs at the favoured niceness (--nice) because it fell behind",
+            u8::from(snap.shell.favoured),
+        )?;
+        s.counter(
+            "conntrack_sync_times_favoured",
+            "Times the daemon fell behind and was favoured (--nice)",
+            snap.shell.times_favoured,
+        )?;
+        s.gauge(
+            "conntrack_sync_own_flows",
+            "Flows this node forwards and replicates to the peer (known since the daemon started)",
+            snap.shell.own_flows as f64,
+        )?;
         s.gauge(
             "conntrack_sync_last_resync_timestamp_seconds",
             "When the last bulk resync from the peer completed (0: never)",
@@ -72,9 +117,24 @@ pub fn registry(snapshot: watch::Receiver<Snapshot>) -> Registry {
                 ResyncState::Requested | ResyncState::InProgress
             )),
         )?;
-        // The replication backlog: what the peer has not acknowledged yet
-        // and what waits for the next datagram. With no clock shared with
-        // the peer, this is the lag measure available.
+        let lag = &sync.lag_histogram;
+        s.histogram(
+            "conntrack_sync_lag_seconds",
+            "Replication lag per record: kernel event on this node to the peer's acknowledgement (sent once applied)",
+            lag.sum_s,
+            lag.count,
+            &lag.buckets,
+        )?;
+        s.gauge(
+            "conntrack_sync_lag_now_seconds",
+            "Age of the oldest change not yet acknowledged by the peer (0: none pending)",
+            sync.lag_now.as_secs_f64(),
+        )?;
+        s.gauge(
+            "conntrack_sync_congestion_window",
+            "Datagrams this node may have in flight to the peer (grows with acknowledgements, halves on a loss)",
+            sync.cwnd as f64,
+        )?;
         s.gauge(
             "conntrack_sync_unacked_datagrams",
             "Datagrams sent and not yet acknowledged by the peer",
@@ -127,9 +187,24 @@ pub fn registry(snapshot: watch::Receiver<Snapshot>) -> Registry {
             c.retransmissions,
         )?;
         s.counter(
-            "conntrack_sync_evicted_unacked",
-            "Unacknowledged datagrams pushed out of the full window",
-            c.evicted_unacked,
+            "conntrack_sync_window_cuts",
+            "Times the congestion window was cut after a loss",
+            c.window_cuts,
+        )?;
+        s.counter(
+            "conntrack_sync_records_coalesced",
+            "Changes folded into a queued record of the same flow",
+            c.records_coalesced,
+        )?;
+        s.counter(
+            "conntrack_sync_data_datagrams_sent",
+            "Data datagrams sent (first transmissions; records_sent over this is records per datagram)",
+            c.data_datagrams_sent,
+        )?;
+        s.counter(
+            "conntrack_sync_queue_overflows",
+            "Times the send queue reached conntrack_queue_limit and was dropped (a bulk resync followed)",
+            c.queue_overflows,
         )?;
         s.counters(
             "conntrack_sync_rejected",
@@ -138,7 +213,7 @@ pub fn registry(snapshot: watch::Receiver<Snapshot>) -> Registry {
                 ("authentication", c.rejected_authentication),
                 ("version", c.rejected_version),
                 ("malformed", c.rejected_malformed),
-                ("stale", c.rejected_stale),
+                ("stale_epoch", c.rejected_stale),
                 ("beyond_window", c.dropped_beyond_window),
             ]
             .map(|(reason, n)| ([("reason", reason)], n)),

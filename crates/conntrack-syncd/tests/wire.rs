@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use conntrack_syncd::sync::wire::{
     AckInfo, DEFAULT_MAX_DATAGRAM, Datagram, DecodeError, EncodeError, HEADER_LEN, KeyError,
-    MAX_RECORD_LEN, Message, Record, RejectReason, SeqRange, SyncKey, TAG_LEN,
+    MAX_RECORD_LEN, Message, Record, RejectReason, SeqRange, SyncKey, TAG_LEN, VERSION,
 };
 use tandem_conntrack::{Entry, TcpInfo, Tuple};
 
@@ -153,17 +153,23 @@ fn expected(name: &str) -> Datagram {
             ack: None,
             message: Message::Alive,
         },
+        "challenge.hex" => Datagram {
+            epoch: B,
+            seq: 4,
+            ack: Some(AckInfo { epoch: A, next: 0 }),
+            message: Message::Alive,
+        },
         "resync-request.hex" => Datagram {
             epoch: B,
             seq: 4,
             ack: Some(AckInfo { epoch: A, next: 9 }),
-            message: Message::ResyncRequest,
+            message: Message::ResyncRequest { id: 3 },
         },
         "bulk-begin.hex" => Datagram {
             epoch: A,
             seq: 9,
             ack: Some(AckInfo { epoch: B, next: 4 }),
-            message: Message::BulkBegin,
+            message: Message::BulkBegin { complete: true },
         },
         "bulk-end.hex" => Datagram {
             epoch: A,
@@ -175,11 +181,12 @@ fn expected(name: &str) -> Datagram {
     }
 }
 
-const VECTORS: [&str; 7] = [
+const VECTORS: [&str; 8] = [
     "data-ipv4.hex",
     "data-ipv6.hex",
     "ack.hex",
     "alive.hex",
+    "challenge.hex",
     "resync-request.hex",
     "bulk-begin.hex",
     "bulk-end.hex",
@@ -276,9 +283,9 @@ fn framing_errors_are_named_before_authentication() {
         Err(DecodeError::Magic(0x5843))
     );
     let mut b = good.clone();
-    b[2] = 2;
+    b[2] = 1;
     let err = Datagram::decode(&b, &key()).unwrap_err();
-    assert_eq!(err, DecodeError::Version(2));
+    assert_eq!(err, DecodeError::Version(1));
     assert_eq!(err.reason(), RejectReason::Version);
     let mut b = good.clone();
     b.push(0);
@@ -385,18 +392,41 @@ fn field_errors_behind_a_valid_tag_are_named() {
         // Every error reads as a sentence.
         assert!(!want.to_string().is_empty());
     }
-    // A payload where none belongs.
-    let mut b = vector("bulk-begin.hex");
+    // A payload where none belongs, and one of the wrong size.
+    let mut b = vector("alive.hex");
     let tag_at = b.len() - TAG_LEN;
     b.insert(tag_at, 0);
     b[7] = 1;
     assert_eq!(
         Datagram::decode(&resign(b), &key()),
         Err(DecodeError::PayloadSize {
-            message: "bulk-begin",
+            message: "alive",
             len: 1,
             expected: 0
         })
+    );
+    let mut b = vector("resync-request.hex");
+    let tag_at = b.len() - TAG_LEN;
+    b.remove(tag_at - 1);
+    b[7] = 3;
+    assert_eq!(
+        Datagram::decode(&resign(b), &key()),
+        Err(DecodeError::PayloadSize {
+            message: "resync-request",
+            len: 3,
+            expected: 4
+        })
+    );
+    // Bulk-begin flags other than "complete".
+    let b = vector("bulk-begin.hex");
+    let at = b.len() - TAG_LEN - 1;
+    assert_eq!(
+        Datagram::decode(&set(&b, at, 0x03), &key()),
+        Err(DecodeError::BulkFlags(0x03))
+    );
+    assert_eq!(
+        Datagram::decode(&set(&b, at, 0), &key()).map(|d| d.message),
+        Ok(Message::BulkBegin { complete: false })
     );
 }
 
@@ -431,7 +461,7 @@ fn random_bytes_are_rejected_without_panic() {
         let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         // Half of them with a valid magic and version, to get past framing.
         if len >= 3 && rng.below(2) == 0 {
-            b[..3].copy_from_slice(&[b'T', b'C', 1]);
+            b[..3].copy_from_slice(&[b'T', b'C', VERSION]);
         }
         assert!(Datagram::decode(&b, &key()).is_err());
     }

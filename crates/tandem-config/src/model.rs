@@ -27,6 +27,20 @@ pub struct NodeConfig {
     /// Where to serve Prometheus metrics; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The control API: clustermanager's gRPC service over TLS on this TCP
+    /// address (`ip:port`), for tandemctl `--remote` and automation; off
+    /// when absent. Every call needs an `[[api_keys]]` token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_listen: Option<SocketAddr>,
+    /// The control API's certificate chain (PEM), with `control_tls_key`;
+    /// a relative path is relative to the configuration directory. Both
+    /// absent: a self-signed pair generated once in the state directory,
+    /// which clients pin by its SHA-256 fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `control_tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_tls_key: Option<PathBuf>,
     /// API keys accepted by the control API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<ApiKey>,
@@ -111,6 +125,31 @@ pub struct ApiKey {
     pub name: String,
     /// SHA-256 of the token, 64 lowercase hex digits (`sha256sum` output).
     pub sha256: String,
+    /// What the key may do: `"read"` (the default: status, node table,
+    /// farms, events) or `"admin"` (also every change).
+    #[serde(default)]
+    pub role: ApiRole,
+}
+
+/// The role of an API key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiRole {
+    /// Reads only: status, node table, cluster settings, farms, events.
+    #[default]
+    Read,
+    /// Reads and changes: farms, backends, cluster settings, maintenance,
+    /// reload, destroy.
+    Admin,
+}
+
+impl fmt::Display for ApiRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ApiRole::Read => "read",
+            ApiRole::Admin => "admin",
+        })
+    }
 }
 
 /// `cluster.toml`: the cluster, replicated to every node.
@@ -408,6 +447,14 @@ pub struct SyncSettings {
     /// from the configuration directory (see [`SyncSettings::key_path`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Most connection changes conntrack-syncd queues for the peer, 1024 to
+    /// 16777216, default 131072 (about 25 MB at most). Changes of one flow
+    /// fold into one entry, so this bounds the flows with unsent changes;
+    /// beyond it the queue is dropped and one bulk resync follows.
+    pub conntrack_queue_limit: u32,
+    /// Replication lag above this for more than a few seconds makes
+    /// conntrack-syncd's health degraded (yellow), 10 to 600000 ms, default 1000.
+    pub conntrack_lag_threshold_ms: u32,
     /// Configuration replication refuses a file larger than this, naming it
     /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
     pub max_file_bytes: u64,
@@ -435,6 +482,8 @@ impl Default for SyncSettings {
             conntrack_port: 3780,
             ssh_port: 22,
             key_file: None,
+            conntrack_queue_limit: 131_072,
+            conntrack_lag_threshold_ms: 1000,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_files: DEFAULT_MAX_FILES,
         }

@@ -109,6 +109,36 @@ pub fn node(n: &NodeConfig) -> Report {
             format!("cluster_address {a} is not a usable unicast address"),
         );
     }
+    if let Some(l) = n.control_listen
+        && l.port() == 0
+    {
+        r.add(
+            vec![Key("control_listen")],
+            format!(
+                "control_listen {l}: give a port (1-65535), e.g. {}:9443",
+                l.ip()
+            ),
+        );
+    }
+    match (&n.control_tls_cert, &n.control_tls_key) {
+        (Some(_), None) => r.add(
+            vec![Key("control_tls_cert")],
+            "control_tls_cert is set but control_tls_key is not: give both (or neither, for a generated self-signed pair)",
+        ),
+        (None, Some(_)) => r.add(
+            vec![Key("control_tls_key")],
+            "control_tls_key is set but control_tls_cert is not: give both (or neither, for a generated self-signed pair)",
+        ),
+        _ => {}
+    }
+    for (key, path) in [
+        ("control_tls_cert", &n.control_tls_cert),
+        ("control_tls_key", &n.control_tls_key),
+    ] {
+        if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            r.add(vec![Key(key)], format!("{key} is empty: give a PEM file"));
+        }
+    }
     crate::validate_farm::hooks(&mut r, &n.hooks);
     let mut names = HashSet::new();
     for (i, k) in n.api_keys.iter().enumerate() {
@@ -387,6 +417,24 @@ pub fn cluster(c: &ClusterConfig) -> Report {
         r.add(
             vec![Key("sync"), Key("conntrack_port")],
             "cluster: conntrack_port must be 1-65535",
+        );
+    }
+    if !(1024..=16_777_216).contains(&c.sync.conntrack_queue_limit) {
+        r.add(
+            vec![Key("sync"), Key("conntrack_queue_limit")],
+            format!(
+                "cluster: conntrack_queue_limit {} is out of range (1024-16777216 entries)",
+                c.sync.conntrack_queue_limit
+            ),
+        );
+    }
+    if !(10..=600_000).contains(&c.sync.conntrack_lag_threshold_ms) {
+        r.add(
+            vec![Key("sync"), Key("conntrack_lag_threshold_ms")],
+            format!(
+                "cluster: conntrack_lag_threshold_ms {} is out of range (10-600000)",
+                c.sync.conntrack_lag_threshold_ms
+            ),
         );
     }
     if c.sync.ssh_port == 0 {

@@ -31,6 +31,8 @@ fn the_base_fixture_is_valid() {
     assert_eq!(cluster.vrrp.rt_priority, 10);
     assert_eq!(cluster.hash_seed, 0x7a6e_6465);
     assert_eq!(cluster.sync.conntrack_port, 3780);
+    assert_eq!(cluster.sync.conntrack_queue_limit, 131_072);
+    assert_eq!(cluster.sync.conntrack_lag_threshold_ms, 1000);
     assert_eq!(cluster.nodes[1].priority, 100);
     assert_eq!(cluster.floating_ips[1].address.to_string(), "10.1.0.100/24");
     assert_eq!(c.farms.len(), 1);

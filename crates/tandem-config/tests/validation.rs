@@ -93,6 +93,42 @@ fn a_vrrp_interval_must_fit_the_wire_format() {
 }
 
 #[test]
+fn conntrack_sync_limits_are_checked_with_their_ranges() {
+    let e = one_error(&[(
+        "cluster.toml",
+        &format!("{}\n[sync]\nconntrack_queue_limit = 100\n", common::CLUSTER),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:24:25: cluster: conntrack_queue_limit 100 is out of range (1024-16777216 entries)"
+    );
+    let e = one_error(&[(
+        "cluster.toml",
+        &format!(
+            "{}\n[sync]\nconntrack_lag_threshold_ms = 5\n",
+            common::CLUSTER
+        ),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:24:30: cluster: conntrack_lag_threshold_ms 5 is out of range (10-600000)"
+    );
+    let d = dir(&[(
+        "cluster.toml",
+        &format!(
+            "{}\n[sync]\nconntrack_queue_limit = 50000\nconntrack_lag_threshold_ms = 250\n",
+            common::CLUSTER
+        ),
+    )]);
+    let c = Config::load(d.path()).expect("valid");
+    let sync = &c.cluster.expect("clustered").sync;
+    assert_eq!(
+        (sync.conntrack_queue_limit, sync.conntrack_lag_threshold_ms),
+        (50000, 250)
+    );
+}
+
+#[test]
 fn the_vrrp_fault_handling_keys_are_range_checked_at_their_position() {
     for (key, bad, message) in [
         (
@@ -553,6 +589,37 @@ fn node_names_and_api_keys_are_checked() {
             "node.toml:8:8: API key `mon` appears twice",
         ]
     );
+}
+
+#[test]
+fn control_api_keys_are_checked() {
+    let node = "name = \"lb1\"\ncontrol_listen = \"0.0.0.0:0\"\ncontrol_tls_key = \"tls/key.pem\"\n\n[[api_keys]]\nname = \"ci\"\nrole = \"root\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let d = dir(&[("node.toml", node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    let e = errors(d.path());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("node.toml:7:8: unknown variant `root`, expected `read` or `admin`"),
+        "{e:?}"
+    );
+    let node = node.replace("\"root\"", "\"admin\"");
+    let d = dir(&[("node.toml", &node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    assert_eq!(
+        errors(d.path()),
+        [
+            "node.toml:2:18: control_listen 0.0.0.0:0: give a port (1-65535), e.g. 0.0.0.0:9443",
+            "node.toml:3:19: control_tls_key is set but control_tls_cert is not: give both (or neither, for a generated self-signed pair)",
+        ]
+    );
+    // Control: a port, and both files (or neither), is valid; a key
+    // without `role` reads only.
+    let node = "name = \"lb1\"\ncontrol_listen = \"0.0.0.0:9443\"\n\n[[api_keys]]\nname = \"mon\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let d = dir(&[("node.toml", node)]);
+    std::fs::remove_file(d.path().join("cluster.toml")).expect("rm");
+    let c = Config::load(d.path()).expect("valid");
+    assert_eq!(c.node.api_keys[0].role, tandem_config::ApiRole::Read);
+    assert_eq!(c.node.control_listen, Some("0.0.0.0:9443".parse().unwrap()));
 }
 
 // ---- nonsense that parses ----

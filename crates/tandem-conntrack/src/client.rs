@@ -3,20 +3,15 @@
 use std::collections::HashMap;
 use std::io;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkPayload,
-};
-use netlink_packet_netfilter::{
-    NetfilterMessageInner, NetfilterProtoFamily,
-    conntrack::{ConntrackAttribute, ConntrackMessage},
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
+
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use nix::errno::Errno;
 
-use crate::codec::{self, CreateOptions};
 use crate::entry::{Entry, Record, Tuple};
 use crate::error::{ConntrackError, Op};
-use crate::netlink::{self, family_of};
+use crate::netlink;
+use crate::raw::{self, CreateOptions, DecodeError};
 
 /// Receive buffer of the request socket: room for the acknowledgements of
 /// a whole batch and for the largest dump datagram (the kernel caps those
@@ -38,6 +33,61 @@ pub struct Conntrack {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    portid: u32,
+}
+
+/// One request of a batch ([`Conntrack::execute`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// Create the entry (NAT included); [`ConntrackError::Exists`] if its
+    /// original tuple (or its reply tuple) is taken.
+    Create(&'a Entry, CreateOptions),
+    /// Change an existing entry's timeout, status, mark and TCP info;
+    /// [`ConntrackError::NotFound`] if absent.
+    Update(&'a Entry),
+    /// Delete the entry of this original tuple in this zone;
+    /// [`ConntrackError::NotFound`] if absent.
+    Delete(&'a Tuple, u16),
+    /// Read the entry of this original tuple in this zone (`None` if absent).
+    Get(&'a Tuple, u16),
+}
+
+impl Request<'_> {
+    fn op(&self) -> Op {
+        match self {
+            Request::Create(..) => Op::Create,
+            Request::Update(_) => Op::Update,
+            Request::Delete(..) => Op::Delete,
+            Request::Get(..) => Op::Get,
+        }
+    }
+
+    fn tuple(&self) -> Tuple {
+        match self {
+            Request::Create(e, _) | Request::Update(e) => e.original,
+            Request::Delete(t, _) | Request::Get(t, _) => **t,
+        }
+    }
+
+    /// Appends the request to `buf` (written directly: see raw.rs).
+    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> Result<(), ConntrackError> {
+        match *self {
+            Request::Create(e, opts) => {
+                check_entry(Op::Create, e)?;
+                let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
+                raw::create(buf, e, opts, flags, seq);
+            }
+            Request::Update(e) => {
+                check_entry(Op::Update, e)?;
+                raw::update(buf, e, NLM_F_REQUEST | NLM_F_ACK, seq);
+            }
+            Request::Delete(t, zone) => {
+                raw::key(buf, true, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq)
+            }
+            Request::Get(t, zone) => raw::key(buf, false, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
+        }
+        Ok(())
+    }
 }
 
 /// Why one request failed, before it is given its operation and tuple.
@@ -61,7 +111,7 @@ impl Failure {
 
 /// One answer of the kernel to a request of ours.
 enum Reply {
-    Entry(Vec<ConntrackAttribute>),
+    Entry(Result<Record, DecodeError>),
     Ack,
     Error(Errno),
     Done,
@@ -96,11 +146,23 @@ impl Conntrack {
         // Errors then echo only the request's header, not the whole request.
         socket.set_cap_ack(true).map_err(ConntrackError::Open)?;
         netlink::set_receive_buffer(&socket, RECEIVE_BUFFER).map_err(ConntrackError::Open)?;
+        let mut addr = SocketAddr::new(0, 0);
+        socket
+            .get_address(&mut addr)
+            .map_err(ConntrackError::Open)?;
         Ok(Conntrack {
             socket,
             seq: 0,
             buf: vec![0; RECV_CHUNK],
+            portid: addr.port_number(),
         })
+    }
+
+    /// This socket's netlink port id: the kernel puts it in the header of
+    /// the events its requests cause ([`crate::Record::portid`]), so a
+    /// listener can tell its own writes from the traffic's changes.
+    pub fn portid(&self) -> u32 {
+        self.portid
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -126,25 +188,23 @@ impl Conntrack {
                 Err(e) => return Err(Failure::Io(what, e)),
             }
         };
-        let messages = netlink::decode(&self.buf[..n]).map_err(|e| Failure::Decode(what, e))?;
-        let mut out = Vec::with_capacity(messages.len());
-        for msg in messages {
-            let seq = msg.header.sequence_number;
-            let reply = match msg.payload {
-                NetlinkPayload::Done(_) => Reply::Done,
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Reply::Ack,
-                    Some(code) => Reply::Error(Errno::from_raw(-code.get())),
-                },
-                NetlinkPayload::InnerMessage(m) => match m.inner {
-                    NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => {
-                        Reply::Entry(attrs)
-                    }
-                    _ => continue,
-                },
-                _ => continue,
+        let mut out = Vec::new();
+        for msg in raw::messages(&self.buf[..n]) {
+            let msg = msg.map_err(|e| Failure::Decode(what, e))?;
+            let reply = if msg.is_done() {
+                Reply::Done
+            } else if msg.is_error() {
+                match msg.error_code() {
+                    Some(0) => Reply::Ack,
+                    Some(code) => Reply::Error(Errno::from_raw(-code)),
+                    None => return Err(Failure::Decode(what, "a short error message".into())),
+                }
+            } else if msg.is_entry() && !msg.is_delete() {
+                Reply::Entry(raw::decode_entry(msg.payload))
+            } else {
+                continue;
             };
-            out.push((seq, reply));
+            out.push((msg.seq, reply));
         }
         Ok(out)
     }
@@ -153,13 +213,13 @@ impl Conntrack {
     /// acknowledgement (or end of dump).
     fn transact(
         &mut self,
-        family: NetfilterProtoFamily,
-        msg: ConntrackMessage,
-        flags: u16,
+        request: impl FnOnce(&mut Vec<u8>, u32),
         what: &'static str,
-    ) -> Result<Vec<Vec<ConntrackAttribute>>, Failure> {
+    ) -> Result<Vec<Record>, Failure> {
         let seq = self.next_seq();
-        self.send(&netlink::encode(family, msg, flags, seq), what)?;
+        let mut bytes = Vec::with_capacity(256);
+        request(&mut bytes, seq);
+        self.send(&bytes, what)?;
         let mut entries = Vec::new();
         loop {
             for (s, reply) in self.receive(what)? {
@@ -169,7 +229,9 @@ impl Conntrack {
                     continue;
                 }
                 match reply {
-                    Reply::Entry(attrs) => entries.push(attrs),
+                    Reply::Entry(r) => {
+                        entries.push(r.map_err(|e| Failure::Decode(what, e.to_string()))?)
+                    }
                     Reply::Ack | Reply::Done => return Ok(entries),
                     Reply::Error(errno) => return Err(Failure::Errno(errno)),
                 }
@@ -180,27 +242,15 @@ impl Conntrack {
     /// Every entry of the table, IPv4 and IPv6.
     pub fn dump(&mut self) -> Result<Vec<Record>, ConntrackError> {
         // AF_UNSPEC in the request: the kernel dumps every family.
-        let entries = self
-            .transact(
-                NetfilterProtoFamily::Unspec,
-                ConntrackMessage::Get(vec![]),
-                NLM_F_REQUEST | NLM_F_DUMP,
-                "dumping the table",
-            )
-            .map_err(|f| match f {
-                Failure::Errno(errno) => ConntrackError::DumpRefused { errno },
-                Failure::Io(what, source) => ConntrackError::Io { what, source },
-                Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
-            })?;
-        entries
-            .iter()
-            .map(|attrs| {
-                codec::decode_record(attrs).map_err(|e| ConntrackError::Decode {
-                    what: "dumping the table",
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+        self.transact(
+            |b, seq| raw::dump(b, NLM_F_REQUEST | NLM_F_DUMP, seq),
+            "dumping the table",
+        )
+        .map_err(|f| match f {
+            Failure::Errno(errno) => ConntrackError::DumpRefused { errno },
+            Failure::Io(what, source) => ConntrackError::Io { what, source },
+            Failure::Decode(what, reason) => ConntrackError::Decode { what, reason },
+        })
     }
 
     /// The entry whose original tuple is `tuple` (zone 0), if any.
@@ -214,23 +264,11 @@ impl Conntrack {
         zone: u16,
     ) -> Result<Option<Record>, ConntrackError> {
         let result = self.transact(
-            family_of(tuple),
-            ConntrackMessage::Get(codec::key_attrs(tuple, zone)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::key(b, false, tuple, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
             "reading an entry",
         );
         match result {
-            Ok(entries) => match entries.first() {
-                Some(attrs) => {
-                    codec::decode_record(attrs)
-                        .map(Some)
-                        .map_err(|e| ConntrackError::Decode {
-                            what: "reading an entry",
-                            reason: e.to_string(),
-                        })
-                }
-                None => Ok(None),
-            },
+            Ok(mut entries) => Ok(entries.pop()),
             Err(Failure::Errno(Errno::ENOENT)) => Ok(None),
             Err(f) => Err(f.into_error(Op::Get, *tuple)),
         }
@@ -240,10 +278,9 @@ impl Conntrack {
     /// if its original tuple is already in the table.
     pub fn create(&mut self, entry: &Entry, opts: CreateOptions) -> Result<(), ConntrackError> {
         check_entry(Op::Create, entry)?;
+        let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
         self.transact(
-            family_of(&entry.original),
-            ConntrackMessage::New(codec::create_attrs(entry, opts)),
-            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            |b, seq| raw::create(b, entry, opts, flags, seq),
             "creating an entry",
         )
         .map(drop)
@@ -258,55 +295,90 @@ impl Conntrack {
         entries: &[Entry],
         opts: CreateOptions,
     ) -> Vec<Result<(), ConntrackError>> {
-        let mut results: Vec<Option<Result<(), ConntrackError>>> =
-            entries.iter().map(|_| None).collect();
-        for (chunk_no, chunk) in entries.chunks(BATCH).enumerate() {
+        let requests: Vec<Request<'_>> = entries.iter().map(|e| Request::Create(e, opts)).collect();
+        self.execute(&requests)
+            .into_iter()
+            .map(|r| r.map(drop))
+            .collect()
+    }
+
+    /// Runs many requests, up to 256 per system call (the kernel processes
+    /// them in order and answers each); one result per request, in order:
+    /// the entry read for a [`Request::Get`] (`None` when absent), `None`
+    /// for the others.
+    pub fn execute(
+        &mut self,
+        requests: &[Request<'_>],
+    ) -> Vec<Result<Option<Record>, ConntrackError>> {
+        let mut results: Vec<Option<Result<Option<Record>, ConntrackError>>> =
+            requests.iter().map(|_| None).collect();
+        for (chunk_no, chunk) in requests.chunks(BATCH).enumerate() {
             let base = chunk_no * BATCH;
-            let mut pending: HashMap<u32, usize> = HashMap::new();
+            // seq -> (request index, the entry a Get received)
+            let mut pending: HashMap<u32, (usize, Option<Record>)> = HashMap::new();
             let mut bytes = Vec::with_capacity(chunk.len() * 256);
-            for (i, entry) in chunk.iter().enumerate() {
-                if let Err(e) = check_entry(Op::Create, entry) {
-                    results[base + i] = Some(Err(e));
-                    continue;
-                }
+            for (i, request) in chunk.iter().enumerate() {
                 let seq = self.next_seq();
-                pending.insert(seq, base + i);
-                bytes.extend(netlink::encode(
-                    family_of(&entry.original),
-                    ConntrackMessage::New(codec::create_attrs(entry, opts)),
-                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-                    seq,
-                ));
+                match request.encode(&mut bytes, seq) {
+                    Ok(()) => {
+                        pending.insert(seq, (base + i, None));
+                    }
+                    Err(e) => results[base + i] = Some(Err(e)),
+                }
             }
             if pending.is_empty() {
                 continue;
             }
-            let outcome = self.send(&bytes, "creating entries").and_then(|()| {
-                while !pending.is_empty() {
-                    for (seq, reply) in self.receive("creating entries")? {
-                        let Some(i) = pending.remove(&seq) else {
-                            continue;
-                        };
-                        results[i] =
-                            Some(match reply {
-                                Reply::Error(errno) => Err(Failure::Errno(errno)
-                                    .into_error(Op::Create, entries[i].original)),
-                                _ => Ok(()),
-                            });
-                    }
-                }
-                Ok(())
-            });
+            let outcome =
+                self.send(&bytes, "sending a batch of requests")
+                    .and_then(|()| {
+                        while !pending.is_empty() {
+                            for (seq, reply) in self.receive("receiving a batch of answers")? {
+                                let Some((i, got)) = pending.get_mut(&seq) else {
+                                    continue;
+                                };
+                                let i = *i;
+                                let request = &requests[i];
+                                let result = match reply {
+                                    Reply::Entry(attrs) => {
+                                        match attrs {
+                                            Ok(r) => *got = Some(r),
+                                            Err(e) => {
+                                                results[i] = Some(Err(ConntrackError::Decode {
+                                                    what: "reading an entry",
+                                                    reason: e.to_string(),
+                                                }));
+                                            }
+                                        }
+                                        continue;
+                                    }
+                                    Reply::Ack | Reply::Done => Ok(got.take()),
+                                    Reply::Error(Errno::ENOENT)
+                                        if matches!(request, Request::Get(..)) =>
+                                    {
+                                        Ok(None)
+                                    }
+                                    Reply::Error(errno) => Err(Failure::Errno(errno)
+                                        .into_error(request.op(), request.tuple())),
+                                };
+                                pending.remove(&seq);
+                                if results[i].is_none() {
+                                    results[i] = Some(result);
+                                }
+                            }
+                        }
+                        Ok(())
+                    });
             if let Err(f) = outcome {
-                // The socket failed mid-batch: every unanswered entry of
+                // The socket failed mid-batch: every unanswered request of
                 // this chunk gets the error (the I/O error is not Clone, so
                 // each gets its own rendering of it).
                 let (what, text) = match f {
                     Failure::Io(what, e) => (what, e.to_string()),
                     Failure::Decode(what, e) => (what, e),
-                    Failure::Errno(e) => ("creating entries", e.to_string()),
+                    Failure::Errno(e) => ("running a batch of requests", e.to_string()),
                 };
-                for i in pending.into_values() {
+                for (i, _) in pending.into_values() {
                     results[i] = Some(Err(ConntrackError::Io {
                         what,
                         source: io::Error::other(text.clone()),
@@ -319,7 +391,7 @@ impl Conntrack {
             .map(|r| {
                 r.unwrap_or_else(|| {
                     Err(ConntrackError::Io {
-                        what: "creating entries",
+                        what: "running a batch of requests",
                         source: io::Error::other("no answer from the kernel"),
                     })
                 })
@@ -333,9 +405,7 @@ impl Conntrack {
     pub fn update(&mut self, entry: &Entry) -> Result<(), ConntrackError> {
         check_entry(Op::Update, entry)?;
         self.transact(
-            family_of(&entry.original),
-            ConntrackMessage::New(codec::update_attrs(entry)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::update(b, entry, NLM_F_REQUEST | NLM_F_ACK, seq),
             "updating an entry",
         )
         .map(drop)
@@ -350,9 +420,7 @@ impl Conntrack {
 
     pub fn delete_in_zone(&mut self, tuple: &Tuple, zone: u16) -> Result<(), ConntrackError> {
         self.transact(
-            family_of(tuple),
-            ConntrackMessage::Delete(codec::key_attrs(tuple, zone)),
-            NLM_F_REQUEST | NLM_F_ACK,
+            |b, seq| raw::key(b, true, tuple, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
             "deleting an entry",
         )
         .map(drop)

@@ -1,5 +1,7 @@
-//! Entries to ctnetlink attributes and back. Pure: no sockets, so every
-//! attribute layout is unit-tested byte by byte.
+//! Entries to ctnetlink attributes and back through netlink-packet-netfilter's
+//! typed model: the reference implementation that the raw codec (raw.rs,
+//! used at run time) is checked against byte for byte. Pure: no sockets, so
+//! every attribute layout is unit-tested byte by byte.
 //!
 //! The typed attributes of netlink-packet-netfilter 0.4 cover the tuples,
 //! status, timeout, mark and TCP protocol info. Everything else Tandem needs
@@ -16,6 +18,7 @@ use netlink_packet_netfilter::conntrack::{
 };
 
 use crate::entry::{Counters, Entry, Record, TcpInfo, Tuple, proto, status, tcp};
+use crate::raw::{CreateOptions, DecodeError};
 
 // enum ctattr_type
 const CTA_NAT_SRC: u16 = 6;
@@ -51,27 +54,7 @@ const CTA_PROTO_ICMPV6_CODE: u16 = 9;
 const STATUS_FORCED_ON: u32 = status::CONFIRMED;
 const STATUS_FORCED_OFF: u32 = status::EXPECTED | status::DYING;
 
-/// How to create an entry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CreateOptions {
-    /// Sets IP_CT_TCP_FLAG_BE_LIBERAL in both directions of a TCP entry, so
-    /// the kernel does not drop packets whose sequence numbers lie outside
-    /// the window it never saw being negotiated.
-    pub be_liberal: bool,
-}
-
-/// Why a ctnetlink message could not be read as an entry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("no {0}")]
-    Missing(&'static str),
-    #[error("{what} has {len} bytes")]
-    Length { what: &'static str, len: usize },
-    #[error("{0}")]
-    Netlink(String),
-}
-
-fn tuple_attrs(t: &Tuple) -> Vec<NlTuple> {
+pub(crate) fn tuple_attrs(t: &Tuple) -> Vec<NlTuple> {
     let ip = NlTuple::Ip(vec![
         IPTuple::SourceAddress(t.src),
         IPTuple::DestinationAddress(t.dst),
@@ -410,6 +393,7 @@ pub fn decode_record(attrs: &[ConntrackAttribute]) -> Result<Record, DecodeError
         },
         id,
         counters,
+        portid: 0,
     })
 }
 

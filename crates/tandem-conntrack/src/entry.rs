@@ -240,6 +240,10 @@ pub struct Record {
     /// entry with the same tuple gets a different id).
     pub id: u32,
     pub counters: Option<Counters>,
+    /// Events only: the netlink port id of the socket whose request made
+    /// the change (see [`crate::Conntrack::portid`]), 0 when the kernel
+    /// made it itself (a packet, a timeout). 0 in dumps and gets.
+    pub portid: u32,
 }
 
 /// A change reported by the kernel's conntrack event groups.

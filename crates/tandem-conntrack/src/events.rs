@@ -11,16 +11,15 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NetlinkPayload};
-use netlink_packet_netfilter::{NetfilterMessageInner, conntrack::ConntrackMessage};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::codec;
-use crate::entry::Event;
+use crate::entry::{Event, Record};
 use crate::error::ConntrackError;
 use crate::netlink;
+use crate::raw;
 
 /// Default receive buffer: 16 MiB holds roughly 50,000 events (~300 bytes
 /// each), a burst the listener can fall behind by before the kernel drops.
@@ -95,6 +94,15 @@ impl EventSocket {
         self.receive_buffer
     }
 
+    /// Lets the kernel drop the events `filter` rejects before they reach
+    /// this socket (replacing any filter set before).
+    pub fn set_kernel_filter(&self, filter: &crate::KernelFilter) -> Result<(), ConntrackError> {
+        filter.attach(self).map_err(|source| ConntrackError::Io {
+            what: "attaching the event filter",
+            source,
+        })
+    }
+
     /// Messages that could not be decoded as events and were skipped.
     pub fn undecodable(&self) -> u64 {
         self.undecodable
@@ -143,36 +151,32 @@ impl EventSocket {
     }
 
     fn decode(&mut self, n: usize) {
-        let messages = match netlink::decode(&self.buf[..n]) {
-            Ok(m) => m,
-            Err(reason) => {
-                self.undecodable += 1;
-                tracing::warn!("conntrack event datagram skipped: {reason}");
-                return;
-            }
-        };
-        for msg in messages {
-            let flags = msg.header.flags;
-            let NetlinkPayload::InnerMessage(m) = msg.payload else {
-                continue;
+        for msg in raw::messages(&self.buf[..n]) {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(reason) => {
+                    self.undecodable += 1;
+                    tracing::warn!("conntrack event datagram skipped: {reason}");
+                    return;
+                }
             };
-            let (attrs, kind): (_, fn(_) -> Event) = match m.inner {
+            if !msg.is_entry() {
+                continue;
+            }
+            let kind: fn(Record) -> Event = if msg.is_delete() {
+                Event::Destroy
+            } else if msg.flags & (NLM_F_CREATE | NLM_F_EXCL) != 0 {
                 // A NEW message is a new entry when the kernel marks it
                 // NLM_F_CREATE|NLM_F_EXCL, an update otherwise.
-                NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => {
-                    if flags & (NLM_F_CREATE | NLM_F_EXCL) != 0 {
-                        (attrs, Event::New)
-                    } else {
-                        (attrs, Event::Update)
-                    }
-                }
-                NetfilterMessageInner::Conntrack(ConntrackMessage::Delete(attrs)) => {
-                    (attrs, Event::Destroy)
-                }
-                _ => continue,
+                Event::New
+            } else {
+                Event::Update
             };
-            match codec::decode_record(&attrs) {
-                Ok(record) => self.queue.push_back(kind(record)),
+            match raw::decode_entry(msg.payload) {
+                Ok(mut record) => {
+                    record.portid = msg.portid;
+                    self.queue.push_back(kind(record));
+                }
                 Err(e) => {
                     self.undecodable += 1;
                     tracing::warn!("conntrack event skipped: {e}");

@@ -1,16 +1,19 @@
-//! Framing shared by the request socket and the event socket: building one
-//! ctnetlink message, splitting a received datagram into messages, and the
-//! socket options.
+//! Socket options shared by the request socket and the event socket, and
+//! (for the tests) the typed framing of netlink-packet-core.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
+#[cfg(test)]
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+#[cfg(test)]
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterProtoFamily, conntrack::ConntrackMessage,
 };
 
-/// Serialises one ctnetlink request.
+/// Serialises one ctnetlink request through the typed model (the tests'
+/// reference for the raw codec).
+#[cfg(test)]
 pub(crate) fn encode(
     family: NetfilterProtoFamily,
     msg: ConntrackMessage,
@@ -33,7 +36,8 @@ pub(crate) fn encode(
     buf
 }
 
-/// The messages of one received datagram, in order.
+/// The messages of one received datagram, in order (typed; tests only).
+#[cfg(test)]
 pub(crate) fn decode(mut data: &[u8]) -> Result<Vec<NetlinkMessage<NetfilterMessage>>, String> {
     let mut out = Vec::new();
     while data.len() >= 16 {
@@ -51,6 +55,7 @@ pub(crate) fn decode(mut data: &[u8]) -> Result<Vec<NetlinkMessage<NetfilterMess
     Ok(out)
 }
 
+#[cfg(test)]
 pub(crate) fn family_of(tuple: &crate::Tuple) -> NetfilterProtoFamily {
     if tuple.is_ipv6() {
         NetfilterProtoFamily::IPv6

@@ -297,3 +297,72 @@ fn a_listener_that_falls_behind_gets_an_overrun() {
     let ev = small.recv_timeout(Duration::from_secs(2)).unwrap();
     assert!(matches!(ev, Some(Event::New(r)) if r.entry.original == entries[0].original));
 }
+
+/// Events name the socket that caused them, and the kernel filter drops,
+/// before they are copied to user space, the listener's own writes and the
+/// flows to other destinations. The control is the same writes with no
+/// filter attached: all of them arrive.
+#[test]
+fn the_kernel_filter_drops_own_writes_and_other_destinations() {
+    let lab = Lab::new().unwrap();
+    let ns = lab.netns("ct").unwrap();
+    let mut own = open(&ns);
+    let mut other = open(&ns);
+    assert_ne!(own.portid(), other.portid());
+    let to =
+        |dst: &str, port: u16| nat_tcp("10.0.0.50", port, dst, 80, "10.1.0.11", 8080, "10.1.0.100");
+    let writes = |own: &mut tandem_conntrack::Conntrack,
+                  other: &mut tandem_conntrack::Conntrack,
+                  base: u16| {
+        own.create(&to("10.0.0.100", base), CreateOptions::default())
+            .unwrap();
+        other
+            .create(&to("10.0.0.100", base + 1), CreateOptions::default())
+            .unwrap();
+        other
+            .create(&to("10.0.0.200", base + 2), CreateOptions::default())
+            .unwrap();
+        other.delete(&to("10.0.0.100", base + 1).original).unwrap();
+    };
+    let collect = |s: &mut EventSocket| {
+        let mut got = Vec::new();
+        while let Some(ev) = s.recv_timeout(Duration::from_millis(300)).unwrap() {
+            match ev {
+                Event::New(r) | Event::Update(r) | Event::Destroy(r) => {
+                    got.push((r.entry.original.src_port, r.portid))
+                }
+                Event::Overrun => panic!("overrun"),
+            }
+        }
+        got
+    };
+
+    let mut unfiltered = ns
+        .run(|| EventSocket::open(&EventGroup::ALL))
+        .unwrap()
+        .unwrap();
+    writes(&mut own, &mut other, 10000);
+    let all = collect(&mut unfiltered);
+    assert!(all.contains(&(10000, own.portid())), "{all:?}");
+    assert!(all.contains(&(10001, other.portid())), "{all:?}");
+    assert!(all.contains(&(10002, other.portid())), "{all:?}");
+
+    let mut filtered = ns
+        .run(|| EventSocket::open(&EventGroup::ALL))
+        .unwrap()
+        .unwrap();
+    filtered
+        .set_kernel_filter(&tandem_conntrack::KernelFilter {
+            destinations: vec!["10.0.0.100".parse().unwrap()],
+            ignore_portid: own.portid(),
+        })
+        .unwrap();
+    writes(&mut own, &mut other, 20000);
+    let kept = collect(&mut filtered);
+    // New and Destroy of the other socket's flow to the VIP, nothing else.
+    assert_eq!(
+        kept,
+        vec![(20001, other.portid()), (20001, other.portid())],
+        "{kept:?}"
+    );
+}

@@ -233,6 +233,25 @@ impl Series<'_> {
         c.encode(m)
     }
 
+    /// A histogram: `buckets` are (upper bound, samples in that bucket
+    /// alone; the encoder accumulates), the last one +Inf.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        sum: f64,
+        count: u64,
+        buckets: &[(f64, u64)],
+    ) -> fmt::Result {
+        let mut m = self.0.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, buckets, None)
+    }
+
     /// A gauge with labels; writes nothing when `samples` is empty.
     pub fn gauges<L: EncodeLabelSet>(
         &mut self,
@@ -313,6 +332,13 @@ mod tests {
                 "State",
                 [([("state", "master")], 1.0), ([("state", "backup")], 0.0)],
             )?;
+            s.histogram(
+                "lag_seconds",
+                "Lag",
+                0.3,
+                3,
+                &[(0.1, 2), (1.0, 1), (f64::INFINITY, 0)],
+            )?;
             s.counters("none", "Nothing", Vec::<([(&str, &str); 1], u64)>::new())
         })));
         let text = encode(&registry).unwrap();
@@ -324,6 +350,10 @@ mod tests {
             "tandem_vrrp_adverts_sent_total 7\n",
             "tandem_vrrp_state{state=\"master\"} 1.0\n",
             "tandem_vrrp_state{state=\"backup\"} 0.0\n",
+            "# TYPE tandem_lag_seconds histogram\n",
+            "tandem_lag_seconds_bucket{le=\"0.1\"} 2\n",
+            "tandem_lag_seconds_bucket{le=\"+Inf\"} 3\n",
+            "tandem_lag_seconds_count 3\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -9,12 +9,10 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use serde::Serialize;
-use tandem_proto::v1::{self, NodeHealth, NodeRole, cluster_manager_client::ClusterManagerClient};
-use tonic::transport::Channel;
+use tandem_proto::v1::{self, NodeHealth, NodeRole};
 
-async fn client(runtime_dir: &Path) -> anyhow::Result<ClusterManagerClient<Channel>> {
-    let ch = tandem_runtime::connect(runtime_dir, "clustermanager").await?;
-    Ok(ClusterManagerClient::new(ch))
+async fn client(runtime_dir: &Path) -> anyhow::Result<crate::remote::Cm> {
+    crate::remote::cluster_manager(runtime_dir).await
 }
 
 /// A gRPC error as the operator reads it: the server's message.
@@ -64,11 +62,39 @@ struct NodeRow {
     node: String,
     local: bool,
     role: String,
+    /// When an unreachable node was last heard (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_seen_unix_ms: Option<i64>,
     address: String,
     hostname: String,
     status: String,
     health: String,
     message: String,
+}
+
+/// The ROLE column: an unreachable node's role is the last one heard, with
+/// its age (`unreachable, master 42 s ago`), or `unreachable` if never heard.
+pub fn row_role(n: &v1::NodeEntry, now_ms: i64) -> String {
+    if n.health() != NodeHealth::Unreachable {
+        return role_word(n.role()).to_owned();
+    }
+    if n.role() == NodeRole::Unspecified || n.last_seen_unix_ms <= 0 {
+        return "unreachable".to_owned();
+    }
+    let age = (now_ms - n.last_seen_unix_ms).max(0) / 1000;
+    let age = match age {
+        a if a < 120 => format!("{a} s"),
+        a if a < 7200 => format!("{} min", a / 60),
+        a => format!("{} h", a / 3600),
+    };
+    format!("unreachable (was {} {age} ago)", role_word(n.role()))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn node_rows(t: &v1::NodeTable) -> Vec<NodeRow> {
@@ -79,7 +105,8 @@ fn node_rows(t: &v1::NodeTable) -> Vec<NodeRow> {
             NodeRow {
                 node: n.name.clone(),
                 local: n.local,
-                role: role_word(n.role()).into(),
+                role: row_role(n, now_ms()),
+                last_seen_unix_ms: (n.last_seen_unix_ms > 0).then_some(n.last_seen_unix_ms),
                 address: n.address.clone(),
                 hostname: n.hostname.clone(),
                 status: colour.into(),
@@ -102,7 +129,7 @@ fn print_nodes(t: &v1::NodeTable, json: bool) -> anyhow::Result<()> {
         table.add_row([
             n.name.clone(),
             if n.local { "local" } else { "remote" }.to_owned(),
-            role_word(n.role()).to_owned(),
+            row_role(n, now_ms()),
             n.address.clone(),
             n.hostname.clone(),
             health_badge(n.health()),
@@ -352,6 +379,15 @@ fn farm_name(text: &str, file: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("{}: no `name = \"...\"` in the farm", file.display()))
 }
 
+/// Whether `path` (farms/NAME.toml) exists: here, or with --remote on
+/// the remote node.
+async fn farm_exists(config_dir: &Path, runtime_dir: &Path, path: &str) -> anyhow::Result<bool> {
+    Ok(match crate::remote::config_files(runtime_dir).await? {
+        Some(files) => files.iter().any(|(p, _)| p == path),
+        None => config_dir.join(path).exists(),
+    })
+}
+
 /// `farm add FILE` (`must_exist` false) or `farm edit FILE` (true).
 pub async fn farm_put(
     config_dir: &Path,
@@ -363,7 +399,7 @@ pub async fn farm_put(
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let name = farm_name(&text, file)?;
     let path = format!("{}/{name}.toml", tandem_config::FARMS_DIR);
-    let exists = config_dir.join(&path).exists();
+    let exists = farm_exists(config_dir, runtime_dir, &path).await?;
     if must_exist && !exists {
         bail!("farm `{name}` does not exist; use `tandemctl farm add`");
     }
@@ -379,11 +415,8 @@ pub async fn farm_delete(
     name: &str,
 ) -> anyhow::Result<ExitCode> {
     let path = format!("{}/{name}.toml", tandem_config::FARMS_DIR);
-    if !config_dir.join(&path).exists() {
-        bail!(
-            "farm `{name}` does not exist ({} not found)",
-            config_dir.join(&path).display()
-        );
+    if !farm_exists(config_dir, runtime_dir, &path).await? {
+        bail!("farm `{name}` does not exist; `tandemctl farm list` shows the farms");
     }
     apply(runtime_dir, path, None).await
 }
@@ -429,5 +462,32 @@ pub fn summary_line(status: Option<&v1::ClusterManagerStatus>) -> String {
             "this node: {}, role unknown (no answer from clustermanager)",
             health_badge(NodeHealth::Unspecified)
         ),
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_node_shows_its_last_role_and_age() {
+        let mut n = v1::NodeEntry {
+            name: "lb2".into(),
+            ..Default::default()
+        };
+        n.set_role(NodeRole::Backup);
+        n.set_health(NodeHealth::Operational);
+        assert_eq!(row_role(&n, 0), "backup");
+        n.set_health(NodeHealth::Unreachable);
+        n.last_seen_unix_ms = 1_000_000;
+        assert_eq!(row_role(&n, 1_042_000), "unreachable (was backup 42 s ago)");
+        assert_eq!(
+            row_role(&n, 1_000_000 + 600_000),
+            "unreachable (was backup 10 min ago)"
+        );
+        // Never heard: no role to claim.
+        n.set_role(NodeRole::Unspecified);
+        n.last_seen_unix_ms = 0;
+        assert_eq!(row_role(&n, 5), "unreachable");
     }
 }

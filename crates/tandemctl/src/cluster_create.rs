@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use tandem_proto::v1::{self, cluster_manager_client::ClusterManagerClient};
+use tandem_proto::v1;
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
@@ -54,18 +54,8 @@ pub struct DestroyArgs {
     pub yes: bool,
 }
 
-async fn client(
-    runtime_dir: &Path,
-) -> anyhow::Result<ClusterManagerClient<tonic::transport::Channel>> {
-    let ch = tandem_runtime::connect(runtime_dir, "clustermanager")
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to clustermanager in {} (is it running?)",
-                runtime_dir.display()
-            )
-        })?;
-    Ok(ClusterManagerClient::new(ch))
+async fn client(runtime_dir: &Path) -> anyhow::Result<crate::remote::Cm> {
+    crate::remote::cluster_manager(runtime_dir).await
 }
 
 /// The controlling terminal, for prompts (stdin may carry the password).
@@ -166,7 +156,7 @@ async fn follow(
 /// The host key the peer presents, confirmed by the operator on the
 /// terminal; None when the operator says no.
 async fn confirm_host_key(
-    cm: &mut ClusterManagerClient<tonic::transport::Channel>,
+    cm: &mut crate::remote::Cm,
     remote: IpAddr,
 ) -> anyhow::Result<Option<String>> {
     let key = cm

@@ -15,7 +15,14 @@ use tandem_proto::v1::{self, BackendAdminState, lb_forwarder_client::LbForwarder
 use tonic::transport::Channel;
 
 async fn client(runtime_dir: &Path) -> anyhow::Result<LbForwarderClient<Channel>> {
-    let ch = tandem_runtime::connect(runtime_dir, "lb-forwarder").await?;
+    let ch = tandem_runtime::connect(runtime_dir, "lb-forwarder")
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to lb-forwarder in {} (is it running? `systemctl start tandem.target`)",
+                runtime_dir.display()
+            )
+        })?;
     Ok(LbForwarderClient::new(ch))
 }
 
@@ -309,13 +316,24 @@ pub enum View {
 
 /// `farm list` / `farm stats`: like `ipvsadm -L -n`, `--stats`, `--rate`.
 pub async fn list(runtime_dir: &Path, json: bool, view: View) -> anyhow::Result<ExitCode> {
-    let farms = client(runtime_dir)
-        .await?
-        .list_farms(v1::ListFarmsRequest {})
-        .await
-        .context("asking lb-forwarder for its farms")?
-        .into_inner()
-        .farms;
+    let farms = if crate::remote::get().is_some() {
+        crate::remote::cluster_manager(runtime_dir)
+            .await?
+            .list_farms(v1::ListFarmsRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            .context("asking the remote node for its farms")?
+            .into_inner()
+            .farms
+    } else {
+        client(runtime_dir)
+            .await?
+            .list_farms(v1::ListFarmsRequest {})
+            .await
+            .context("asking lb-forwarder for its farms")?
+            .into_inner()
+            .farms
+    };
     if json {
         let out: Vec<FarmJson<'_>> = farms.iter().map(to_json).collect();
         println!("{}", serde_json::to_string_pretty(&out)?);

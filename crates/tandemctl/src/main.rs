@@ -6,6 +6,7 @@ mod cluster_create;
 mod completions;
 mod config_check;
 mod farms;
+mod remote;
 mod status;
 
 use std::path::PathBuf;
@@ -25,6 +26,26 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", env = "TANDEM_CONFIG_DIR", default_value = tandem_config::DEFAULT_CONFIG_DIR)]
     config_dir: PathBuf,
 
+    /// Talk to this node's control API over TLS instead of the local
+    /// socket (node.toml `control_listen`); needs --api-key-file and
+    /// --fingerprint.
+    #[arg(long, global = true, value_name = "HOST:PORT", env = "TANDEM_REMOTE")]
+    remote: Option<String>,
+
+    /// With --remote: the file holding the API key's token.
+    #[arg(long, global = true, value_name = "FILE", env = "TANDEM_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+
+    /// With --remote: the SHA-256 fingerprint of the control API's
+    /// certificate, which must match (`SHA256:<64 hex digits>`).
+    #[arg(
+        long,
+        global = true,
+        value_name = "SHA256:HEX",
+        env = "TANDEM_FINGERPRINT"
+    )]
+    fingerprint: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -37,7 +58,7 @@ enum Command {
     /// foreign VRRP speaker, configuration set aside or refused); 0 when it
     /// is green, or orange (maintenance).
     Status {
-        /// Machine-readable output.
+        /// Print JSON (one object per daemon) instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -49,6 +70,7 @@ enum Command {
     /// Ask the running daemons to reload their configuration.
     Reload {
         /// Only this daemon (default: every running daemon).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(tandem_proto::DAEMONS))]
         daemon: Option<String>,
     },
     /// Farms (virtual services), like ipvsadm.
@@ -77,7 +99,38 @@ enum Command {
         command: NodeCommand,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// API keys of the control API.
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+    /// Names for shell completion: farms, nodes, daemons or backend states
+    /// (used by the completion scripts).
+    #[command(hide = true, name = "__complete")]
+    Complete {
+        /// farms, nodes, daemons or states.
+        kind: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Make a new random token: prints it once (or writes it to --out) and
+    /// the `[[api_keys]]` entry to paste into node.toml.
+    New {
+        /// The key's name, logged with every admin call it makes.
+        name: String,
+        /// What the key may do.
+        #[arg(long, value_enum, default_value = "read")]
+        role: remote::KeyRole,
+        /// Write the token to this new file (mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,11 +142,13 @@ enum ClusterCommand {
     Destroy(cluster_create::DestroyArgs),
     /// Interface, failback, check interval, tracked interfaces, floating IPs.
     Show {
+        /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Both nodes: role, IP, hostname, status (green, orange, grey, red) and why.
     Nodes {
+        /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -131,10 +186,12 @@ enum NodeCommand {
 
 #[derive(Debug, Subcommand)]
 enum MaintenanceAction {
+    /// Into maintenance: a master hands its VIPs over first.
     Enable {
         /// The node (default: this node).
         node: Option<String>,
     },
+    /// Out of maintenance: the node serves again as backup (or master).
     Disable {
         /// The node (default: this node).
         node: Option<String>,
@@ -144,11 +201,20 @@ enum MaintenanceAction {
 #[derive(Debug, Subcommand)]
 enum FarmCommand {
     /// Add a farm from a farm file (through the master; replicated).
-    Add { file: PathBuf },
+    Add {
+        /// The farm file (TOML, as in farms/NAME.toml).
+        file: PathBuf,
+    },
     /// Replace a farm with a farm file (through the master; replicated).
-    Edit { file: PathBuf },
+    Edit {
+        /// The farm file (TOML, as in farms/NAME.toml).
+        file: PathBuf,
+    },
     /// Delete a farm (through the master; replicated).
-    Delete { name: String },
+    Delete {
+        /// The farm's name.
+        name: String,
+    },
     /// Farms and backends with state, health and active connections (ipvsadm -L -n).
     List {
         /// Machine-readable output (every field of every farm).
@@ -169,13 +235,17 @@ enum FarmCommand {
     },
     /// Every farm as one TOML document (or JSON), for `farm restore`.
     Save {
+        /// Print JSON instead of TOML.
         #[arg(long)]
         json: bool,
     },
     /// Replace every farm with those of a saved document (FILE or stdin),
     /// through the master, replicated; the whole configuration is validated
     /// first, nothing changes if invalid; unchanged farm files are kept.
-    Restore { file: Option<PathBuf> },
+    Restore {
+        /// The saved document (default: read stdin).
+        file: Option<PathBuf>,
+    },
     /// Remove every farm (ipvsadm -C), through the master, replicated.
     Clear {
         /// Confirm.
@@ -201,9 +271,12 @@ enum ConnCommand {
 enum BackendCommand {
     /// Set a backend's state: up, down, drain (no new connections) or maintenance.
     Set {
+        /// The farm's name.
         farm: String,
         /// ADDRESS or ADDRESS:PORT ([v6]:PORT).
         backend: String,
+        /// The new state.
+        #[arg(value_parser = ["up", "down", "drain", "maintenance"])]
         state: String,
     },
 }
@@ -212,19 +285,46 @@ enum BackendCommand {
 enum ConfigCommand {
     /// Validate a configuration directory; print every error, or `ok`.
     Check {
-        /// The configuration directory.
-        #[arg(default_value = tandem_config::DEFAULT_CONFIG_DIR)]
-        dir: PathBuf,
+        /// The configuration directory (default: --config-dir, or
+        /// TANDEM_CONFIG_DIR, or /etc/tandem).
+        dir: Option<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`tandemctl status | head -1`) ends the process
+    // quietly with SIGPIPE, as other Unix tools do (exit 141 in a shell),
+    // instead of a panic in println!.
+    // SAFETY: restoring the default disposition of one signal, before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    if let Some(address) = &cli.remote {
+        match remote::from_flags(
+            address,
+            cli.api_key_file.as_deref(),
+            cli.fingerprint.as_deref(),
+        ) {
+            Ok(r) => remote::set(r),
+            Err(e) => {
+                eprintln!("tandemctl: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { dir },
-        } => config_check::run(&dir),
+        } => config_check::run(dir.as_deref().unwrap_or(&cli.config_dir)),
         Command::Completions { shell } => completions::run(shell),
+        Command::ApiKey {
+            command: ApiKeyCommand::New { name, role, out },
+        } => remote::new_key(&name, role, out.as_ref()).unwrap_or_else(|e| {
+            eprintln!("tandemctl: {e:#}");
+            ExitCode::FAILURE
+        }),
         command => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -237,6 +337,12 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(async move {
+                if let Some(what) = local_only(&command)
+                    && let Err(e) = remote::local_only(what)
+                {
+                    eprintln!("tandemctl: {e:#}");
+                    return ExitCode::from(2);
+                }
                 let result = match command {
                     Command::Status { json } => status::run(&cli.runtime_dir, json).await,
                     Command::Reload { daemon } => {
@@ -327,10 +433,15 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
+                    Command::Complete { kind } => {
+                        completions::names(&cli.config_dir, &cli.runtime_dir, &kind).await
+                    }
                     Command::Conn {
                         command: ConnCommand::List { farm, json },
                     } => farms::connections(&cli.runtime_dir, farm.as_deref(), json).await,
-                    Command::Config { .. } | Command::Completions { .. } => {
+                    Command::Config { .. }
+                    | Command::Completions { .. }
+                    | Command::ApiKey { .. } => {
                         unreachable!("handled above")
                     }
                 };
@@ -340,5 +451,33 @@ fn main() -> ExitCode {
                 })
             })
         }
+    }
+}
+
+/// Commands that read or write this node's own files or daemons, and so do
+/// not run over --remote.
+fn local_only(c: &Command) -> Option<&'static str> {
+    match c {
+        Command::Farm {
+            command: FarmCommand::Stats { .. },
+        } => Some("farm stats"),
+        Command::Farm {
+            command: FarmCommand::Save { .. },
+        } => Some("farm save"),
+        Command::Farm {
+            command: FarmCommand::Restore { .. },
+        } => Some("farm restore"),
+        Command::Farm {
+            command: FarmCommand::Clear { .. },
+        } => Some("farm clear"),
+        Command::Backend { .. } => Some("backend set"),
+        Command::Conn { .. } => Some("conn list"),
+        Command::Cluster {
+            command: ClusterCommand::Create(_),
+        } => Some("cluster create"),
+        Command::Cluster {
+            command: ClusterCommand::Ack { .. },
+        } => Some("cluster ack"),
+        _ => None,
     }
 }

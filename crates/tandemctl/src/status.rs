@@ -32,25 +32,150 @@ struct DaemonRow {
     detail: String,
     /// The last configuration reload error, if the last reload was refused.
     reload_error: Option<String>,
+    /// clustermanager's row: the control API's address and the SHA-256
+    /// fingerprint of its certificate (for `--remote … --fingerprint`),
+    /// when node.toml has `control_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_api: Option<ControlApi>,
+}
+
+#[derive(Debug, Serialize)]
+struct ControlApi {
+    listen: String,
+    fingerprint: String,
 }
 
 pub async fn run(runtime_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut rows = Vec::with_capacity(DAEMONS.len());
-    for daemon in DAEMONS {
-        rows.push(query(runtime_dir, daemon).await);
+    let (rows, node) = if crate::remote::get().is_some() {
+        remote_rows(runtime_dir).await?
+    } else {
+        let mut rows = Vec::with_capacity(DAEMONS.len());
+        for daemon in DAEMONS {
+            rows.push(query(runtime_dir, daemon).await);
+        }
+        (rows, crate::cluster::node_status(runtime_dir).await)
+    };
+    let mut rows = rows;
+    if let Some(n) = &node
+        && !n.control_listen.is_empty()
+        && let Some(r) = rows.iter_mut().find(|r| r.daemon == "clustermanager")
+    {
+        r.control_api = Some(ControlApi {
+            listen: n.control_listen.clone(),
+            fingerprint: n.control_fingerprint.clone(),
+        });
     }
-    let node = crate::cluster::node_status(runtime_dir).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!("{}", crate::cluster::summary_line(node.as_ref()));
         print_table(&rows);
+        if let Some(c) = rows.iter().find_map(|r| r.control_api.as_ref()) {
+            println!(
+                "control API on {} (certificate {})",
+                c.listen, c.fingerprint
+            );
+        }
     }
     let all_running = rows.iter().all(|r| r.state == "running");
     Ok(ExitCode::from(exit_code(
         all_running,
         node.map(|n| n.health()),
     )))
+}
+
+/// The remote node's daemons, as its clustermanager reads them
+/// (DaemonStatuses over the control API).
+async fn remote_rows(
+    runtime_dir: &Path,
+) -> anyhow::Result<(Vec<DaemonRow>, Option<v1::ClusterManagerStatus>)> {
+    use v1::daemon_status_entry::Status as S;
+    let reply = crate::remote::cluster_manager(runtime_dir)
+        .await?
+        .daemon_statuses(v1::DaemonStatusesRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let mut node = None;
+    let rows = reply
+        .daemons
+        .into_iter()
+        .map(|d| {
+            let (info, detail) = match d.status {
+                Some(S::ClusterManager(s)) => {
+                    let detail = format!(
+                        "role {}: {}",
+                        lower(s.role().as_str_name(), "NODE_ROLE_"),
+                        s.message
+                    );
+                    let info = s.daemon.clone();
+                    node = Some(s);
+                    (info, detail)
+                }
+                Some(S::Vrrpd(s)) => {
+                    let detail = format!(
+                        "{}: {}",
+                        lower(s.state().as_str_name(), "VRRP_STATE_"),
+                        s.reason
+                    );
+                    (s.daemon, detail)
+                }
+                Some(S::LbForwarder(s)) => {
+                    let datapath = if s.datapath_loaded {
+                        "loaded"
+                    } else {
+                        "not loaded"
+                    };
+                    let detail = format!(
+                        "{} farms, {} backends, datapath {datapath}",
+                        s.farms, s.backends
+                    );
+                    (s.daemon, detail)
+                }
+                Some(S::ConntrackSync(s)) => {
+                    let detail = format!(
+                        "role {}, peer {}",
+                        lower(s.role().as_str_name(), "SYNC_ROLE_"),
+                        or_none(&s.peer)
+                    );
+                    (s.daemon, detail)
+                }
+                Some(S::CfgSync(s)) => {
+                    let detail = format!(
+                        "direction {}, peer {}",
+                        lower(s.direction().as_str_name(), "SYNC_DIRECTION_"),
+                        or_none(&s.peer)
+                    );
+                    (s.daemon, detail)
+                }
+                None => (None, d.error.clone()),
+            };
+            DaemonRow {
+                daemon: d.daemon,
+                state: d.state,
+                pid: info.as_ref().map(|i| i.pid),
+                version: info.as_ref().map(|i| i.version.clone()),
+                node: info.as_ref().map(|i| i.node_name.clone()),
+                config_generation: info.as_ref().map(|i| i.config_generation),
+                detail,
+                reload_error: info.map(|i| i.last_reload_error).filter(|e| !e.is_empty()),
+                control_api: None,
+            }
+        })
+        .collect();
+    Ok((rows, node))
+}
+
+fn lower(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+fn or_none(s: &str) -> String {
+    if s.is_empty() {
+        "none".to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// `tandemctl status`'s exit status: 3 a daemon is not running, 4 this node
@@ -98,6 +223,7 @@ async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
         config_generation: None,
         detail: String::new(),
         reload_error: None,
+        control_api: None,
     };
     let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
         Ok(c) => c,
@@ -226,7 +352,23 @@ pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<Ex
             DAEMONS.join(", ")
         );
     }
+    if let Some(r) = crate::remote::get() {
+        if only.is_some_and(|o| o != "clustermanager") {
+            bail!(
+                "over --remote {} only clustermanager reloads (`tandemctl reload clustermanager`); it reloads node.toml and the replicated files",
+                r.address
+            );
+        }
+        let reply = crate::remote::cluster_manager(runtime_dir)
+            .await?
+            .reload(v1::ReloadRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        return Ok(print_reload("clustermanager", &reply));
+    }
     let mut failed = false;
+    let mut reached = 0;
     for daemon in DAEMONS.iter().filter(|d| only.is_none_or(|o| o == **d)) {
         let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
             Ok(c) => c,
@@ -237,6 +379,7 @@ pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<Ex
                 continue;
             }
         };
+        reached += 1;
         let req = v1::ReloadRequest {};
         let reply = match *daemon {
             "clustermanager" => ClusterManagerClient::new(channel).reload(req).await,
@@ -247,14 +390,9 @@ pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<Ex
             other => bail!("unknown daemon `{other}`"),
         };
         match reply.map(tonic::Response::into_inner) {
-            Ok(r) if r.applied => {
-                println!("{daemon}: reloaded (config gen {})", r.config_generation)
-            }
             Ok(r) => {
-                failed = true;
-                println!("{daemon}: reload refused, previous configuration stays in force:");
-                for e in r.errors {
-                    println!("  {e}");
+                if print_reload(daemon, &r) != ExitCode::SUCCESS {
+                    failed = true;
                 }
             }
             Err(e) => {
@@ -263,11 +401,30 @@ pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<Ex
             }
         }
     }
+    if reached == 0 && !failed {
+        bail!(
+            "no daemon is running (no socket answers in {}): start them with `systemctl start tandem.target`, or give --runtime-dir",
+            runtime_dir.display()
+        );
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn print_reload(daemon: &str, r: &v1::ReloadReply) -> ExitCode {
+    if r.applied {
+        println!("{daemon}: reloaded (config gen {})", r.config_generation);
+        ExitCode::SUCCESS
+    } else {
+        println!("{daemon}: reload refused, previous configuration stays in force:");
+        for e in &r.errors {
+            println!("  {e}");
+        }
+        ExitCode::FAILURE
+    }
 }
 
 #[cfg(test)]

@@ -48,12 +48,17 @@ const PROBE_STAGGER: Duration = Duration::from_millis(10);
 /// USER_HZ: the unit of utime/stime in /proc/<pid>/stat on Linux.
 const CLOCK_TICKS: f64 = 100.0;
 
+#[path = "bench_conntrack_load.rs"]
+mod load;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
     SyncdInject,
     SyncdCache,
     ConntrackdCache,
     ConntrackdInject,
+    /// No sync daemon at all (the datapath's own figure).
+    NoSync,
 }
 
 impl Peer {
@@ -63,6 +68,7 @@ impl Peer {
             Peer::SyncdCache => "conntrack-syncd cache",
             Peer::ConntrackdCache => "conntrackd FTFW ext. cache",
             Peer::ConntrackdInject => "conntrackd FTFW inject",
+            Peer::NoSync => "no sync daemon",
         }
     }
 
@@ -70,6 +76,7 @@ impl Peer {
         match self {
             Peer::SyncdInject | Peer::SyncdCache => "conntrack-syncd",
             Peer::ConntrackdCache | Peer::ConntrackdInject => "conntrackd",
+            Peer::NoSync => "none",
         }
     }
 
@@ -209,7 +216,14 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
             .env_remove("JOURNAL_STREAM");
         (cmd, n.runtime_dir.join(format!("{daemon}.sock")))
     };
-    cmd.args(extra).stdout(Stdio::null()).stderr(log);
+    cmd.args(extra);
+    if daemon == "conntrack-syncd" {
+        // TANDEM_BENCH_SYNCD_ARGS: extra arguments, e.g. "--nice -10", to
+        // measure a setting against the shipped default.
+        let more = std::env::var("TANDEM_BENCH_SYNCD_ARGS").unwrap_or_default();
+        cmd.args(more.split_whitespace());
+    }
+    cmd.stdout(Stdio::null()).stderr(log);
     let child = lab.lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
     tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
     n.daemons.push((daemon, child));
@@ -337,6 +351,7 @@ impl Bench {
                     .expect("conntrackd.conf");
                     start(&mut lab, dir.path(), node, "conntrackd", &[]);
                 }
+                Peer::NoSync => {}
             }
         }
         start(&mut lab, dir.path(), "lb1", "vrrpd", &[]);
@@ -383,6 +398,13 @@ impl Bench {
         }
     }
 
+    /// conntrack-syncd's Status on a node (None for the other daemons).
+    fn sync_status(&self, node: &str) -> Option<v1::ConntrackSyncStatus> {
+        self.peer
+            .is_tandem()
+            .then(|| self.lab.conntrack_status(node))
+    }
+
     fn pid(&self, node: &str) -> i32 {
         self.lab
             .node(node)
@@ -420,7 +442,9 @@ impl Bench {
     /// daemon keeps them.
     fn backup_count(&self) -> usize {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject => self.lab.vip_entries("lb2"),
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
+                self.lab.vip_entries("lb2")
+            }
             Peer::SyncdCache => self
                 .backup_rpc
                 .as_ref()
@@ -436,7 +460,7 @@ impl Bench {
     /// Whether the backup holds the entry of this connection.
     fn backup_has(&mut self, t: &Tuple, cached_before: usize) -> bool {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject => {
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
                 matches!(self.backup_ct.get(t), Ok(Some(_)))
             }
             // The cache is not listed by the API: one more entry than
@@ -454,7 +478,7 @@ impl Bench {
     /// whose content the API does not list).
     fn backup_has_all(&mut self, tuples: &[Tuple], cached_before: usize) -> bool {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject => tuples
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => tuples
                 .iter()
                 .all(|t| matches!(self.backup_ct.get(t), Ok(Some(_)))),
             Peer::SyncdCache => self.backup_count() >= cached_before + tuples.len(),
@@ -607,7 +631,7 @@ impl Bench {
                 fig.commit = self.conntrackd_logged_commit("lb2");
                 self.conntrackd("lb2", &["-f", "external"]);
             }
-            Peer::SyncdInject | Peer::ConntrackdInject => {}
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {}
         }
     }
 
@@ -699,7 +723,7 @@ impl Bench {
         fig.failover_commit = match self.peer {
             Peer::SyncdCache => self.logged_commit(),
             Peer::ConntrackdCache => self.conntrackd_logged_commit("lb2"),
-            Peer::SyncdInject | Peer::ConntrackdInject => None,
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => None,
         };
     }
 
@@ -805,26 +829,274 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// Rates tried by the capacity part, new entries per second, lowest first:
+/// a daemon's capacity is the highest it replicates with zero loss.
+const CAPACITY_RATES: [u64; 8] = [
+    10_000, 25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000,
+];
+
+fn capacity(peers: &[Peer], secs: u64) {
+    let mut rows = Vec::new();
+    let mut best: Vec<(Peer, u64, f64)> = Vec::new();
+    for &peer in peers {
+        eprintln!("== capacity: {}", peer.name());
+        let mut top = (0u64, 0.0f64);
+        let rates: Vec<u64> = std::env::var("TANDEM_BENCH_RATES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
+            .unwrap_or_else(|| CAPACITY_RATES.to_vec());
+        for rate in rates {
+            let run = load::capacity_run(peer, rate, secs);
+            let lossless = run.lossless();
+            if lossless {
+                top = (rate, run.achieved());
+            }
+            rows.push((peer, run));
+            if !lossless {
+                break;
+            }
+        }
+        best.push((peer, top.0, top.1));
+    }
+    let mut t = table(&[
+        "sync daemon",
+        "offered /s",
+        "created /s",
+        "entries",
+        "probes on backup",
+        "zero loss",
+        "CPU µs/entry master / backup",
+        "lag p50 / p99 ms (probes polled)",
+        "daemon's lag p50 / p99 ms",
+        "datagrams",
+        "changes per datagram",
+        "records per datagram (daemon's count)",
+        "retransmitted",
+    ]);
+    for (peer, r) in &rows {
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        t.add_row([
+            peer.name().to_owned(),
+            r.offered.to_string(),
+            format!("{:.0}", r.achieved()),
+            r.created.to_string(),
+            format!("{}/{}", r.probes_held, r.probes),
+            if r.lossless() { "yes" } else { "no" }.to_owned(),
+            format!("{:.1} / {:.1}", r.cpu_master_us, r.cpu_backup_us),
+            if r.lag_missed > 0 {
+                format!(
+                    "{} / {} ({} not seen in 5 s)",
+                    opt(r.lag_p50_ms),
+                    opt(r.lag_p99_ms),
+                    r.lag_missed
+                )
+            } else {
+                format!("{} / {}", opt(r.lag_p50_ms), opt(r.lag_p99_ms))
+            },
+            match (r.daemon_lag_p50_ms, r.daemon_lag_p99_ms) {
+                (Some(a), Some(b)) => format!("{a:.1} / {b:.1}"),
+                _ => "-".to_owned(),
+            },
+            r.datagrams.to_string(),
+            // Each entry makes a new and a destroy (it expires after 1 s).
+            format!("{:.1}", 2.0 * r.created as f64 / r.datagrams.max(1) as f64),
+            opt(r.records_per_datagram),
+            r.retransmit_pct
+                .map_or_else(|| "-".to_owned(), |p| format!("{p:.2} %")),
+        ]);
+    }
+    println!(
+        "Capacity: entries created in the master's table over ctnetlink at a set rate for {secs} s (every {}th kept 600 s and looked for on the backup, the others expire after 1 s); zero loss = every kept entry reached the backup:",
+        100
+    );
+    println!("{t}");
+    let mut s = table(&[
+        "sync daemon",
+        "highest zero-loss rate tried",
+        "created /s at it",
+    ]);
+    for (peer, rate, achieved) in &best {
+        s.add_row([
+            peer.name().to_owned(),
+            rate.to_string(),
+            format!("{achieved:.0}"),
+        ]);
+    }
+    println!("{s}");
+}
+
+fn burst(peers: &[Peer]) {
+    let (flows, over) = (50_000, Duration::from_secs(10));
+    let mut t = table(&[
+        "sync daemon",
+        "SYNs",
+        "flows on master",
+        "held by backup 2 s after",
+        "peak RSS master / backup MB",
+        "CPU µs per flow master / backup",
+        "datagrams",
+        "records per datagram",
+        "retransmitted",
+        "lag p50 / p99 ms",
+        "\"peer dead\" lines",
+    ]);
+    for &peer in peers {
+        eprintln!("== burst: {}", peer.name());
+        let r = load::burst_run(peer, flows, over);
+        t.add_row([
+            peer.name().to_owned(),
+            r.flows.to_string(),
+            r.on_master.to_string(),
+            format!(
+                "{} ({:.2} %)",
+                r.held,
+                100.0 * r.held as f64 / r.on_master.max(1) as f64
+            ),
+            format!(
+                "{:.1} / {:.1}",
+                r.rss_master_kb as f64 / 1024.0,
+                r.rss_backup_kb as f64 / 1024.0
+            ),
+            format!("{:.1} / {:.1}", r.cpu_master_us, r.cpu_backup_us),
+            r.datagrams.to_string(),
+            r.records_per_datagram.map_or_else(
+                || {
+                    format!(
+                        "{:.1} (changes)",
+                        2.0 * r.on_master as f64 / r.datagrams.max(1) as f64
+                    )
+                },
+                |v| format!("{v:.1}"),
+            ),
+            r.retransmit_pct
+                .map_or_else(|| "-".to_owned(), |p| format!("{p:.2} %")),
+            match (r.lag_p50_ms, r.lag_p99_ms) {
+                (Some(a), Some(b)) => format!("{a:.1} / {b:.1}"),
+                _ => "-".to_owned(),
+            },
+            r.peer_dead_lines.to_string(),
+        ]);
+    }
+    println!(
+        "Burst: {flows} new flows through the VIP in {} s (a SYN each, half-open), the backup's table compared with the master's 2 s after:",
+        over.as_secs()
+    );
+    println!("{t}");
+}
+
+/// New connections/s, and the sync daemons' CPU µs per connection on the
+/// master and the backup.
+type RateRun = (f64, f64, f64);
+
+fn datapath(peers: &[Peer], secs: u64) {
+    let threads = 4;
+    let mut configs = vec![Peer::NoSync];
+    configs.extend(peers.iter().filter(|p| **p != Peer::NoSync));
+    // Interleaved twice, so a load change on the machine falls on all.
+    let mut figures: Vec<(Peer, Vec<RateRun>)> = configs.iter().map(|p| (*p, Vec::new())).collect();
+    for round in 0..2 {
+        for (peer, runs) in figures.iter_mut() {
+            eprintln!("== datapath cost, round {}: {}", round + 1, peer.name());
+            runs.push(load::connection_rate(*peer, threads, secs));
+        }
+    }
+    let mean = |runs: &[RateRun], f: fn(&RateRun) -> f64| {
+        runs.iter().map(f).sum::<f64>() / runs.len().max(1) as f64
+    };
+    let base = figures.first().map_or(0.0, |(_, runs)| mean(runs, |r| r.0));
+    let mut t = table(&[
+        "configuration",
+        "new conn/s, round 1",
+        "round 2",
+        "mean",
+        "change vs no sync",
+        "sync CPU µs per connection master / backup",
+    ]);
+    for (peer, runs) in &figures {
+        let m = mean(runs, |r| r.0);
+        t.add_row([
+            peer.name().to_owned(),
+            format!("{:.0}", runs.first().map_or(0.0, |r| r.0)),
+            format!("{:.0}", runs.get(1).map_or(0.0, |r| r.0)),
+            format!("{m:.0}"),
+            if *peer == Peer::NoSync {
+                "-".to_owned()
+            } else {
+                format!("{:+.1} %", 100.0 * (m - base) / base.max(1e-9))
+            },
+            if *peer == Peer::NoSync {
+                "-".to_owned()
+            } else {
+                format!("{:.0} / {:.0}", mean(runs, |r| r.1), mean(runs, |r| r.2))
+            },
+        ]);
+    }
+    println!(
+        "Cost on the datapath: new TCP connections per second through the VIP ({threads} client threads for {secs} s, each reads the greeting and resets), with and without a sync daemon, same run:"
+    );
+    println!("{t}");
+}
+
 fn main() {
-    // Usage: tandem-bench-conntrack [PEER ...] with PEER among
-    // syncd-inject, syncd-cache, conntrackd-cache, conntrackd-inject (default: all).
+    // Usage: tandem-bench-conntrack [PART ...] [PEER ...]
+    //   PART among capacity, burst, datapath, classic (default: all);
+    //   PEER among syncd-inject, syncd-cache, conntrackd-cache,
+    //   conntrackd-inject (default: all for classic; the inject modes for
+    //   capacity and datapath). TANDEM_BENCH_CAPACITY_S (default 30) and
+    //   TANDEM_BENCH_DATAPATH_S (default 10) set the run lengths.
     let wanted: Vec<String> = std::env::args().skip(1).collect();
+    let part = |p: &str| {
+        let parts = ["capacity", "burst", "datapath", "classic"];
+        !wanted.iter().any(|w| parts.contains(&w.as_str())) || wanted.iter().any(|w| w == p)
+    };
     let all = [
         ("syncd-inject", Peer::SyncdInject),
         ("syncd-cache", Peer::SyncdCache),
         ("conntrackd-cache", Peer::ConntrackdCache),
         ("conntrackd-inject", Peer::ConntrackdInject),
     ];
-    let peers: Vec<Peer> = all
+    let named: Vec<Peer> = all
         .iter()
-        .filter(|(n, _)| wanted.is_empty() || wanted.iter().any(|w| w == n))
+        .filter(|(n, _)| wanted.iter().any(|w| w == n))
         .map(|(_, p)| *p)
         .collect();
+    let peers: Vec<Peer> = if named.is_empty() {
+        all.iter().map(|(_, p)| *p).collect()
+    } else {
+        named.clone()
+    };
+    let inject: Vec<Peer> = if named.is_empty() {
+        vec![Peer::SyncdInject, Peer::ConntrackdInject]
+    } else {
+        named
+            .iter()
+            .copied()
+            .filter(|p| matches!(p, Peer::SyncdInject | Peer::ConntrackdInject))
+            .collect()
+    };
     if Command::new("conntrackd").arg("-v").output().is_err()
         && peers.iter().any(|p| !p.is_tandem())
     {
         eprintln!("needs conntrackd: apt-get install conntrackd");
         std::process::exit(1);
+    }
+    let secs = |var: &str, default: u64| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    if part("capacity") {
+        capacity(&inject, secs("TANDEM_BENCH_CAPACITY_S", 30));
+    }
+    if part("burst") {
+        burst(&inject);
+    }
+    if part("datapath") {
+        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10));
+    }
+    if !part("classic") {
+        return;
     }
     let results: Vec<(Peer, Figures)> = peers.iter().map(|&p| (p, run(p))).collect();
 
@@ -888,7 +1160,9 @@ fn main() {
             l.last().map_or_else(|| "-".into(), |d| ms(*d)),
             f.lag_missed.to_string(),
             match peer {
-                Peer::SyncdInject | Peer::ConntrackdInject => "ctnetlink get (kernel table)",
+                Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
+                    "ctnetlink get (kernel table)"
+                }
                 Peer::SyncdCache => "Status.entries_cached (gRPC)",
                 Peer::ConntrackdCache => "conntrackd -e (process per poll)",
             }

@@ -1,4 +1,4 @@
-//! The conntrack sync wire format, version 1, and nothing else: one UDP
+//! The conntrack sync wire format, version 2, and nothing else: one UDP
 //! datagram on the cluster link = a 40-byte header, a payload, and a 16-byte
 //! HMAC-SHA256 tag. No sockets, no state. The layout is documented, with the
 //! reasons for it, in `docs/conntrack-sync-protocol.md`.
@@ -18,7 +18,7 @@ use tandem_conntrack::{Entry, TcpInfo, Tuple};
 
 /// "TC": Tandem Conntrack.
 pub const MAGIC: [u8; 2] = *b"TC";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 40;
 /// HMAC-SHA256 truncated to 128 bits (as RFC 4868 does for IPsec): forging
 /// one datagram still takes 2^128 work, and it saves 16 bytes per datagram.
@@ -33,6 +33,9 @@ pub const MIN_KEY_LEN: usize = 16;
 
 /// Flag bit: the ack fields (ack epoch, ack next) are valid.
 pub const FLAG_ACK: u8 = 0x01;
+/// BulkBegin flag bit: the bulk is the sender's whole table of farm flows,
+/// so the receiver may delete what the bulk lacks.
+pub const BULK_COMPLETE: u8 = 0x01;
 
 const TYPE_DATA: u8 = 1;
 const TYPE_ACK: u8 = 2;
@@ -156,11 +159,15 @@ pub enum Message {
     /// "Still here"; the header's sequence is the sender's next sequence, so
     /// a receiver sees a lost tail of data.
     Alive,
-    /// "Send me your whole table."
-    ResyncRequest,
+    /// "Send me your table." `id` counts this node's requests in its epoch
+    /// (a repeat of an unanswered one keeps its id), so a replayed request
+    /// is told from a new one.
+    ResyncRequest { id: u32 },
     /// Start of a bulk resync (reliable). Everything the receiver lacks
     /// before it is superseded by the bulk: it may skip its gaps.
-    BulkBegin,
+    /// `complete`: the bulk is the sender's whole table (the master's),
+    /// not only the flows it forwards itself.
+    BulkBegin { complete: bool },
     /// End of a bulk resync (reliable), with the number of records sent in
     /// Data datagrams since the BulkBegin.
     BulkEnd { records: u32 },
@@ -173,7 +180,7 @@ impl Message {
     pub fn is_reliable(&self) -> bool {
         matches!(
             self,
-            Message::Data(_) | Message::BulkBegin | Message::BulkEnd { .. }
+            Message::Data(_) | Message::BulkBegin { .. } | Message::BulkEnd { .. }
         )
     }
 
@@ -182,8 +189,8 @@ impl Message {
             Message::Data(_) => "data",
             Message::Ack { .. } => "ack",
             Message::Alive => "alive",
-            Message::ResyncRequest => "resync-request",
-            Message::BulkBegin => "bulk-begin",
+            Message::ResyncRequest { .. } => "resync-request",
+            Message::BulkBegin { .. } => "bulk-begin",
             Message::BulkEnd { .. } => "bulk-end",
         }
     }
@@ -193,8 +200,8 @@ impl Message {
             Message::Data(_) => TYPE_DATA,
             Message::Ack { .. } => TYPE_ACK,
             Message::Alive => TYPE_ALIVE,
-            Message::ResyncRequest => TYPE_RESYNC_REQUEST,
-            Message::BulkBegin => TYPE_BULK_BEGIN,
+            Message::ResyncRequest { .. } => TYPE_RESYNC_REQUEST,
+            Message::BulkBegin { .. } => TYPE_BULK_BEGIN,
             Message::BulkEnd { .. } => TYPE_BULK_END,
         }
     }
@@ -204,16 +211,19 @@ impl Message {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AckInfo {
     /// The epoch of the stream acknowledged (the receiver's own epoch, as
-    /// the acknowledging node last heard it).
+    /// the acknowledging node last heard it). Echoing it proves that the
+    /// datagram was made after its receiver started (the epoch handshake).
     pub epoch: u64,
-    /// Every sequence number below this one was received.
+    /// Every sequence number below this one was received. 0: a challenge,
+    /// "I heard this epoch but have not joined its stream".
     pub next: u64,
 }
 
 /// One datagram, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Datagram {
-    /// Random, chosen at start: a new value means the sender restarted.
+    /// Random, chosen at start: a new value means the sender restarted
+    /// (adopted only from a datagram that echoes the receiver's own epoch).
     pub epoch: u64,
     /// For a reliable message its own sequence number; otherwise the
     /// sender's next sequence number.
@@ -263,6 +273,8 @@ pub enum DecodeError {
     Flags(u8),
     #[error("reserved byte is {0:#04x}, must be 0")]
     Reserved(u8),
+    #[error("unknown bulk-begin flags {0:#04x}")]
+    BulkFlags(u8),
     #[error("ack fields are set but the ack flag is not")]
     AckFieldsWithoutFlag,
     #[error("an ack message without the ack flag")]
@@ -355,7 +367,9 @@ impl Datagram {
                     buf.extend_from_slice(&r.count.to_be_bytes());
                 }
             }
-            Message::Alive | Message::ResyncRequest | Message::BulkBegin => {}
+            Message::Alive => {}
+            Message::ResyncRequest { id } => buf.extend_from_slice(&id.to_be_bytes()),
+            Message::BulkBegin { complete } => buf.push(if *complete { BULK_COMPLETE } else { 0 }),
             Message::BulkEnd { records } => buf.extend_from_slice(&records.to_be_bytes()),
         }
         let payload = buf.len() - HEADER_LEN;
@@ -431,12 +445,19 @@ impl Datagram {
                 Message::Alive
             }
             TYPE_RESYNC_REQUEST => {
-                expect_len("resync-request", payload, 0)?;
-                Message::ResyncRequest
+                expect_len("resync-request", payload, 4)?;
+                Message::ResyncRequest {
+                    id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+                }
             }
             TYPE_BULK_BEGIN => {
-                expect_len("bulk-begin", payload, 0)?;
-                Message::BulkBegin
+                expect_len("bulk-begin", payload, 1)?;
+                if payload[0] & !BULK_COMPLETE != 0 {
+                    return Err(DecodeError::BulkFlags(payload[0]));
+                }
+                Message::BulkBegin {
+                    complete: payload[0] & BULK_COMPLETE != 0,
+                }
             }
             TYPE_BULK_END => {
                 expect_len("bulk-end", payload, 4)?;

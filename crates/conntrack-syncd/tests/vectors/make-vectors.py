@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the byte vectors of the conntrack sync wire format, v1.
+"""Writes the byte vectors of the conntrack sync wire format, v2.
 
 An encoder independent of the Rust one: each field is laid out by hand
 from docs/conntrack-sync-protocol.md, and the tag comes from Python's hmac
@@ -51,7 +51,7 @@ def write(name, mtype, epoch, seq, ack, payload_fields, note):
     payload = b"".join(b for b, _ in payload_fields)
     flags = 1 if ack else 0
     aepoch, anext = ack if ack else (0, 0)
-    header = [(b"TC", "magic \"TC\""), (u8(1), "version 1"), (u8(TYPES[mtype]), f"type {TYPES[mtype]} ({mtype})"),
+    header = [(b"TC", "magic \"TC\""), (u8(2), "version 2"), (u8(TYPES[mtype]), f"type {TYPES[mtype]} ({mtype})"),
               (u8(flags), f"flags {flags:#04x}" + (" (ack)" if ack else "")), (u8(0), "reserved"),
               (u16(len(payload)), f"payload length {len(payload)}"), (u64(epoch), f"sender epoch {epoch:#018x}"),
               (u64(seq), f"sequence {seq}"), (u64(aepoch), f"ack epoch {aepoch:#018x}"),
@@ -83,6 +83,10 @@ write("ack.hex", "ack", B, 4, (A, 5),
        (u64(10), "missing from 10"), (u32(1), "1 of them (10)")],
       "Ack from B: everything below 5 received, 5-6 and 10 missing (7, 8, 9 held)")
 write("alive.hex", "alive", A, 9, None, [], "Alive from a node that has not heard its peer; its next sequence is 9")
-write("resync-request.hex", "resync-request", B, 4, (A, 9), [], "Resync request from B")
-write("bulk-begin.hex", "bulk-begin", A, 9, (B, 4), [], "Bulk resync begins at seq 9")
+write("challenge.hex", "alive", B, 4, (A, 0), [],
+      "Alive from B echoing A's epoch with ack next 0: a challenge, B heard A's epoch but joined nothing yet")
+write("resync-request.hex", "resync-request", B, 4, (A, 9), [(u32(3), "request id 3")],
+      "Resync request 3 from B")
+write("bulk-begin.hex", "bulk-begin", A, 9, (B, 4), [(u8(1), "flags 0x01 (complete: the whole table)")],
+      "Bulk resync begins at seq 9: the sender's whole table")
 write("bulk-end.hex", "bulk-end", A, 12, (B, 4), [(u32(42), "42 records in the bulk")], "Bulk resync ends at seq 12")
