@@ -6,9 +6,12 @@
 #
 #   deploy/build-deb.sh            -> target/debian/tandem_<version>-1_<arch>.deb
 #
-# Needs cargo, help2man, go-md2man and dpkg-dev (dpkg-shlibdeps, for the libc dependency);
-# installs cargo-deb with `cargo install --locked` if it is missing.
+# Needs cargo, help2man, go-md2man and dpkg-dev (dpkg-shlibdeps, for the libc
+# dependency); installs cargo-deb (the version below, `cargo install --locked`)
+# if it is missing.
 set -euo pipefail
+
+CARGO_DEB_VERSION=3.8.0
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -18,8 +21,8 @@ die() { echo "build-deb.sh: $*" >&2; exit 1; }
 command -v help2man >/dev/null || die "help2man is missing: apt-get install help2man"
 command -v go-md2man >/dev/null || die "go-md2man is missing: apt-get install go-md2man"
 if ! cargo deb --version >/dev/null 2>&1; then
-    echo "installing cargo-deb"
-    cargo install cargo-deb --locked
+    echo "installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install --locked "cargo-deb@$CARGO_DEB_VERSION"
 fi
 
 # One release build of the whole workspace (one feature set); cargo-deb then

@@ -6,16 +6,20 @@
 #   deploy/install.sh --uninstall [--prefix DIR] [--destdir DIR]
 #
 # What goes where (PREFIX=/usr by default, everything under $DESTDIR if set):
-#   PREFIX/bin/                          the six binaries
-#   PREFIX/lib/systemd/system/           five daemon units + tandem.target
+#   PREFIX/bin/                          the seven binaries
+#   PREFIX/lib/systemd/system/           six daemon units, tandem-bird.service, tandem.target
 #   PREFIX/lib/tmpfiles.d/tandem.conf    /run/tandem, the shared socket directory
 #   PREFIX/share/doc/tandem/             docs, examples/ (the example /etc/tandem)
 #   PREFIX/share/man/man8/               a man page per binary, man5/tandem.toml.5 (deploy/man.sh)
 #   PREFIX/share/doc/tandem/help/        the plain --help texts if help2man or go-md2man is missing
 #   PREFIX/share/{bash-completion,zsh,fish}/...   tandemctl completions
+#   /etc/ssh/sshd_config.d/tandem.conf   sshd reads the cluster key from /etc/tandem/ssh
+#                                        (kept if you changed it; removed by --uninstall
+#                                        only if unchanged)
 #   /etc/tandem/                         created empty (0750) if missing; never removed
 #
-# Without DESTDIR it also creates /run/tandem, reloads systemd and enables the
+# Without DESTDIR it also creates /run/tandem, reloads systemd (and sshd, for
+# its drop-in) and enables the
 # units (they start only once /etc/tandem/node.toml exists: see
 # docs/install.md). With DESTDIR the units are enabled offline
 # (systemctl --root), so an image built this way boots with Tandem enabled.
@@ -24,8 +28,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BINARIES=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager tandemctl)
-DAEMONS=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager)
+BINARIES=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager routed tandemctl)
+DAEMONS=(lb-forwarder vrrpd conntrack-syncd cfg-syncd clustermanager routed)
 
 destdir=${DESTDIR:-}
 prefix=/usr
@@ -73,7 +77,9 @@ man5dir=$prefix/share/man/man5
 bashdir=$prefix/share/bash-completion/completions
 zshdir=$prefix/share/zsh/site-functions
 fishdir=$prefix/share/fish/vendor_completions.d
-units=("${DAEMONS[@]/%/.service}" tandem.target)
+# tandem-bird.service runs BIRD (bird2) for routed, on active-active nodes only.
+units=("${DAEMONS[@]/%/.service}" tandem-bird.service tandem.target)
+sshd_dropin=/etc/ssh/sshd_config.d/tandem.conf
 
 # True when this script acts on the running system and systemd manages it.
 live_systemd() { [ -z "$root" ] && [ -d /run/systemd/system ]; }
@@ -105,8 +111,32 @@ uninstall() {
     while read -r f; do rm -f "$root$f"; done < <(installed_files)
     # share/doc/tandem is Tandem's own: docs, examples, --help texts.
     rm -rf "$root$docdir"
+    # sshd's drop-in, unless the administrator changed it.
+    if [ -f "$root$sshd_dropin" ] && cmp -s "$root$sshd_dropin" "$repo/deploy/sshd/tandem.conf"; then
+        rm -f "$root$sshd_dropin"
+        reload_sshd
+    fi
     if live_systemd; then systemctl daemon-reload; fi
     echo "Tandem removed from ${root:-/}; /etc/tandem was kept."
+}
+
+# sshd reads its drop-ins when it starts or reloads.
+reload_sshd() {
+    if live_systemd; then
+        systemctl try-reload-or-restart ssh.service >/dev/null 2>&1 || true
+    fi
+}
+
+# /etc/ssh/sshd_config.d/tandem.conf: installed when missing or unchanged, an
+# administrator's edited copy is kept (as dpkg keeps a changed conffile).
+install_sshd_dropin() {
+    local src=$repo/deploy/sshd/tandem.conf dst=$root$sshd_dropin
+    if [ -f "$dst" ] && ! cmp -s "$dst" "$src"; then
+        echo "keeping your $sshd_dropin (it differs from $src)"
+        return
+    fi
+    install -D -m 0644 "$src" "$dst"
+    reload_sshd
 }
 
 find_binaries() {
@@ -177,6 +207,8 @@ install_all() {
     "$bin_dir/tandemctl" completions zsh > "$root$zshdir/_tandemctl"
     "$bin_dir/tandemctl" completions fish > "$root$fishdir/tandemctl.fish"
     chmod 0644 "$root$bashdir/tandemctl" "$root$zshdir/_tandemctl" "$root$fishdir/tandemctl.fish"
+
+    install_sshd_dropin
 
     # The administrator's directory: created, never overwritten, never removed.
     [ -d "$root/etc/tandem" ] || install -d -m 0750 "$root/etc/tandem"

@@ -473,4 +473,5 @@ pub mod conntrack_lab;
 pub mod forwarder_lab;
 pub mod scaleout_cluster_lab;
 pub mod scaleout_lab;
+pub mod systemd_lab;
 pub mod vrrp_lab;

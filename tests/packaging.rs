@@ -28,8 +28,21 @@ const BINARIES: &[&str] = &[
     "conntrack-syncd",
     "cfg-syncd",
     "clustermanager",
+    "routed",
     "tandemctl",
 ];
+/// Every Tandem daemon with a unit: the five of every node and routed
+/// (active-active nodes).
+const UNIT_DAEMONS: &[&str] = &[
+    "clustermanager",
+    "vrrpd",
+    "lb-forwarder",
+    "conntrack-syncd",
+    "cfg-syncd",
+    "routed",
+];
+/// BIRD, run for routed: not a Tandem binary (`/usr/sbin/bird`, bird2).
+const BIRD_UNIT: &str = "tandem-bird.service";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,7 +74,7 @@ fn text(bytes: &[u8]) -> String {
 fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let mut paths = Vec::new();
-    for daemon in DAEMONS {
+    for daemon in UNIT_DAEMONS {
         let unit = format!("{daemon}.service");
         let body = fs::read_to_string(repo().join("systemd").join(&unit)).unwrap();
         let exec = format!("ExecStart=/usr/bin/{daemon} ");
@@ -70,6 +83,13 @@ fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
         fs::write(dir.path().join(&unit), body).unwrap();
         paths.push(dir.path().join(unit));
     }
+    tool("bird", "bird2");
+    fs::copy(
+        repo().join("systemd").join(BIRD_UNIT),
+        dir.path().join(BIRD_UNIT),
+    )
+    .unwrap();
+    paths.push(dir.path().join(BIRD_UNIT));
     fs::copy(repo().join("systemd").join(TARGET), dir.path().join(TARGET)).unwrap();
     paths.push(dir.path().join(TARGET));
     (dir, paths)
@@ -94,7 +114,17 @@ fn verify(units: &[PathBuf]) -> Result<(), String> {
 #[test]
 fn every_unit_passes_systemd_analyze_verify() {
     let (_dir, units) = staged_units();
-    assert_eq!(units.len(), 6);
+    // Every unit of the repository is staged.
+    let in_repo = fs::read_dir(repo().join("systemd"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".service") || name.ends_with(".target")
+        })
+        .count();
+    assert_eq!(units.len(), in_repo);
+    assert_eq!(units.len(), UNIT_DAEMONS.len() + 2);
     if let Err(e) = verify(&units) {
         panic!("systemd-analyze verify failed: {e}");
     }
@@ -161,21 +191,82 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// A unit's comment lines, lower-cased, as one text.
+fn comments(unit: &str) -> String {
+    fs::read_to_string(repo().join("systemd").join(unit))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What each daemon may do beyond a plain process: capabilities, socket
+/// families, writable paths, and whether it keeps state in /var/lib/tandem.
+struct Privileges {
+    daemon: &'static str,
+    caps: &'static [&'static str],
+    families: &'static [&'static str],
+    rw: &'static [&'static str],
+    state: bool,
+}
+
+const PRIVILEGES: &[Privileges] = &[
+    Privileges {
+        daemon: "vrrpd",
+        caps: &[
+            "CAP_NET_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_SYS_NICE",
+            "CAP_IPC_LOCK",
+        ],
+        families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"],
+        rw: &["/run/tandem"],
+        state: true,
+    },
+    Privileges {
+        daemon: "lb-forwarder",
+        caps: &["CAP_NET_ADMIN"],
+        families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
+        rw: &["/run/tandem"],
+        state: false,
+    },
+    Privileges {
+        daemon: "conntrack-syncd",
+        caps: &["CAP_NET_ADMIN"],
+        families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
+        rw: &["/run/tandem"],
+        state: true,
+    },
+    Privileges {
+        daemon: "cfg-syncd",
+        caps: &["CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_FOWNER"],
+        families: &["AF_UNIX", "AF_INET", "AF_INET6"],
+        rw: &["/run/tandem", "/etc/tandem"],
+        state: true,
+    },
+    Privileges {
+        daemon: "clustermanager",
+        caps: &["CAP_NET_ADMIN", "CAP_NET_RAW"],
+        families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
+        rw: &["/run/tandem", "/etc/tandem"],
+        state: true,
+    },
+    Privileges {
+        daemon: "routed",
+        caps: &[],
+        families: &["AF_UNIX"],
+        rw: &["/run/tandem", "/var/lib/tandem"],
+        state: true,
+    },
+];
+
 #[test]
 fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
-    let expected: &[(&str, &[&str], &[&str])] = &[
-        ("vrrpd", &["CAP_NET_ADMIN", "CAP_NET_RAW"], &["/run/tandem"]),
-        ("lb-forwarder", &["CAP_NET_ADMIN"], &["/run/tandem"]),
-        ("conntrack-syncd", &["CAP_NET_ADMIN"], &["/run/tandem"]),
-        (
-            "cfg-syncd",
-            &["CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_FOWNER"],
-            &["/run/tandem", "/etc/tandem"],
-        ),
-        ("clustermanager", &[], &["/run/tandem", "/etc/tandem"]),
-    ];
-    assert_eq!(expected.len(), DAEMONS.len());
-    for (daemon, caps, rw) in expected {
+    assert_eq!(PRIVILEGES.len(), UNIT_DAEMONS.len());
+    for p in PRIVILEGES {
+        let (daemon, caps, rw) = (p.daemon, p.caps, p.rw);
         let d = directives(&format!("{daemon}.service"));
         let one = |key: &str| -> String {
             let v = values(&d, key);
@@ -187,6 +278,7 @@ fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
         assert_eq!(one("Restart"), "on-failure", "{daemon}");
         assert!(one("WatchdogSec").ends_with('s'), "{daemon}: WatchdogSec");
         assert_eq!(one("PartOf"), TARGET, "{daemon}");
+        assert_eq!(one("ReloadPropagatedFrom"), TARGET, "{daemon}");
         assert_eq!(one("WantedBy"), TARGET, "{daemon}");
         assert_eq!(one("ConditionPathExists"), "/etc/tandem/node.toml");
         assert_eq!(one("ProtectSystem"), "strict", "{daemon}");
@@ -195,6 +287,36 @@ fn daemon_units_are_notify_with_watchdog_and_only_their_capabilities() {
         assert_eq!(words(&d, "CapabilityBoundingSet"), set(caps), "{daemon}");
         assert!(values(&d, "AmbientCapabilities").is_empty(), "{daemon}");
         assert_eq!(words(&d, "ReadWritePaths"), set(rw), "{daemon}");
+        assert_eq!(
+            words(&d, "RestrictAddressFamilies"),
+            set(p.families),
+            "{daemon}"
+        );
+        // Each privilege is there for a named operation, said in a comment.
+        let why = comments(&format!("{daemon}.service"));
+        for name in caps.iter().chain(p.families).chain(rw) {
+            assert!(
+                why.contains(name),
+                "{daemon}.service: no comment says why it has {name}"
+            );
+        }
+        // State that outlives a restart goes to /var/lib/tandem, created by
+        // systemd and writable despite ProtectSystem=strict.
+        assert!(
+            values(&d, "ExecStart")[0].contains("--state-dir /var/lib/tandem"),
+            "{daemon}"
+        );
+        if p.state {
+            assert_eq!(one("StateDirectory"), "tandem", "{daemon}");
+            assert_eq!(one("StateDirectoryMode"), "0700", "{daemon}");
+            assert!(why.contains("/var/lib/tandem"), "{daemon}: why state?");
+        } else {
+            assert!(values(&d, "StateDirectory").is_empty(), "{daemon}");
+        }
+        // Real-time scheduling only for vrrpd's advert thread.
+        let realtime = if daemon == "vrrpd" { "no" } else { "yes" };
+        assert_eq!(one("RestrictRealtime"), realtime, "{daemon}");
+        assert_eq!(one("SyslogIdentifier"), daemon);
         // Five units share /run/tandem: each declares it, preserved, or the
         // first unit to stop would delete it (and the others' sockets).
         assert_eq!(one("RuntimeDirectory"), "tandem", "{daemon}");
@@ -246,18 +368,17 @@ fn exposure(unit: &Path, max: f64) -> (f64, bool) {
 fn systemd_rates_every_daemon_unit_well_sandboxed() {
     const MAX: f64 = 3.0;
     let (dir, units) = staged_units();
+    let mut report = Vec::new();
     for unit in units
         .iter()
         .filter(|u| u.extension().is_some_and(|e| e == "service"))
     {
         let (level, within) = exposure(unit, MAX);
-        eprintln!("{}: exposure {level}", unit.display());
-        assert!(
-            within && level <= MAX,
-            "{}: exposure {level} > {MAX}",
-            unit.display()
-        );
+        let name = unit.file_name().unwrap().to_string_lossy().into_owned();
+        report.push(format!("{name}: {level}"));
+        assert!(within && level <= MAX, "{name}: exposure {level} > {MAX}");
     }
+    eprintln!("systemd-analyze security exposure: {}", report.join(", "));
 
     // Control: the same daemon without its sandbox lines is rated unsafe.
     let bare: String = fs::read_to_string(dir.path().join("vrrpd.service"))
@@ -376,10 +497,10 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
             "{b}: {page}"
         );
     }
-    for unit in DAEMONS
+    for unit in UNIT_DAEMONS
         .iter()
         .map(|d| format!("{d}.service"))
-        .chain([TARGET.to_owned()])
+        .chain([BIRD_UNIT.to_owned(), TARGET.to_owned()])
     {
         let installed = root.join("usr/lib/systemd/system").join(&unit);
         assert_eq!(
@@ -388,11 +509,13 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
             "{unit}"
         );
     }
-    for daemon in DAEMONS {
+    for unit in UNIT_DAEMONS
+        .iter()
+        .map(|d| format!("{d}.service"))
+        .chain([BIRD_UNIT.to_owned()])
+    {
         // Enabled offline (systemctl --root): the target pulls them in at boot.
-        let link = root.join(format!(
-            "etc/systemd/system/tandem.target.wants/{daemon}.service"
-        ));
+        let link = root.join(format!("etc/systemd/system/tandem.target.wants/{unit}"));
         assert!(
             link.symlink_metadata().is_ok(),
             "{} missing",
@@ -425,6 +548,12 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
         completion("usr/share/fish/vendor_completions.d/tandemctl.fish")
             .contains("complete -c tandemctl")
     );
+    let dropin = root.join("etc/ssh/sshd_config.d/tandem.conf");
+    assert_eq!(
+        fs::read(&dropin).unwrap(),
+        fs::read(repo().join("deploy/sshd/tandem.conf")).unwrap()
+    );
+    assert_eq!(mode(&dropin), 0o644);
     let etc = root.join("etc/tandem");
     assert_eq!(mode(&etc), 0o750);
     assert!(
@@ -454,6 +583,95 @@ fn install_script_installs_into_destdir_and_uninstall_keeps_etc_tandem() {
         "# this node\n"
     );
     assert!(!root.join("usr/share/doc/tandem").exists());
+}
+
+#[test]
+fn install_script_keeps_an_edited_sshd_drop_in() {
+    tool("help2man", "help2man");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let root_s = root.to_str().unwrap();
+    let bin_dir = bin("tandemctl").parent().unwrap().to_owned();
+    let dropin = root.join("etc/ssh/sshd_config.d/tandem.conf");
+    let edited = "# mine\nMatch User root\n\tAuthorizedKeysFile /etc/tandem/ssh/authorized_keys\n";
+    fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    fs::write(&dropin, edited).unwrap();
+    let args = [
+        "--destdir",
+        root_s,
+        "--bin-dir",
+        bin_dir.to_str().unwrap(),
+        "--no-enable",
+    ];
+    let out = install_sh(&args);
+    assert!(out.status.success(), "install.sh: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("keeping your /etc/ssh/sshd_config.d/tandem.conf"));
+    assert_eq!(fs::read_to_string(&dropin).unwrap(), edited);
+    let out = install_sh(&["--uninstall", "--destdir", root_s, "--no-enable"]);
+    assert!(out.status.success(), "uninstall: {}", text(&out.stderr));
+    assert_eq!(fs::read_to_string(&dropin).unwrap(), edited, "kept");
+}
+
+/// The sshd drop-in, read by the real sshd (`sshd -T`): root's keys are
+/// also looked up where clustermanager writes the cluster key, other users
+/// keep OpenSSH's default, and the settings after the drop-in still apply
+/// to everyone (its Match block ends with the file).
+#[test]
+fn sshd_reads_the_cluster_key_for_root_only() {
+    let sshd = tool("sshd", "openssh-server");
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("host_ed25519");
+    tandem_e2e::keygen(&key, "packaging-test");
+    let config = tmp.path().join("sshd_config");
+    fs::write(
+        &config,
+        format!(
+            "Include {}\nHostKey {}\nX11Forwarding yes\n",
+            repo().join("deploy/sshd/tandem.conf").display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let effective = |user: &str| {
+        let out = run(Command::new(&sshd)
+            .arg("-T")
+            .arg("-f")
+            .arg(&config)
+            .arg("-C")
+            .arg(format!("user={user},host=peer,addr=192.168.100.2")));
+        assert!(out.status.success(), "sshd -T: {}", text(&out.stderr));
+        let all = text(&out.stdout);
+        let get = |key: &str| {
+            all.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} ")))
+                .unwrap_or_else(|| panic!("no {key} in sshd -T: {all}"))
+                .to_owned()
+        };
+        (get("authorizedkeysfile"), get("x11forwarding"))
+    };
+    // The path clustermanager's unit gives it.
+    let unit = fs::read_to_string(repo().join("systemd/clustermanager.service")).unwrap();
+    let flag = |name: &str| {
+        let rest = unit
+            .split_once(&format!("--{name} "))
+            .unwrap_or_else(|| panic!("clustermanager.service has no --{name}"))
+            .1;
+        rest.split_whitespace().next().unwrap().to_owned()
+    };
+    let keys = flag("authorized-keys");
+    assert_eq!(keys, "/etc/tandem/ssh/authorized_keys");
+    assert_eq!(flag("peer-authorized-keys"), keys, "both nodes alike");
+
+    let (root_keys, x11) = effective("root");
+    assert_eq!(
+        root_keys,
+        format!(".ssh/authorized_keys .ssh/authorized_keys2 {keys}")
+    );
+    assert_eq!(x11, "yes");
+    // Control: another user is not affected by the drop-in.
+    let (other_keys, x11) = effective("alice");
+    assert_eq!(other_keys, ".ssh/authorized_keys .ssh/authorized_keys2");
+    assert_eq!(x11, "yes");
 }
 
 #[test]
@@ -592,10 +810,19 @@ fn deb_packs_every_binary_unit_and_generated_file_and_its_scripts_parse() {
         };
         assert!(found, "deb asset {src} matches no file");
     }
-    // Nothing of /etc goes into the package: /etc/tandem must never be a
-    // conffile dpkg owns (removal and purge keep it).
-    assert!(
-        assets.iter().all(|(_, dest)| !dest.starts_with("etc")),
+    // Nothing of /etc/tandem goes into the package: it must never be a
+    // conffile dpkg owns (removal and purge keep it). The one file under
+    // /etc is sshd's drop-in, a conffile.
+    let etc: Vec<_> = assets
+        .iter()
+        .filter(|(_, d)| d.starts_with("etc"))
+        .collect();
+    assert_eq!(
+        etc,
+        [&(
+            "../../deploy/sshd/tandem.conf".to_owned(),
+            "etc/ssh/sshd_config.d/".to_owned()
+        )],
         "{assets:?}"
     );
 

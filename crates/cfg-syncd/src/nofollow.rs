@@ -15,9 +15,10 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, open, openat, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
 
 use crate::manifest::Sha;
@@ -48,7 +49,71 @@ pub fn open_beneath<Fd: AsFd>(dir: Fd, rel: &str, flags: OFlag) -> io::Result<Ow
     let how = OpenHow::new()
         .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
         .resolve(resolve());
-    openat2(dir, rel, how).map_err(io::Error::from)
+    if !OPENAT2_MISSING.load(Ordering::Relaxed) {
+        match openat2(dir.as_fd(), rel, how) {
+            Err(Errno::ENOSYS) => {
+                // An older kernel, or a seccomp filter (a container's) that
+                // does not know the call: the same guarantee, one component
+                // at a time.
+                if !OPENAT2_MISSING.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "openat2(2) is not available here (ENOSYS): paths are resolved one component at a time, with O_NOFOLLOW at each"
+                    );
+                }
+            }
+            other => return other.map_err(io::Error::from),
+        }
+    }
+    open_by_components(dir, rel, flags)
+}
+
+/// Set once `openat2` answered ENOSYS: every later open walks components.
+static OPENAT2_MISSING: AtomicBool = AtomicBool::new(false);
+
+/// What `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)` does, with plain
+/// `openat`: each directory of the path opened with `O_NOFOLLOW |
+/// O_DIRECTORY` from the previous one (a link fails with `ELOOP`, a
+/// non-directory with `ENOTDIR`), `..` and absolute paths refused with
+/// `EXDEV`, the last component opened with `flags | O_NOFOLLOW`.
+fn open_by_components<Fd: AsFd>(dir: Fd, rel: &str, flags: OFlag) -> io::Result<OwnedFd> {
+    if rel.starts_with('/') {
+        return Err(Errno::EXDEV.into());
+    }
+    let parts: Vec<&str> = rel
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(Errno::EXDEV.into());
+    }
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let Some((last, dirs)) = parts.split_last() else {
+        return openat(
+            dir,
+            ".",
+            flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from);
+    };
+    // `O_DIRECTORY | O_NOFOLLOW` on a link answers ENOTDIR: tell a link
+    // (ELOOP, as openat2 says) from a file.
+    let open_one = |at: std::os::fd::BorrowedFd<'_>, name: &str, f: OFlag| {
+        openat(at, name, f, Mode::empty()).map_err(|e| {
+            let link = e == Errno::ENOTDIR
+                && fstatat(at, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| kind(&st) == Kind::Link);
+            io::Error::from(if link { Errno::ELOOP } else { e })
+        })
+    };
+    let mut cur: Option<OwnedFd> = None;
+    for d in dirs {
+        let at = cur.as_ref().map_or_else(|| dir.as_fd(), |fd| fd.as_fd());
+        let next = open_one(at, d, dir_flags)?;
+        cur = Some(next);
+    }
+    let at = cur.as_ref().map_or_else(|| dir.as_fd(), |fd| fd.as_fd());
+    open_one(at, last, flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
 }
 
 /// A directory beneath `dir` (`""`: `dir` itself, reopened).
@@ -232,6 +297,39 @@ mod tests {
         assert!(!outside.join("sub").exists());
         ensure_dir(&fd, "routes/a/b", 0o755).unwrap();
         assert!(root.join("routes/a/b").is_dir());
+    }
+
+    /// Where openat2 is missing (ENOSYS), the component walk refuses the
+    /// same paths.
+    #[test]
+    fn without_openat2_a_link_anywhere_in_the_path_is_refused_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("etc");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("farms/sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "s").unwrap();
+        std::fs::write(root.join("farms/web.toml"), "w").unwrap();
+        std::fs::write(root.join("farms/sub/x.toml"), "x").unwrap();
+        symlink(outside.join("secret"), root.join("farms/link.toml")).unwrap();
+        symlink(&outside, root.join("checks")).unwrap();
+        let fd = open_root(&root).unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+        for rel in ["farms/web.toml", "./farms//sub/x.toml", "farms/sub/x.toml"] {
+            let f = open_by_components(&fd, rel, flags).unwrap();
+            assert_eq!(kind(&fstat(&f).unwrap()), Kind::File, "{rel}");
+        }
+        open_by_components(&fd, "", OFlag::O_RDONLY | OFlag::O_DIRECTORY).unwrap();
+        for rel in [
+            "farms/link.toml",
+            "checks/secret",
+            "checks",
+            "../outside/secret",
+            "/etc/passwd",
+        ] {
+            let e = open_by_components(&fd, rel, flags).unwrap_err();
+            assert!(is_link_error(&e), "{rel}: {e}");
+        }
     }
 
     #[test]

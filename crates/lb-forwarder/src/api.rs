@@ -374,6 +374,7 @@ impl LbForwarder for LbForwarderApi {
         tracing::info!(
             farm = %farm.name,
             backend = %address,
+            state = lb_forwarder::datapath::state_word(state),
             "farm {}: backend {address} set to {} by the operator",
             farm.name,
             lb_forwarder::datapath::state_word(state)

@@ -283,16 +283,16 @@ pub async fn run(
                     tracing::info!(
                         farms = farms.len(),
                         took_ms = took.as_millis() as u64,
-                        "datapath applied: {} farms in {} ms",
-                        farms.len(),
+                        "datapath applied: {} in {} ms",
+                        count(farms.len(), "farm"),
                         took.as_millis()
                     );
                 } else {
                     tracing::debug!(
                         farms = farms.len(),
                         took_ms = took.as_millis() as u64,
-                        "datapath updated: {} farms in {} ms",
-                        farms.len(),
+                        "datapath updated: {} in {} ms",
+                        count(farms.len(), "farm"),
                         took.as_millis()
                     );
                 }
@@ -306,7 +306,12 @@ pub async fn run(
                 });
             }
             Some((Err(e), _)) => {
-                tracing::error!("datapath not applied, the previous one stays in force: {e}");
+                tracing::error!(
+                    farms = farms.len(),
+                    error = %e,
+                    "datapath for {} not applied, the rules in force stay: {e}",
+                    count(farms.len(), "farm")
+                );
                 // Whatever the kernel holds now, the next change replaces it whole.
                 applied = None;
                 dp.state.send_modify(|s| {
@@ -378,20 +383,29 @@ pub async fn run(
                         if !script.is_empty() && stale {
                             match nft::apply(&script).await {
                                 Ok(()) => last_seed = Some((script, Instant::now())),
-                                Err(e) => tracing::warn!("persistence entries derived from the connection table not applied: {e}"),
+                                Err(e) => tracing::warn!(error = %e, "persistence entries derived from the connection table not applied: {e}"),
                             }
                         }
                     }
                     Err(e) => {
                         if !table_unreadable {
                             table_unreadable = true;
-                            tracing::warn!("cannot read the connection table (load-aware schedulers keep their last loads): {e}");
+                            tracing::warn!(error = %e, "cannot read the connection table (load-aware schedulers keep their last loads): {e}");
                         }
                     }
                 }
             }
             () = shutdown.wait() => return,
         }
+    }
+}
+
+/// `1 farm`, `3 farms`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

@@ -918,12 +918,15 @@ async fn runner_logs_each_change_and_a_farm_with_no_working_backend() {
     let warning = || {
         logged(
             tracing::Level::WARN,
-            "farm logs: every backend is failing".into(),
+            "farm logs: every backend is failing; its new connections are dropped".into(),
         )
     };
 
     a.stop().await;
-    let expected = format!("farm logs: backend {} failing: connection refused", a.addr);
+    let expected = format!(
+        "farm logs: backend {} failing (was healthy): connection refused",
+        a.addr
+    );
     assert_eq!(logged(tracing::Level::INFO, expected).await, 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -940,6 +943,9 @@ async fn runner_logs_each_change_and_a_farm_with_no_working_backend() {
     b.stop().await;
     assert_eq!(warning().await, 1);
     let logged = lines.0.lock().expect("lines").clone();
-    let expected = format!("farm logs: backend {} healthy: check passed", b.addr);
+    let expected = format!(
+        "farm logs: backend {} healthy (was unknown): check passed",
+        b.addr
+    );
     assert!(logged.iter().any(|(_, m)| *m == expected), "{logged:?}");
 }

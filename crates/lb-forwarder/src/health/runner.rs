@@ -361,14 +361,19 @@ impl Announce {
             backend = %e.target,
             old = %e.old,
             new = %e.new,
-            "farm {}: backend {} {}: {}",
+            "farm {}: backend {} {} (was {}): {}",
             e.key.farm,
             e.target,
             e.new,
+            e.old,
             e.reason
         );
         if self.farm_down {
-            tracing::warn!(farm = %e.key.farm, "farm {}: every backend is failing", e.key.farm);
+            tracing::warn!(
+                farm = %e.key.farm,
+                "farm {}: every backend is failing; its new connections are dropped",
+                e.key.farm
+            );
         }
     }
 }
