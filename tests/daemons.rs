@@ -52,6 +52,14 @@ fn every_daemon_serves_status_and_stops_cleanly_on_sigterm() {
     // idles in a pair, so its absence does not make the exit status 3.
     assert_eq!(rows.len(), tandem_proto::DAEMONS.len());
     assert_eq!(row(&rows, "routed")["state"], "not running", "{rows:?}");
+    // The replicated tree's fingerprint, as the docs tell operators to compare.
+    let hash = row(&rows, "cfg-syncd")["manifest_hash"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+        "cfg-syncd's manifest_hash in status --json: {rows:?}"
+    );
     for (d, p) in DAEMONS.iter().zip(&procs) {
         let r = row(&rows, d);
         assert_eq!(r["state"], "running", "{d}: {r}");

@@ -37,6 +37,11 @@ struct DaemonRow {
     /// when node.toml has `control_listen`.
     #[serde(skip_serializing_if = "Option::is_none")]
     control_api: Option<ControlApi>,
+    /// cfg-syncd's row: the SHA-256 over the replicated tree (path, content
+    /// hash, size, mode, owner), equal on two nodes whose configurations are
+    /// identical.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest_hash: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +111,10 @@ async fn remote_rows(
         .daemons
         .into_iter()
         .map(|d| {
+            let manifest_hash = match &d.status {
+                Some(S::CfgSync(s)) if !s.manifest_hash.is_empty() => Some(s.manifest_hash.clone()),
+                _ => None,
+            };
             let (info, detail) = match d.status {
                 Some(S::ClusterManager(s)) => {
                     let detail = format!(
@@ -165,6 +174,7 @@ async fn remote_rows(
                 detail,
                 reload_error: info.map(|i| i.last_reload_error).filter(|e| !e.is_empty()),
                 control_api: None,
+                manifest_hash,
             }
         })
         .collect();
@@ -229,6 +239,7 @@ async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
         detail: String::new(),
         reload_error: None,
         control_api: None,
+        manifest_hash: None,
     };
     let channel = match tandem_runtime::connect(runtime_dir, daemon).await {
         Ok(c) => c,
@@ -242,7 +253,8 @@ async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
         }
     };
     match tokio::time::timeout(RPC_TIMEOUT, status_of(daemon, channel)).await {
-        Ok(Ok((info, detail))) => {
+        Ok(Ok((info, detail, manifest_hash))) => {
+            row.manifest_hash = manifest_hash;
             row.state = "running".into();
             row.pid = Some(info.pid);
             row.version = Some(info.version);
@@ -263,8 +275,13 @@ async fn query(runtime_dir: &Path, daemon: &str) -> DaemonRow {
     row
 }
 
-/// Calls the daemon's Status RPC; returns its identity and a one-line summary.
-async fn status_of(daemon: &str, ch: Channel) -> anyhow::Result<(v1::DaemonInfo, String)> {
+/// Calls the daemon's Status RPC; returns its identity, a one-line summary
+/// and, for cfg-syncd, its manifest hash.
+async fn status_of(
+    daemon: &str,
+    ch: Channel,
+) -> anyhow::Result<(v1::DaemonInfo, String, Option<String>)> {
+    let mut manifest_hash = None;
     let (info, detail) = match daemon {
         "clustermanager" => {
             let s = ClusterManagerClient::new(ch)
@@ -340,6 +357,7 @@ async fn status_of(daemon: &str, ch: Channel) -> anyhow::Result<(v1::DaemonInfo,
             } else {
                 s.peer.clone()
             };
+            manifest_hash = Some(s.manifest_hash.clone()).filter(|h| !h.is_empty());
             (s.daemon, format!("direction {dir}, peer {peer}"))
         }
         "routed" => {
@@ -364,7 +382,7 @@ async fn status_of(daemon: &str, ch: Channel) -> anyhow::Result<(v1::DaemonInfo,
         other => bail!("unknown daemon `{other}`"),
     };
     let info = info.ok_or_else(|| anyhow::anyhow!("{daemon} answered without its identity"))?;
-    Ok((info, detail))
+    Ok((info, detail, manifest_hash))
 }
 
 pub async fn reload(runtime_dir: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
