@@ -382,15 +382,8 @@ pub async fn list(runtime_dir: &Path, json: bool, view: View) -> anyhow::Result<
         };
         match view {
             View::Stats => {
-                let c = stats_cells(f.connections, f.in_counters, f.out_counters);
-                t.add_row([
-                    head,
-                    c[0].clone(),
-                    c[1].clone(),
-                    c[2].clone(),
-                    c[3].clone(),
-                    c[4].clone(),
-                ]);
+                let [a, b, c, d, e] = stats_cells(f.connections, f.in_counters, f.out_counters);
+                t.add_row([head, a, b, c, d, e]);
             }
             View::Rate => {
                 let [a, b, c, d, e] = rate_cells(f.rates);
@@ -412,15 +405,9 @@ pub async fn list(runtime_dir: &Path, json: bool, view: View) -> anyhow::Result<
             let name = format!("  -> {}", target(&b.address, b.port));
             match view {
                 View::Stats => {
-                    let c = stats_cells(b.connections, b.in_counters, b.out_counters);
-                    t.add_row([
-                        name,
-                        c[0].clone(),
-                        c[1].clone(),
-                        c[2].clone(),
-                        c[3].clone(),
-                        c[4].clone(),
-                    ]);
+                    let [a, b2, c, d, e] =
+                        stats_cells(b.connections, b.in_counters, b.out_counters);
+                    t.add_row([name, a, b2, c, d, e]);
                 }
                 View::Rate => {
                     let [a, b2, c, d, e] = rate_cells(b.rates);
