@@ -259,21 +259,7 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
                 failures.push(format!("cfg-syncd: {}", c.last_error));
             }
         }
-        for a in &c.set_aside {
-            warnings.push(format!(
-                "configuration changed here during a partition was set aside when it healed: {} file(s) ({}) kept in {}; review them, then `tandemctl cluster ack`",
-                a.paths.len(),
-                a.paths.join(", "),
-                a.directory
-            ));
-        }
-        if !c.refused.is_empty() {
-            warnings.push(format!(
-                "cfg-syncd does not replicate {} file(s): {}",
-                c.refused.len(),
-                c.refused.join("; ")
-            ));
-        }
+        crate::node_table::cfgsync_warnings(c, &mut warnings);
     }
     let role = if maintenance.is_some() {
         NodeRole::Maintenance

@@ -41,6 +41,8 @@ pub const METHODS: &[(&str, Access)] = &[
     ("Reload", Access::Admin),
     ("PeerHostKey", Access::Admin),
     ("CreateCluster", Access::Admin),
+    ("AddNode", Access::Admin),
+    ("RemoveNode", Access::Admin),
     ("EditCluster", Access::Admin),
     ("DestroyCluster", Access::Admin),
     ("SetNodeMaintenance", Access::Admin),

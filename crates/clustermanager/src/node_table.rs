@@ -189,33 +189,7 @@ pub fn judge(st: &LocalStatuses, ctx: &Context) -> Verdict {
                 failures.push(format!("cfg-syncd: {}", c.last_error));
             }
         }
-        for a in &c.set_aside {
-            warnings.push(format!(
-                "configuration changed here during a partition was set aside when it healed: {} file(s) ({}) kept in {}; review them, then `tandemctl cluster ack`",
-                a.paths.len(),
-                a.paths.join(", "),
-                a.directory
-            ));
-        }
-        if !c.refused.is_empty() {
-            let named: Vec<&str> = c
-                .refused
-                .iter()
-                .take(REFUSED_NAMED)
-                .map(String::as_str)
-                .collect();
-            let more = c.refused.len().saturating_sub(REFUSED_NAMED);
-            warnings.push(format!(
-                "cfg-syncd does not replicate {} file(s): {}{}",
-                c.refused.len(),
-                named.join("; "),
-                if more > 0 {
-                    format!("; and {more} more")
-                } else {
-                    String::new()
-                }
-            ));
-        }
+        cfgsync_warnings(c, &mut warnings);
     }
     let role = vrrp.map_or(NodeRole::Unspecified, |v| role_of(v.state()));
     if !failures.is_empty() {
@@ -415,6 +389,38 @@ pub fn health_word(h: NodeHealth) -> &'static str {
         NodeHealth::Failure => "failure",
         NodeHealth::Degraded => "degraded",
         NodeHealth::Unspecified => "unknown",
+    }
+}
+
+/// What cfg-syncd's Status warns of, for a node table row: configuration
+/// set aside at a partition's heal, files it refuses to replicate.
+pub(crate) fn cfgsync_warnings(c: &v1::CfgSyncStatus, warnings: &mut Vec<String>) {
+    for a in &c.set_aside {
+        warnings.push(format!(
+            "configuration changed here during a partition was set aside when it healed: {} file(s) ({}) kept in {}; review them, then `tandemctl cluster ack`",
+            a.paths.len(),
+            a.paths.join(", "),
+            a.directory
+        ));
+    }
+    if !c.refused.is_empty() {
+        let named: Vec<&str> = c
+            .refused
+            .iter()
+            .take(REFUSED_NAMED)
+            .map(String::as_str)
+            .collect();
+        let more = c.refused.len().saturating_sub(REFUSED_NAMED);
+        warnings.push(format!(
+            "cfg-syncd does not replicate {} file(s): {}{}",
+            c.refused.len(),
+            named.join("; "),
+            if more > 0 {
+                format!("; and {more} more")
+            } else {
+                String::new()
+            }
+        ));
     }
 }
 

@@ -492,6 +492,10 @@ fn local_only(c: &Command) -> Option<&'static str> {
         Command::Cluster {
             command: ClusterCommand::Create(_),
         } => Some("cluster create"),
+        // Both ask for a root password and confirm host keys on the terminal.
+        Command::Cluster {
+            command: ClusterCommand::AddNode(_),
+        } => Some("cluster add-node"),
         Command::Cluster {
             command: ClusterCommand::Ack { .. },
         } => Some("cluster ack"),
