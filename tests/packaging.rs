@@ -234,7 +234,7 @@ const PRIVILEGES: &[Privileges] = &[
     },
     Privileges {
         daemon: "conntrack-syncd",
-        caps: &["CAP_NET_ADMIN"],
+        caps: &["CAP_NET_ADMIN", "CAP_SYS_NICE"],
         families: &["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
         rw: &["/run/tandem"],
         state: true,
