@@ -151,8 +151,23 @@ fn curl_grpc(lab: &OpsLab, method: &str, authorization: Option<&str>) -> String 
         args.extend(["-H", a.as_str()]);
     }
     args.push(&url);
-    let out = in_client(lab, Path::new("curl"), &args);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    // A loaded machine can drop a first connection attempt; the answer, not
+    // the connect, is what the callers judge. Three tries, then everything
+    // curl said.
+    let mut said = String::new();
+    for _ in 0..3 {
+        let out = in_client(lab, Path::new("curl"), &args);
+        if !out.stdout.is_empty() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        said = format!(
+            "curl printed no headers ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    said
 }
 
 #[test]
