@@ -368,19 +368,7 @@ pub fn decode_record(attrs: &[ConntrackAttribute]) -> Result<Record, DecodeError
             _ => {}
         }
     }
-    let counters = match (counters_orig, counters_reply) {
-        (None, None) => None,
-        (o, r) => {
-            let (po, bo) = o.unwrap_or_default();
-            let (pr, br) = r.unwrap_or_default();
-            Some(Counters {
-                packets_original: po,
-                bytes_original: bo,
-                packets_reply: pr,
-                bytes_reply: br,
-            })
-        }
-    };
+    let counters = Counters::from_directions(counters_orig, counters_reply);
     Ok(Record {
         entry: Entry {
             original: original.ok_or(DecodeError::Missing("CTA_TUPLE_ORIG"))?,

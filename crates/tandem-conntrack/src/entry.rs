@@ -231,6 +231,28 @@ pub struct Counters {
     pub bytes_reply: u64,
 }
 
+impl Counters {
+    /// The counters of an entry from its two directions' (packets, bytes),
+    /// as ctnetlink reports them (CTA_COUNTERS_ORIG / _REPLY); None when
+    /// neither was reported (accounting off).
+    pub(crate) fn from_directions(
+        original: Option<(u64, u64)>,
+        reply: Option<(u64, u64)>,
+    ) -> Option<Counters> {
+        if original.is_none() && reply.is_none() {
+            return None;
+        }
+        let (packets_original, bytes_original) = original.unwrap_or_default();
+        let (packets_reply, bytes_reply) = reply.unwrap_or_default();
+        Some(Counters {
+            packets_original,
+            bytes_original,
+            packets_reply,
+            bytes_reply,
+        })
+    }
+}
+
 /// An entry as the kernel reports it: the [`Entry`] plus what only the
 /// kernel knows.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -353,19 +353,7 @@ pub(crate) fn decode_entry(payload: &[u8]) -> Result<Record, DecodeError> {
             _ => {}
         }
     }
-    let counters = match (c_orig, c_reply) {
-        (None, None) => None,
-        (o, r) => {
-            let (po, bo) = o.unwrap_or_default();
-            let (pr, br) = r.unwrap_or_default();
-            Some(Counters {
-                packets_original: po,
-                bytes_original: bo,
-                packets_reply: pr,
-                bytes_reply: br,
-            })
-        }
-    };
+    let counters = Counters::from_directions(c_orig, c_reply);
     Ok(Record {
         entry: Entry {
             original: original.ok_or(DecodeError::Missing("CTA_TUPLE_ORIG"))?,
