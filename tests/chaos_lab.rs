@@ -42,6 +42,8 @@ pub struct ChaosOptions {
     pub sync: bool,
     /// garp_repeat and garp_interval_ms.
     pub garp: (u8, u32),
+    /// Extra lines of the `[sync]` table.
+    pub sync_extra: String,
 }
 
 impl Default for ChaosOptions {
@@ -54,6 +56,7 @@ impl Default for ChaosOptions {
             vrrp_extra: String::new(),
             sync: true,
             garp: (3, 50),
+            sync_extra: String::new(),
         }
     }
 }
@@ -129,13 +132,14 @@ impl ChaosLab {
                      [[nodes]]\nname = \"lb2\"\naddress = \"192.168.100.2\"\npriority = {p2}\n\n\
                      [[floating_ips]]\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n\n\
                      [[floating_ips]]\naddress = \"{SNAT}/24\"\ninterface = \"eth1\"\n\n\
-                     [sync]\nkey_file = \"keys/sync.key\"\n",
+                     [sync]\nkey_file = \"keys/sync.key\"\n{sync_extra}\n",
                     vrid = opts.vrid,
                     failback = opts.failback,
                     iv = opts.advert_interval_ms,
                     gr = opts.garp.0,
                     gi = opts.garp.1,
                     extra = opts.vrrp_extra,
+                    sync_extra = opts.sync_extra,
                     p1 = opts.priorities.0,
                     p2 = opts.priorities.1,
                 ),

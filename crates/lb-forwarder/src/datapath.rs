@@ -244,6 +244,14 @@ pub async fn run(
         was_failing.clone_from(&failing_now);
         let inputs = Inputs {
             hash_seed: loaded.config.cluster.as_ref().map_or(0, |c| c.hash_seed),
+            // A pair replicates its connections: hold back the packets of
+            // one whose entry is still on its way.
+            orphan_grace_ms: loaded
+                .config
+                .cluster
+                .as_ref()
+                .filter(|c| c.mode.is_active_passive())
+                .map_or(0, |c| c.sync.orphan_grace_ms),
             failing: failing_now,
             overrides: dp.overrides(),
             loads: loads.clone(),

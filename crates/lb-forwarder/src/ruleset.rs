@@ -27,7 +27,7 @@
 //! Counters are named objects; the caller passes their current values so a
 //! replacement carries them over.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -156,6 +156,11 @@ pub struct Inputs {
     /// Cluster-wide seed of the hash schedulers (nftables draws a random one
     /// per rule load otherwise, and two nodes would disagree).
     pub hash_seed: u32,
+    /// How long a TCP packet of a connection this node has no entry for is
+    /// held back (dropped) before the kernel handles it as before; 0: not
+    /// at all. Set on a pair's nodes, where replication may bring the entry
+    /// a few milliseconds after the first such packet.
+    pub orphan_grace_ms: u32,
     /// Backends the health checks declared failing.
     pub failing: HashSet<BackendKey>,
     /// Operator overrides of a backend's state (SetBackendState), over the
@@ -588,6 +593,105 @@ pub struct Structure {
     farms: BTreeMap<String, FarmShape>,
     /// Direct-server-return farms, IPv4 then IPv6.
     dsr: [DsrTable; 2],
+    /// The guard of connections not (yet) known here.
+    orphans: Orphans,
+}
+
+/// Packets of a TCP connection this node has no conntrack entry for, to a
+/// NAT farm's VIP:port or to a SNAT address: a client's or a backend's
+/// packet of a connection opened on the peer whose replicated entry is
+/// still on its way (a planned handover, a failover in the last
+/// milliseconds). Left to the kernel, such a packet is reset by the local
+/// stack or (with `nf_conntrack_tcp_loose`) scheduled anew to a backend
+/// that resets it; the connection is lost although its entry arrives a
+/// moment later. So the first packets of such a flow are dropped for
+/// `grace_ms` after it is first seen: their retransmissions find the
+/// entry. After the grace the flow is handled as before, so a connection
+/// that no replication will bring is still reset, not left hanging. IPVS
+/// does the same without `sloppy_tcp`: no connection, no forwarding of a
+/// non-SYN.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Orphans {
+    grace_ms: u32,
+    /// Per family (IPv4, IPv6): `addr . port` of the VIPs, and the SNAT
+    /// addresses.
+    vips: [BTreeSet<String>; 2],
+    snat: [BTreeSet<String>; 2],
+}
+
+/// Flows remembered per family while in grace or after it: a flood of
+/// orphan packets beyond this is handled by the kernel as before.
+pub const ORPHAN_FLOWS: u32 = 65_536;
+/// How long a flow past its grace stays remembered after its last packet.
+const ORPHAN_SEEN_S: u32 = 60;
+/// The named counter of the orphan packets held back.
+pub const ORPHAN_COUNTER: &str = "orphans_held";
+
+impl Orphans {
+    fn active(&self) -> bool {
+        self.grace_ms > 0 && (0..2).any(|i| !self.vips[i].is_empty() || !self.snat[i].is_empty())
+    }
+
+    fn render(&self, values: &HashMap<String, Count>, out: &mut String) {
+        if !self.active() {
+            return;
+        }
+        counter_decl(out, ORPHAN_COUNTER, values);
+        let mut rules = vec![
+            "ct state established,related,untracked return".to_owned(),
+            "meta l4proto != tcp return".to_owned(),
+            "ct state new tcp flags & (fin | syn | rst | ack) == syn return".to_owned(),
+        ];
+        let mut chains = String::new();
+        for (i, (fam, ty)) in [("ip", "ipv4_addr"), ("ip6", "ipv6_addr")]
+            .into_iter()
+            .enumerate()
+        {
+            if self.vips[i].is_empty() && self.snat[i].is_empty() {
+                continue;
+            }
+            let key = format!("{fam} saddr . tcp sport . {fam} daddr . tcp dport");
+            let flow = format!("{ty} . inet_service . {ty} . inet_service");
+            let _ = writeln!(
+                out,
+                "  set orphan_grace_{fam} {{\n    type {flow}\n    size {ORPHAN_FLOWS}\n    flags dynamic,timeout\n    timeout {}ms\n  }}",
+                self.grace_ms
+            );
+            let _ = writeln!(
+                out,
+                "  set orphan_seen_{fam} {{\n    type {flow}\n    size {ORPHAN_FLOWS}\n    flags dynamic,timeout\n    timeout {ORPHAN_SEEN_S}s\n  }}"
+            );
+            if !self.vips[i].is_empty() {
+                let elems: Vec<String> = self.vips[i].iter().cloned().collect();
+                let _ = writeln!(
+                    out,
+                    "  set orphan_vips_{fam} {{\n    type {ty} . inet_service\n    flags interval\n    elements = {{ {} }}\n  }}",
+                    elems.join(", ")
+                );
+                rules.push(format!(
+                    "{fam} daddr . tcp dport @orphan_vips_{fam} goto orphan_{fam}"
+                ));
+            }
+            if !self.snat[i].is_empty() {
+                let elems: Vec<String> = self.snat[i].iter().cloned().collect();
+                named_map(out, "set", &format!("orphan_snat_{fam}"), ty, &elems);
+                rules.push(format!("{fam} daddr @orphan_snat_{fam} goto orphan_{fam}"));
+            }
+            let _ = writeln!(
+                chains,
+                "  chain orphan_{fam} {{\n    {key} @orphan_grace_{fam} counter name {ORPHAN_COUNTER} drop\n    {key} != @orphan_seen_{fam} add @orphan_seen_{fam} {{ {key} }} add @orphan_grace_{fam} {{ {key} }} counter name {ORPHAN_COUNTER} drop\n    update @orphan_seen_{fam} {{ {key} }}\n  }}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  chain orphans {{\n    type filter hook prerouting priority mangle; policy accept;"
+        );
+        for r in rules {
+            let _ = writeln!(out, "    {r}");
+        }
+        let _ = writeln!(out, "  }}");
+        out.push_str(&chains);
+    }
 }
 
 /// A NAT farm's part of the table.
@@ -735,6 +839,7 @@ impl Structure {
     /// the same DSR tables. Backends may differ.
     pub fn updatable_from(&self, old: &Structure) -> bool {
         self.dsr == old.dsr
+            && self.orphans == old.orphans
             && self.farms.len() == old.farms.len()
             && self.farms.iter().zip(&old.farms).all(|((n, a), (o, b))| {
                 n == o
@@ -849,6 +954,7 @@ impl Rendered {
                 }
                 let _ = writeln!(out, "  }}");
             };
+        st.orphans.render(values, &mut out);
         if st.farms.values().any(|f| !f.raw.is_empty()) {
             hook(
                 &mut out,
@@ -1063,6 +1169,10 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
     let mut shapes: BTreeMap<String, FarmShape> = BTreeMap::new();
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut dsr: [DsrTable; 2] = Default::default();
+    let mut orphans = Orphans {
+        grace_ms: inputs.orphan_grace_ms,
+        ..Orphans::default()
+    };
 
     for farm in farms {
         let (plan, pick) = plan_and_pick(farm, inputs);
@@ -1075,6 +1185,15 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
         let name = &farm.name;
         let fam = family(farm.vip);
         let proto = l4(farm.protocol);
+        if farm.protocol != Protocol::Udp {
+            let i = usize::from(farm.vip.is_ipv6());
+            if farm.fwmark.is_none() {
+                orphans.vips[i].insert(format!("{} . {}", farm.vip, farm.port));
+            }
+            if let Some(snat) = farm.snat_address {
+                orphans.snat[usize::from(snat.is_ipv6())].insert(snat.to_string());
+            }
+        }
         let vip_match = format!(
             "{fam} daddr {} meta l4proto {proto} th dport {}",
             farm.vip, farm.port
@@ -1267,7 +1386,11 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
     }
 
     Rendered {
-        structure: Structure { farms: shapes, dsr },
+        structure: Structure {
+            farms: shapes,
+            dsr,
+            orphans,
+        },
         chains,
         plans,
     }

@@ -790,6 +790,7 @@ fn the_kernel_accepts_every_feature() {
     ];
     let mut inputs = Inputs {
         hash_seed: 7,
+        orphan_grace_ms: 1000,
         ..Inputs::default()
     };
     inputs.loads.insert(
@@ -840,6 +841,12 @@ fn the_kernel_accepts_every_feature() {
         .expect("list");
     let text = String::from_utf8_lossy(&map.stdout);
     assert!(text.contains("10.0.0.0 expires"), "{text}");
+    let orphans = ns
+        .exec("nft", &["list", "chain", "inet", "tandem", "orphans"])
+        .expect("list orphans");
+    let text = String::from_utf8_lossy(&orphans.stdout);
+    assert!(text.contains("@orphan_vips_ip goto orphan_ip"), "{text}");
+    assert!(text.contains("@orphan_snat_ip6 goto orphan_ip6"), "{text}");
 }
 
 /// A counter dump as the kernel (6.18) answered it in a lab namespace

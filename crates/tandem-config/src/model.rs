@@ -455,6 +455,14 @@ pub struct SyncSettings {
     /// Replication lag above this for more than a few seconds makes
     /// conntrack-syncd's health degraded (yellow), 10 to 600000 ms, default 1000.
     pub conntrack_lag_threshold_ms: u32,
+    /// A TCP packet to a NAT farm's VIP or SNAT address that belongs to no
+    /// connection this node knows (and is not a SYN opening one) is
+    /// dropped for this long after its flow is first seen, so that its
+    /// retransmission finds the connection once replication has brought
+    /// it, instead of the kernel resetting it or scheduling it anew; after
+    /// that it is handled as before. 0 turns this off. 0-10000 ms, default
+    /// 1000.
+    pub orphan_grace_ms: u32,
     /// Configuration replication refuses a file larger than this, naming it
     /// (the peer keeps its previous copy); 1 KiB-1 GiB, default 4 MiB.
     pub max_file_bytes: u64,
@@ -466,6 +474,8 @@ pub struct SyncSettings {
 
 /// Default of `[sync] max_file_bytes`: 4 MiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Default of `[sync] orphan_grace_ms`.
+pub const DEFAULT_ORPHAN_GRACE_MS: u32 = 1000;
 /// Default of `[sync] max_files`.
 pub const DEFAULT_MAX_FILES: u32 = 100_000;
 
@@ -484,6 +494,7 @@ impl Default for SyncSettings {
             key_file: None,
             conntrack_queue_limit: 131_072,
             conntrack_lag_threshold_ms: 1000,
+            orphan_grace_ms: DEFAULT_ORPHAN_GRACE_MS,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_files: DEFAULT_MAX_FILES,
         }

@@ -437,6 +437,15 @@ pub fn cluster(c: &ClusterConfig) -> Report {
             ),
         );
     }
+    if c.sync.orphan_grace_ms > 10_000 {
+        r.add(
+            vec![Key("sync"), Key("orphan_grace_ms")],
+            format!(
+                "cluster: orphan_grace_ms {} is out of range (0-10000)",
+                c.sync.orphan_grace_ms
+            ),
+        );
+    }
     if c.sync.ssh_port == 0 {
         r.add(
             vec![Key("sync"), Key("ssh_port")],

@@ -113,18 +113,30 @@ fn conntrack_sync_limits_are_checked_with_their_ranges() {
         e,
         "cluster.toml:24:30: cluster: conntrack_lag_threshold_ms 5 is out of range (10-600000)"
     );
+    let e = one_error(&[(
+        "cluster.toml",
+        &format!("{}\n[sync]\norphan_grace_ms = 60000\n", common::CLUSTER),
+    )]);
+    assert_eq!(
+        e,
+        "cluster.toml:24:19: cluster: orphan_grace_ms 60000 is out of range (0-10000)"
+    );
     let d = dir(&[(
         "cluster.toml",
         &format!(
-            "{}\n[sync]\nconntrack_queue_limit = 50000\nconntrack_lag_threshold_ms = 250\n",
+            "{}\n[sync]\nconntrack_queue_limit = 50000\nconntrack_lag_threshold_ms = 250\norphan_grace_ms = 0\n",
             common::CLUSTER
         ),
     )]);
     let c = Config::load(d.path()).expect("valid");
     let sync = &c.cluster.expect("clustered").sync;
     assert_eq!(
-        (sync.conntrack_queue_limit, sync.conntrack_lag_threshold_ms),
-        (50000, 250)
+        (
+            sync.conntrack_queue_limit,
+            sync.conntrack_lag_threshold_ms,
+            sync.orphan_grace_ms
+        ),
+        (50000, 250, 0)
     );
 }
 
