@@ -49,6 +49,12 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 /// (about 30 records each): a turn stays short, so acknowledgements and
 /// alives keep flowing while a burst is worked off.
 const EVENT_BATCH: usize = 1024;
+/// After a turn that took some kernel events but not a full batch, the
+/// loop waits this long before the next: the events of a steady stream of
+/// new connections are then read, packed and sent a few dozen at a time
+/// rather than one wake-up each (a wake-up costs more than the event). A
+/// change waits at most this much longer; a full batch does not wait.
+const EVENT_LINGER: Duration = Duration::from_millis(1);
 const DATAGRAM_BATCH: usize = 64;
 /// The kernel event socket's receive buffer (kernel memory, forced past
 /// rmem_max): about 100,000 events, a burst the daemon may fall behind by
@@ -483,7 +489,8 @@ impl Engine {
             let now = Instant::now();
             // Behind: a full batch was waiting, or the peer acknowledges
             // late (this node starved, or the peer).
-            let behind = shell.take_input(first_event, now).await || shell.sync.is_behind();
+            let (full, events) = shell.take_input(first_event, now).await;
+            let behind = full || shell.sync.is_behind();
             if let Some(nice) = self.priority.turn(behind, now) {
                 self.set_niceness(nice, &peer);
                 shell.counters.favoured = self.priority.is_favoured();
@@ -501,6 +508,9 @@ impl Engine {
             } else if publish_due.is_none() {
                 publish_due =
                     published.map(|t| tokio::time::Instant::from_std(t + STATUS_INTERVAL));
+            }
+            if events > 0 && !behind {
+                tokio::time::sleep(EVENT_LINGER).await;
             }
         }
     }
@@ -649,14 +659,15 @@ impl Shell {
     }
 
     /// Takes the events and datagrams waiting, and hands them to the
-    /// protocol. True when this node is behind: a batch was full (more was
+    /// protocol. Whether this node is behind — a batch was full (more was
     /// waiting than one turn takes), or the peer sent a full datagram (it
-    /// has a backlog, paced by this node's acknowledgements).
+    /// has a backlog, paced by this node's acknowledgements) — and how many
+    /// kernel events it took.
     async fn take_input(
         &mut self,
         first: Option<Result<Event, tandem_conntrack::ConntrackError>>,
         now: Instant,
-    ) -> bool {
+    ) -> (bool, usize) {
         let mut n = 0;
         if let Some(ev) = first {
             self.on_event(ev, now).await;
@@ -699,7 +710,7 @@ impl Shell {
                 }
             }
         }
-        behind
+        (behind, n)
     }
 
     async fn on_event(

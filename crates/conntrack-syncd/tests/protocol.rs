@@ -276,6 +276,60 @@ fn events_that_arrive_together_are_packed_into_full_datagrams() {
     assert_eq!(datagrams, 5000_usize.div_ceil(28));
 }
 
+/// A steady stream (5,000 changes a second, one every 200 µs, each tick
+/// after one) on a link that acknowledges at once: partial datagrams leave
+/// at most once per pack delay (2 ms), so about 10 changes share each, and
+/// none waits longer than the pack delay. A lone change on an idle sender
+/// still leaves at once.
+#[test]
+fn a_steady_stream_is_packed_by_the_pack_delay_and_a_lone_change_is_not_held() {
+    let t0 = Instant::now();
+    let mut a = sender(t0);
+    a.tick(t0);
+    let (mut datagrams, mut records, mut acks) = (0usize, 0usize, 0u64);
+    let mut worst_wait = Duration::ZERO;
+    let mut queued_at = std::collections::VecDeque::new();
+    let mut t = t0;
+    for i in 0..5000u32 {
+        t = t0 + Duration::from_micros(200 * u64::from(i));
+        a.local_event(Record::New(entry(i * 2, 0)), t);
+        queued_at.push_back(t);
+        for d in sent(&a.tick(t)) {
+            if let Message::Data(r) = &d.message {
+                datagrams += 1;
+                records += r.len();
+                for _ in 0..r.len() {
+                    let q = queued_at.pop_front().expect("queued");
+                    worst_wait = worst_wait.max(t - q);
+                }
+            }
+        }
+        // The peer acknowledges everything sent so far, at once.
+        acks += 1;
+        let next = a.status(t).tx_next_seq;
+        a.datagram_received(&from_b(acks, Some(next), Message::Alive), t);
+    }
+    let per = records as f64 / datagrams as f64;
+    eprintln!("{records} records in {datagrams} datagrams, worst wait {worst_wait:?}");
+    assert!(per >= 9.5, "{records} records in {datagrams} datagrams");
+    assert!(worst_wait <= ms(2), "a change waited {worst_wait:?}");
+    // The tail leaves within the pack delay; idle again, a lone change
+    // leaves at the next tick.
+    a.tick(t + ms(3));
+    let next = a.status(t + ms(3)).tx_next_seq;
+    a.datagram_received(&from_b(acks + 1, Some(next), Message::Alive), t + ms(3));
+    let later = t + ms(10);
+    a.local_event(Record::New(entry(20_000, 0)), later);
+    let out = sent(&a.tick(later));
+    assert_eq!(
+        out.iter()
+            .filter(|d| matches!(&d.message, Message::Data(r) if r.len() == 1))
+            .count(),
+        1,
+        "{out:?}"
+    );
+}
+
 #[test]
 fn local_events_are_ignored_unless_sending_is_enabled() {
     let t0 = Instant::now();

@@ -1042,6 +1042,22 @@ impl Rendered {
     }
 }
 
+/// The conntrack events a farm's connections report (set on their first
+/// packet): their creation, their TCP handshake's end (`assured`: the entry
+/// is ESTABLISHED with its reply seen), a UDP flow's first reply, and their
+/// end — what replication needs. The TCP state changes in between (SYN_RECV,
+/// the closing states) are not reported: the kernel builds no event message
+/// for them in the packet path, and conntrack-syncd reads and sends fewer.
+fn event_rules(p: Protocol) -> Vec<String> {
+    let tcp = "meta l4proto tcp ct event set new,assured,destroy".to_owned();
+    let udp = "meta l4proto udp ct event set new,reply,assured,destroy".to_owned();
+    match p {
+        Protocol::Tcp => vec![tcp],
+        Protocol::Udp => vec![udp],
+        Protocol::Both => vec![tcp, udp],
+    }
+}
+
 /// The forward chain's one rule: per backend and direction, O(1).
 const FORWARD_COUNT: &str = "counter name ct mark . ct direction map @count_backend";
 
@@ -1284,7 +1300,8 @@ pub fn render_parts(farms: &[Farm], inputs: &Inputs) -> Rendered {
 
         // farm_<f>: timeouts, then a persistent client's backend, then the
         // scheduler's, then the sorry server; each success jumps to nat_<f>.
-        let mut rules = timeout_rules;
+        let mut rules = event_rules(farm.protocol);
+        rules.extend(timeout_rules);
         let then = if persistent {
             format!("persist_{name}")
         } else {

@@ -4,6 +4,7 @@
 //! acknowledges after it applied the records, so this is "changed here" to
 //! "applied there", plus half a round trip.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,15 @@ pub struct LagStats {
     buckets: [u64; LAG_BUCKETS_S.len() + 1],
     sum_s: f64,
     count: u64,
+    /// The last percentiles computed.
+    quantiles: Cell<Option<Quantiles>>,
 }
+
+/// Percentiles as computed at a time: (when, p50, p99).
+type Quantiles = (Instant, Option<Duration>, Option<Duration>);
+
+/// How old the percentiles in Status may be.
+pub const QUANTILES_REFRESH: Duration = Duration::from_millis(250);
 
 /// The histogram as Prometheus wants it.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +67,22 @@ impl LagStats {
     /// [`LAG_WINDOW`], weighted by records; None without samples.
     pub fn quantile(&self, now: Instant, q: f64) -> Option<Duration> {
         self.quantile_within(now, LAG_WINDOW, q)
+    }
+
+    /// The median and the 99th percentile over [`LAG_WINDOW`], as of at
+    /// most [`QUANTILES_REFRESH`] ago: Status is published every few
+    /// milliseconds under load, and sorting thousands of samples each time
+    /// would cost more than the replication it reports on.
+    pub fn p50_p99(&self, now: Instant) -> (Option<Duration>, Option<Duration>) {
+        if let Some((at, p50, p99)) = self.quantiles.get()
+            && now.saturating_duration_since(at) < QUANTILES_REFRESH
+            && at <= now
+        {
+            return (p50, p99);
+        }
+        let (p50, p99) = (self.quantile(now, 0.5), self.quantile(now, 0.99));
+        self.quantiles.set(Some((now, p50, p99)));
+        (p50, p99)
     }
 
     /// The `q` quantile of the records acknowledged in the last `window`.

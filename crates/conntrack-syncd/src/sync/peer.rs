@@ -45,9 +45,10 @@ pub struct SyncConfig {
     /// then (the shell ticks after each batch of events, so a burst is
     /// packed and a lone event does not wait).
     pub flush_delay: Duration,
-    /// How long a partial datagram waits for company while earlier data is
-    /// unacknowledged (Nagle's algorithm): idle, a change leaves at once;
-    /// busy, changes that arrive within a round trip share a datagram.
+    /// How long a partial datagram waits for company while the sender is
+    /// busy — earlier data unacknowledged (Nagle's algorithm), or a data
+    /// datagram sent less than this ago: idle, a change leaves at once;
+    /// busy, changes that arrive within this time share a datagram.
     pub pack_delay: Duration,
     /// How long a received datagram may wait for its acknowledgement.
     pub ack_delay: Duration,
@@ -472,6 +473,8 @@ pub struct SyncPeer {
 
     // tx stream
     next_seq: u64,
+    /// When the last data datagram left (pacing of partial datagrams).
+    last_data_sent: Option<Instant>,
     /// Sent reliable datagrams not yet acknowledged; `window[i]` has
     /// sequence number `next_seq - window.len() + i`.
     window: VecDeque<Sent>,
@@ -569,6 +572,7 @@ impl SyncPeer {
             started: now,
             counters: Counters::default(),
             next_seq: FIRST_SEQ,
+            last_data_sent: None,
             window: VecDeque::new(),
             peer_acked: 0,
             backoff: 0,
@@ -639,6 +643,7 @@ impl SyncPeer {
     }
 
     pub fn status(&self, now: Instant) -> Status {
+        let (lag_p50, lag_p99) = self.lag.p50_p99(now);
         Status {
             epoch: self.epoch,
             peer_epoch: self.peer_epoch,
@@ -653,8 +658,8 @@ impl SyncPeer {
             rx_buffered: self.rx_buffer.len(),
             resync: self.resync,
             last_resync: self.last_resync,
-            lag_p50: self.lag.quantile(now, 0.5),
-            lag_p99: self.lag.quantile(now, 0.99),
+            lag_p50,
+            lag_p99,
             lag_now: self.lag_now(now),
             lag_histogram: self.lag.histogram(),
             health: self.health(now),
@@ -1492,20 +1497,31 @@ impl SyncPeer {
         out.push(Action::DumpLocalTable);
     }
 
-    /// How long the oldest queued change may wait for company: the flush
-    /// delay, or the pack delay while data is in flight (its ack will come
-    /// sooner, and what arrives meanwhile shares the next datagram).
-    fn hold(&self) -> Duration {
-        if self.in_flight() == 0 {
-            self.config.flush_delay
+    /// When a partial datagram may leave: after the flush delay; while the
+    /// sender is busy — data in flight, or a data datagram sent less than
+    /// the pack delay ago — not before the pack delay has passed since the
+    /// oldest queued change (in flight: its ack will come sooner, and what
+    /// arrives meanwhile shares the next datagram) or since the last data
+    /// datagram left, whichever is sooner. A steady stream thus leaves at
+    /// most one partial datagram per pack delay, packed with what arrived
+    /// meanwhile; a lone change on an idle sender leaves at once; no change
+    /// waits longer than the larger of the two delays.
+    fn partial_due(&self) -> Option<Instant> {
+        let oldest = self.outbox.oldest()?;
+        let cfg = &self.config;
+        let longest = oldest + cfg.flush_delay.max(cfg.pack_delay);
+        let busy_until = if self.in_flight() > 0 {
+            Some(oldest + cfg.pack_delay)
         } else {
-            self.config.flush_delay.max(self.config.pack_delay)
-        }
+            self.last_data_sent.map(|t| t + cfg.pack_delay)
+        };
+        let due = oldest + cfg.flush_delay;
+        Some(busy_until.map_or(due, |b| due.max(b.min(longest))))
     }
 
     /// Whether a partial datagram may leave now.
     fn flush_due(&self, now: Instant) -> bool {
-        self.outbox.oldest().is_some_and(|t| now >= t + self.hold())
+        self.partial_due().is_some_and(|t| now >= t)
     }
 
     /// When queued data may be sent (None: nothing queued, or the window
@@ -1520,7 +1536,7 @@ impl SyncPeer {
         {
             return self.outbox.oldest();
         }
-        self.outbox.oldest().map(|t| t + self.hold())
+        self.partial_due()
     }
 
     /// Sends queued data while the congestion window has room.
@@ -1551,6 +1567,7 @@ impl SyncPeer {
             let n = batch.records.len();
             self.counters.records_sent += n as u64;
             self.counters.data_datagrams_sent += 1;
+            self.last_data_sent = Some(now);
             self.send_reliable(
                 Message::Data(batch.records),
                 batch.oldest,
