@@ -97,7 +97,14 @@ impl ConfigCell {
         crate::lifecycle::notify_reloading();
         let outcome = match Config::load(&self.config_dir) {
             Ok(config) => {
-                let generation = self.current.borrow().generation + 1;
+                // The generation counts the distinct configurations put in
+                // force: a reload that finds the same configuration (a
+                // repeated SIGHUP, a reload asked again after a restart)
+                // keeps it. Subscribers still hear of the reload, so what
+                // failed to apply before (a metrics port taken) is retried.
+                let current = self.current.borrow().generation;
+                let unchanged = self.current.borrow().config == config;
+                let generation = if unchanged { current } else { current + 1 };
                 tracing::info!(
                     generation,
                     farms = config.farms.len(),
@@ -170,5 +177,43 @@ impl ConfigCell {
                 .map(|e| e.clone())
                 .unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload that finds the same configuration keeps the generation (a
+    /// reload asked twice for one change counts once); a changed one
+    /// moves it on; subscribers hear of both.
+    #[test]
+    fn the_generation_counts_distinct_configurations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("node.toml"), "name = \"lb1\"\n").expect("node.toml");
+        let cell = ConfigCell::load("test", dir.path()).expect("load");
+        let mut rx = cell.subscribe();
+        rx.borrow_and_update();
+        assert_eq!(cell.current().generation, 1);
+        assert!(matches!(
+            cell.reload(),
+            ReloadOutcome::Applied { generation: 1 }
+        ));
+        assert!(rx.has_changed().unwrap_or(false), "a reload is heard");
+        rx.borrow_and_update();
+        std::fs::write(
+            dir.path().join("node.toml"),
+            "name = \"lb1\"\nmetrics_listen = \"127.0.0.1:9100\"\n",
+        )
+        .expect("node.toml");
+        assert!(matches!(
+            cell.reload(),
+            ReloadOutcome::Applied { generation: 2 }
+        ));
+        assert!(matches!(
+            cell.reload(),
+            ReloadOutcome::Applied { generation: 2 }
+        ));
+        assert_eq!(cell.current().generation, 2);
     }
 }
