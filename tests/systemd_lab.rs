@@ -1145,7 +1145,7 @@ impl Default for SystemdLab {
 }
 
 /// A sampling thread: (time since the start, holds the VIP from then on).
-type WatchThread = std::thread::JoinHandle<Result<Vec<(Duration, bool)>, tandem_lab::LabError>>;
+type WatchThread = std::thread::JoinHandle<Result<Vec<Change>, tandem_lab::LabError>>;
 
 /// Which node holds the VIP, sampled every millisecond from inside each
 /// node's namespace (getifaddrs: netlink, no process per sample).
@@ -1169,6 +1169,7 @@ impl VipWatch {
                     .spawn_thread(move || {
                         let mut changes = Vec::new();
                         let mut last = None;
+                        let mut last_sample = Duration::ZERO;
                         while !stop.load(Ordering::Relaxed) {
                             let holds = nix::ifaddrs::getifaddrs().is_ok_and(|mut a| {
                                 a.any(|i| {
@@ -1176,10 +1177,17 @@ impl VipWatch {
                                         == Some(vip)
                                 })
                             });
+                            let now = started.elapsed();
                             if last != Some(holds) {
-                                changes.push((started.elapsed(), holds));
+                                let before = if last.is_some() { last_sample } else { now };
+                                changes.push(Change {
+                                    before,
+                                    at: now,
+                                    holds,
+                                });
                                 last = Some(holds);
                             }
+                            last_sample = now;
                             std::thread::sleep(Duration::from_millis(1));
                         }
                         changes
@@ -1203,7 +1211,7 @@ impl VipWatch {
     pub fn finish(self) -> VipHistory {
         let end = self.started.elapsed();
         self.stop.store(true, Ordering::Relaxed);
-        let per_node: Vec<Vec<(Duration, bool)>> = self
+        let per_node: Vec<Vec<Change>> = self
             .threads
             .into_iter()
             .map(|t| t.join().expect("watch thread").expect("watch netns"))
@@ -1212,9 +1220,19 @@ impl VipWatch {
     }
 }
 
+/// A change a node's sampler saw: the VIP held (or not) from the sample
+/// at `at` on; the sample before, at `before`, still saw the old state. The
+/// change itself happened somewhere between the two.
+#[derive(Debug, Clone, Copy)]
+pub struct Change {
+    pub before: Duration,
+    pub at: Duration,
+    pub holds: bool,
+}
+
 pub struct VipHistory {
-    /// Per node (lb1, lb2): (time since start, holds the VIP from then on).
-    pub per_node: Vec<Vec<(Duration, bool)>>,
+    /// Per node (lb1, lb2), in time order (time since start).
+    pub per_node: Vec<Vec<Change>>,
     pub end: Duration,
 }
 
@@ -1222,46 +1240,56 @@ impl VipHistory {
     fn holds(&self, node: usize, at: Duration) -> bool {
         self.per_node[node]
             .iter()
-            .take_while(|(t, _)| *t <= at)
+            .take_while(|c| c.at <= at)
             .last()
-            .is_some_and(|(_, h)| *h)
+            .is_some_and(|c| c.holds)
+    }
+
+    /// The stretches in which `node` certainly did not hold the VIP: from a
+    /// sample that saw it gone to the last sample that still saw it gone.
+    fn surely_without(&self, node: usize) -> Vec<(Duration, Duration)> {
+        let changes = &self.per_node[node];
+        changes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.holds)
+            .map(|(i, c)| {
+                let until = changes.get(i + 1).map_or(self.end, |next| next.before);
+                (c.at, until)
+            })
+            .collect()
     }
 
     /// The longest stretch in which no node held the VIP, from the moment
-    /// every node had been looked at once.
+    /// every node had been looked at once. Only what the samples prove
+    /// counts: each node's sampler runs on its own, so a node's change is
+    /// known to within the time between two of its samples, and a handover
+    /// quicker than that must not look like a moment without the VIP.
     pub fn longest_gap(&self) -> Duration {
         let watched = self
             .per_node
             .iter()
-            .map(|c| c.first().map_or(self.end, |(t, _)| *t))
+            .map(|c| c.first().map_or(self.end, |c| c.at))
             .max()
             .unwrap_or(self.end);
-        let mut times: Vec<Duration> = self
-            .per_node
+        let mut common = vec![(watched, self.end)];
+        for node in 0..self.per_node.len() {
+            let without = self.surely_without(node);
+            common = common
+                .iter()
+                .flat_map(|(a, b)| {
+                    without.iter().filter_map(move |(c, d)| {
+                        let (from, to) = ((*a).max(*c), (*b).min(*d));
+                        (from < to).then_some((from, to))
+                    })
+                })
+                .collect();
+        }
+        common
             .iter()
-            .flat_map(|c| c.iter().map(|(t, _)| *t))
-            .filter(|t| *t >= watched)
-            .collect();
-        times.push(watched);
-        times.push(self.end);
-        times.sort();
-        let mut longest = Duration::ZERO;
-        let mut gap_start = None;
-        for t in times {
-            let anyone = (0..self.per_node.len()).any(|n| self.holds(n, t));
-            match (anyone, gap_start) {
-                (false, None) => gap_start = Some(t),
-                (true, Some(s)) => {
-                    longest = longest.max(t - s);
-                    gap_start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = gap_start {
-            longest = longest.max(self.end - s);
-        }
-        longest
+            .map(|(a, b)| *b - *a)
+            .max()
+            .unwrap_or_default()
     }
 
     /// When `node` first gained the VIP.
@@ -1276,8 +1304,8 @@ impl VipHistory {
         }
         self.per_node[node]
             .iter()
-            .find(|(t, h)| *h && *t >= after)
-            .map(|(t, _)| *t)
+            .find(|c| c.holds && c.at >= after)
+            .map(|c| c.at)
     }
 }
 
@@ -1506,5 +1534,56 @@ mod tests {
             !line_matches("a … b", "a b"),
             "the spaces around … are text"
         );
+    }
+}
+
+#[cfg(test)]
+mod vip_history_tests {
+    use super::*;
+
+    fn ms(x: f64) -> Duration {
+        Duration::from_secs_f64(x / 1000.0)
+    }
+
+    fn change(before: f64, at: f64, holds: bool) -> Change {
+        Change {
+            before: ms(before),
+            at: ms(at),
+            holds,
+        }
+    }
+
+    /// A handover quicker than the samplers' period shows no gap however
+    /// the two samplers' clocks fall; a release before the take-over shows
+    /// the time the samples prove.
+    #[test]
+    fn only_a_gap_the_samples_prove_counts() {
+        let history = |lb1_lost: (f64, f64), lb2_gained: (f64, f64)| VipHistory {
+            per_node: vec![
+                vec![
+                    change(0.0, 0.0, true),
+                    change(lb1_lost.0, lb1_lost.1, false),
+                ],
+                vec![
+                    change(0.2, 0.2, false),
+                    change(lb2_gained.0, lb2_gained.1, true),
+                ],
+            ],
+            end: ms(200.0),
+        };
+        // lb1 seen gone at 10.0 ms, lb2 seen holding at 10.5 (its sample
+        // before, at 9.5, still saw nothing): both changes fall between
+        // 9.5 and 10.0, in either order.
+        assert_eq!(
+            history((9.0, 10.0), (9.5, 10.5)).longest_gap(),
+            Duration::ZERO
+        );
+        // lb2's sampler stalled from 5 to 15 ms: nothing proven either.
+        assert_eq!(
+            history((9.0, 10.0), (5.0, 15.0)).longest_gap(),
+            Duration::ZERO
+        );
+        // Released at 9-10 ms, taken over at 79-80 ms: at least 69 ms.
+        assert_eq!(history((9.0, 10.0), (79.0, 80.0)).longest_gap(), ms(69.0));
     }
 }
