@@ -447,21 +447,12 @@ fn late_entry(sync_extra: &str) -> LateEntry {
         Ok(_) => Ok(echo.trim().to_owned()),
         Err(e) => Err(e.to_string()),
     };
-    let out = lab
-        .node("lb2")
-        .ns
-        .exec(
-            "nft",
-            &["list", "counter", "inet", "tandem", "orphans_held"],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let mut w = out.split_whitespace();
-    let held = w
-        .find(|x| *x == "packets")
-        .and_then(|_| w.next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    // Without the grace there is no such counter: nothing held.
+    let held = tandem_e2e::chaos_lab::nft_packets(
+        &lab.node("lb2").ns,
+        &["list", "counter", "inet", "tandem", "orphans_held"],
+        true,
+    );
     eprintln!("echo {echo:?}; lb2 held {held} packets");
     LateEntry { echo, held }
 }

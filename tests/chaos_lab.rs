@@ -451,17 +451,11 @@ impl ChaosLab {
 
     /// Farm packets a node has forwarded to the backends so far.
     pub fn forwarded(&self, node: &str) -> u64 {
-        let out = self
-            .node(node)
-            .ns
-            .exec("nft", &["list", "chain", "inet", "chaos", "farm"])
-            .expect("nft list");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut w = text.split_whitespace();
-        w.find(|x| *x == "packets")
-            .and_then(|_| w.next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        nft_packets(
+            &self.node(node).ns,
+            &["list", "chain", "inet", "chaos", "farm"],
+            false,
+        )
     }
 
     /// Counts, in the client, ARP announcements of the VIP sent by `node`.
@@ -478,16 +472,11 @@ impl ChaosLab {
     }
 
     pub fn announcements_seen(&self) -> u64 {
-        let out = self
-            .client
-            .exec("nft", &["list", "chain", "arp", "chaos", "in"])
-            .expect("nft list");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut w = text.split_whitespace();
-        w.find(|x| *x == "packets")
-            .and_then(|_| w.next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        nft_packets(
+            &self.client,
+            &["list", "chain", "arp", "chaos", "in"],
+            false,
+        )
     }
 
     /// Polls `f` every 10 ms until it holds; returns how long it took.
@@ -564,6 +553,22 @@ impl ChaosLab {
             .stderr(Stdio::from(log));
         self.lab.spawn(&ns, &mut cmd).expect("spawn keepalived")
     }
+}
+
+/// The first `packets N` of what `nft <args>` lists in `ns` (a counter, or
+/// a chain holding one rule with a counter); 0 when it lists none, and
+/// also when the object does not exist if `may_be_absent`.
+pub fn nft_packets(ns: &Netns, args: &[&str], may_be_absent: bool) -> u64 {
+    let text = match ns.exec("nft", args) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(_) if may_be_absent => return 0,
+        Err(e) => panic!("nft {args:?}: {e}"),
+    };
+    let mut w = text.split_whitespace();
+    w.find(|x| *x == "packets")
+        .and_then(|_| w.next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn mac_of(ns: &Netns, ifname: &str) -> String {

@@ -82,10 +82,10 @@ fn without_replication_connections_break_at_failover() {
     lab.wait_for("lb2 to take over", Duration::from_secs(5), |l| {
         l.holds_vip("lb2")
     });
-    // Every connection's line is sent first: lb2 holds back the packets of
-    // connections it has no entry for (`orphan_grace_ms`, 1 s) before its
-    // stack resets them, and one after the other that would take minutes.
-    let survived = tandem_e2e::conntrack_lab::echo_all(&conns, "after");
+    // All at once: lb2 holds back the packets of connections it has no
+    // entry for (`orphan_grace_ms`, 1 s) before its stack resets them, and
+    // one after the other that would take minutes.
+    let survived = tandem_e2e::conntrack_lab::survivors(&mut conns, "after");
     assert_eq!(
         survived, 0,
         "without replicated state no connection continues"

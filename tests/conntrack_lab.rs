@@ -666,27 +666,6 @@ pub fn echo(stream: &TcpStream, text: &str) -> Option<String> {
     (line.trim() == text).then(|| line.trim().to_owned())
 }
 
-/// Sends `<prefix> <i>` on every connection first, then reads each echo:
-/// how many answered. Connections that a node holds back before resetting
-/// them cost their wait once, not once each.
-pub fn echo_all(conns: &[(String, TcpStream)], prefix: &str) -> usize {
-    for (i, (_, s)) in conns.iter().enumerate() {
-        let mut w = s;
-        let _ = writeln!(w, "{prefix} {i}");
-    }
-    conns
-        .iter()
-        .enumerate()
-        .filter(|(i, (_, s))| {
-            let mut line = String::new();
-            let read = s
-                .try_clone()
-                .and_then(|c| BufReader::new(c).read_line(&mut line));
-            read.is_ok() && line.trim() == format!("{prefix} {i}")
-        })
-        .count()
-}
-
 /// One UDP round trip: the name of the backend that answered, if any
 /// (retried a few times: a datagram may be lost while the VIP moves).
 pub fn udp_ask(sock: &UdpSocket, payload: &str) -> Option<String> {

@@ -662,11 +662,14 @@ impl Orphans {
                 "  set orphan_seen_{fam} {{\n    type {flow}\n    size {ORPHAN_FLOWS}\n    flags dynamic,timeout\n    timeout {ORPHAN_SEEN_S}s\n  }}"
             );
             if !self.vips[i].is_empty() {
-                let elems: Vec<String> = self.vips[i].iter().cloned().collect();
                 let _ = writeln!(
                     out,
                     "  set orphan_vips_{fam} {{\n    type {ty} . inet_service\n    flags interval\n    elements = {{ {} }}\n  }}",
-                    elems.join(", ")
+                    self.vips[i]
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 rules.push(format!(
                     "{fam} daddr . tcp dport @orphan_vips_{fam} goto orphan_{fam}"

@@ -102,9 +102,10 @@ impl ConfigCell {
                 // repeated SIGHUP, a reload asked again after a restart)
                 // keeps it. Subscribers still hear of the reload, so what
                 // failed to apply before (a metrics port taken) is retried.
-                let current = self.current.borrow().generation;
-                let unchanged = self.current.borrow().config == config;
-                let generation = if unchanged { current } else { current + 1 };
+                let generation = {
+                    let current = self.current.borrow();
+                    current.generation + u64::from(current.config != config)
+                };
                 tracing::info!(
                     generation,
                     farms = config.farms.len(),
