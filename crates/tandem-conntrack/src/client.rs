@@ -69,24 +69,28 @@ impl Request<'_> {
         }
     }
 
-    /// Appends the request to `buf` (written directly: see raw.rs).
-    fn encode(&self, buf: &mut Vec<u8>, seq: u32) -> Result<(), ConntrackError> {
+    /// What the kernel would refuse before it is sent.
+    fn check(&self) -> Result<(), ConntrackError> {
+        match *self {
+            Request::Create(e, _) => check_entry(Op::Create, e),
+            Request::Update(e) => check_entry(Op::Update, e),
+            Request::Delete(..) | Request::Get(..) => Ok(()),
+        }
+    }
+
+    /// Appends the request to `buf` (written directly: see raw.rs), asking
+    /// for an acknowledgement if `ack` (errors are answered regardless).
+    fn encode(&self, buf: &mut Vec<u8>, seq: u32, ack: bool) {
+        let ack = if ack { NLM_F_ACK } else { 0 };
         match *self {
             Request::Create(e, opts) => {
-                check_entry(Op::Create, e)?;
-                let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
+                let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | ack;
                 raw::create(buf, e, opts, flags, seq);
             }
-            Request::Update(e) => {
-                check_entry(Op::Update, e)?;
-                raw::update(buf, e, NLM_F_REQUEST | NLM_F_ACK, seq);
-            }
-            Request::Delete(t, zone) => {
-                raw::key(buf, true, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq)
-            }
-            Request::Get(t, zone) => raw::key(buf, false, t, zone, NLM_F_REQUEST | NLM_F_ACK, seq),
+            Request::Update(e) => raw::update(buf, e, NLM_F_REQUEST | ack, seq),
+            Request::Delete(t, zone) => raw::key(buf, true, t, zone, NLM_F_REQUEST | ack, seq),
+            Request::Get(t, zone) => raw::key(buf, false, t, zone, NLM_F_REQUEST | ack, seq),
         }
-        Ok(())
     }
 }
 
@@ -303,9 +307,14 @@ impl Conntrack {
     }
 
     /// Runs many requests, up to 256 per system call (the kernel processes
-    /// them in order and answers each); one result per request, in order:
-    /// the entry read for a [`Request::Get`] (`None` when absent), `None`
-    /// for the others.
+    /// them in order); one result per request, in order: the entry read for
+    /// a [`Request::Get`] (`None` when absent), `None` for the others.
+    ///
+    /// Only the last request of each system call asks for an
+    /// acknowledgement: the kernel answers the others only when they fail
+    /// (and a Get with its entry), in order, so every answer of a batch has
+    /// arrived when the last one's has, and a request with none succeeded.
+    /// One read per batch instead of one per request.
     pub fn execute(
         &mut self,
         requests: &[Request<'_>],
@@ -314,25 +323,33 @@ impl Conntrack {
             requests.iter().map(|_| None).collect();
         for (chunk_no, chunk) in requests.chunks(BATCH).enumerate() {
             let base = chunk_no * BATCH;
+            for (i, request) in chunk.iter().enumerate() {
+                if let Err(e) = request.check() {
+                    results[base + i] = Some(Err(e));
+                }
+            }
+            let Some(last) = (0..chunk.len()).rev().find(|i| results[base + i].is_none()) else {
+                continue;
+            };
             // seq -> (request index, the entry a Get received)
             let mut pending: HashMap<u32, (usize, Option<Record>)> = HashMap::new();
             let mut bytes = Vec::with_capacity(chunk.len() * 256);
+            let mut barrier = 0;
             for (i, request) in chunk.iter().enumerate() {
-                let seq = self.next_seq();
-                match request.encode(&mut bytes, seq) {
-                    Ok(()) => {
-                        pending.insert(seq, (base + i, None));
-                    }
-                    Err(e) => results[base + i] = Some(Err(e)),
+                if results[base + i].is_some() {
+                    continue;
                 }
-            }
-            if pending.is_empty() {
-                continue;
+                let seq = self.next_seq();
+                request.encode(&mut bytes, seq, i == last);
+                pending.insert(seq, (base + i, None));
+                if i == last {
+                    barrier = seq;
+                }
             }
             let outcome =
                 self.send(&bytes, "sending a batch of requests")
                     .and_then(|()| {
-                        while !pending.is_empty() {
+                        while pending.contains_key(&barrier) {
                             for (seq, reply) in self.receive("receiving a batch of answers")? {
                                 let Some((i, got)) = pending.get_mut(&seq) else {
                                     continue;
@@ -340,18 +357,16 @@ impl Conntrack {
                                 let i = *i;
                                 let request = &requests[i];
                                 let result = match reply {
-                                    Reply::Entry(attrs) => {
-                                        match attrs {
-                                            Ok(r) => *got = Some(r),
-                                            Err(e) => {
-                                                results[i] = Some(Err(ConntrackError::Decode {
-                                                    what: "reading an entry",
-                                                    reason: e.to_string(),
-                                                }));
-                                            }
-                                        }
+                                    Reply::Entry(Ok(r)) if seq == barrier => {
+                                        // Its acknowledgement follows.
+                                        *got = Some(r);
                                         continue;
                                     }
+                                    Reply::Entry(Ok(r)) => Ok(Some(r)),
+                                    Reply::Entry(Err(e)) => Err(ConntrackError::Decode {
+                                        what: "reading an entry",
+                                        reason: e.to_string(),
+                                    }),
                                     Reply::Ack | Reply::Done => Ok(got.take()),
                                     Reply::Error(Errno::ENOENT)
                                         if matches!(request, Request::Get(..)) =>
@@ -366,6 +381,17 @@ impl Conntrack {
                                     results[i] = Some(result);
                                 }
                             }
+                        }
+                        // Answered in order: what was not answered succeeded
+                        // (a Get always answers).
+                        for (_, (i, _)) in pending.drain() {
+                            results[i] = Some(match requests[i] {
+                                Request::Get(..) => Err(ConntrackError::Io {
+                                    what: "reading an entry",
+                                    source: io::Error::other("no answer from the kernel"),
+                                }),
+                                _ => Ok(None),
+                            });
                         }
                         Ok(())
                     });

@@ -262,3 +262,77 @@ fn an_entry_mixing_address_families_is_refused_before_sending() {
     ));
     assert!(ct.dump().unwrap().is_empty());
 }
+
+/// Only a batch's last request asks for an acknowledgement: the answers of
+/// the others (their errors, a Get's entry) must still reach the right
+/// request, and a request without an answer must count as done — also when
+/// the last one fails.
+#[test]
+fn a_mixed_batch_answers_each_request() {
+    use tandem_conntrack::Request;
+    let lab = Lab::new().unwrap();
+    let ns = lab.netns("ct").unwrap();
+    let mut ct = open(&ns);
+    let e: Vec<Entry> = (0..4u16)
+        .map(|i| {
+            nat_tcp(
+                "10.0.0.50",
+                20000 + i,
+                "10.0.0.100",
+                80,
+                "10.1.0.11",
+                8080,
+                "10.1.0.100",
+            )
+        })
+        .collect();
+    ct.create(&e[0], LIBERAL).unwrap();
+    ct.create(&e[1], LIBERAL).unwrap();
+    let absent = e[3].original;
+    let mut longer = e[1].clone();
+    longer.timeout_s = 3000;
+    let requests = [
+        Request::Get(&e[0].original, 0),
+        Request::Get(&absent, 0),
+        Request::Delete(&absent, 0),
+        Request::Update(&longer),
+        Request::Create(&e[0], LIBERAL),
+        Request::Create(&e[2], LIBERAL),
+        Request::Delete(&e[0].original, 0),
+        Request::Delete(&absent, 0),
+    ];
+    let results = ct.execute(&requests);
+    assert_eq!(results.len(), requests.len());
+    match &results[0] {
+        Ok(Some(r)) => assert_eq!(r.entry.original, e[0].original),
+        other => panic!("get of a present entry: {other:?}"),
+    }
+    assert!(matches!(results[1], Ok(None)), "{:?}", results[1]);
+    assert!(
+        matches!(results[2], Err(ConntrackError::NotFound { .. })),
+        "{:?}",
+        results[2]
+    );
+    assert!(matches!(results[3], Ok(None)), "{:?}", results[3]);
+    assert!(
+        matches!(results[4], Err(ConntrackError::Exists { .. })),
+        "{:?}",
+        results[4]
+    );
+    assert!(matches!(results[5], Ok(None)), "{:?}", results[5]);
+    assert!(matches!(results[6], Ok(None)), "{:?}", results[6]);
+    assert!(
+        matches!(results[7], Err(ConntrackError::NotFound { .. })),
+        "{:?}",
+        results[7]
+    );
+    // The kernel did what the answers say.
+    let table = ct.dump().unwrap();
+    let find = |t| table.iter().find(|r| r.entry.original == t);
+    assert!(find(e[0].original).is_none());
+    assert!(find(e[1].original).unwrap().entry.timeout_s > 2000);
+    assert!(find(e[2].original).is_some());
+    // The next batch starts clean: no answer of this one left unread.
+    let again = ct.execute(&[Request::Get(&e[2].original, 0)]);
+    assert!(matches!(again[0], Ok(Some(_))), "{:?}", again[0]);
+}
