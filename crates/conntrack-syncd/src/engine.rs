@@ -806,6 +806,7 @@ impl Shell {
                             peer = %self.peer,
                             records,
                             stale_removed = outcome.stale_removed,
+                            unchanged = outcome.unchanged,
                             took_ms = outcome.took.as_millis() as u64,
                             "bulk resync from the peer {} complete: {records} records in {} ms, {} entries the peer no longer has removed",
                             self.peer,

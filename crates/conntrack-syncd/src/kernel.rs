@@ -31,6 +31,8 @@ use crate::sync::Record;
 /// TCP states (enum tcp_conntrack).
 const TCP_SYN_SENT: u8 = 1;
 const TCP_ESTABLISHED: u8 = 3;
+const TCP_TIME_WAIT: u8 = 7;
+const TCP_CLOSE: u8 = 8;
 /// IPS_SEEN_REPLY.
 const SEEN_REPLY: u32 = 1 << 1;
 const PROTO_TCP: u8 = 6;
@@ -72,6 +74,33 @@ fn with_tcp_info(mut entry: Entry) -> Entry {
     entry
 }
 
+/// Whether writing `record` over the kernel's `entry` (same NAT) would
+/// change nothing that matters, so a bulk need not write it: a TCP entry in
+/// the same state that already has every flag the record sets (an update
+/// only sets flags), the same mark and the reply seen, with at least the
+/// record's timeout (a minute's slack). A closing or closed flow (TIME_WAIT,
+/// CLOSE) needs no write either: nothing of it is worth a failover, and a
+/// new SYN of its tuple starts a new entry anyway. Other protocols are
+/// always written (their timeout is all they have).
+fn already_applied(entry: &Entry, record: &Entry) -> bool {
+    const KEPT: u32 =
+        tandem_conntrack::entry::status::SEEN_REPLY | tandem_conntrack::entry::status::ASSURED;
+    let (Some(have), Some(want)) = (entry.tcp, record.tcp) else {
+        return false;
+    };
+    if entry.original.protocol != PROTO_TCP || have.state != want.state || entry.mark != record.mark
+    {
+        return false;
+    }
+    if matches!(want.state, TCP_TIME_WAIT | TCP_CLOSE) {
+        return true;
+    }
+    have.flags_original & want.flags_original == want.flags_original
+        && have.flags_reply & want.flags_reply == want.flags_reply
+        && entry.status & record.status & KEPT == record.status & KEPT
+        && entry.timeout_s.saturating_add(60) >= record.timeout_s
+}
+
 /// What the last batch of peer records did.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -85,9 +114,12 @@ pub struct Applied {
 struct Resync {
     /// Complete and exact: the farm entries the kernel held when it began
     /// (tuple → reply tuple and zone); what the bulk does not refresh goes.
-    before: Option<HashMap<Tuple, (Tuple, u16)>>,
+    before: Option<HashMap<Tuple, Entry>>,
     /// Tuples the peer sent since it began.
     seen: HashSet<Tuple>,
+    /// Records of the bulk that found their entry already as they would
+    /// make it (not written).
+    unchanged: u64,
     started: Instant,
 }
 
@@ -95,6 +127,7 @@ struct Resync {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncOutcome {
     pub stale_removed: u64,
+    pub unchanged: u64,
     pub took: Duration,
 }
 
@@ -120,6 +153,9 @@ pub struct Replica {
     exact: bool,
     pub apply_errors: u64,
     pub replaced: u64,
+    /// Records of a complete bulk that found their entry already as they
+    /// would make it, so were not written.
+    pub unchanged: u64,
     pub stale_removed: u64,
     /// Destroy events not sent to the peer: copies of its flows, or entries
     /// this node does not own, that expired here.
@@ -139,6 +175,7 @@ impl Replica {
             exact,
             apply_errors: 0,
             replaced: 0,
+            unchanged: 0,
             stale_removed: 0,
             copies_expired: 0,
         })
@@ -295,12 +332,20 @@ impl Replica {
                         .as_ref()
                         .and_then(|r| r.before.as_ref())
                         .and_then(|b| b.get(&e.original))
-                        .copied();
+                        .map(|old| (old.reply == e.reply, already_applied(old, &e), old.zone));
                     match known {
                         // The snapshot of a bulk says what is there: no
-                        // create attempt needed.
-                        Some((reply, _)) if reply == e.reply => round1.push(Op::Update(e)),
-                        Some((_, zone)) => round1.push(Op::Replace(e, zone)),
+                        // create attempt needed, and no write at all when
+                        // the entry is already what the record would make it.
+                        Some((true, true, zone)) => {
+                            self.written(e.original, zone);
+                            self.unchanged += 1;
+                            if let Some(r) = &mut self.resync {
+                                r.unchanged += 1;
+                            }
+                        }
+                        Some((true, false, _)) => round1.push(Op::Update(e)),
+                        Some((false, _, zone)) => round1.push(Op::Replace(e, zone)),
                         None => round1.push(Op::Create(e)),
                     }
                 }
@@ -439,7 +484,7 @@ impl Replica {
             Some(
                 dump.into_iter()
                     .filter(|r| filter.matches(&r.entry))
-                    .map(|r| (r.entry.original, (r.entry.reply, r.entry.zone)))
+                    .map(|r| (r.entry.original, r.entry))
                     .collect(),
             )
         } else {
@@ -448,6 +493,7 @@ impl Replica {
         self.resync = Some(Resync {
             before,
             seen: HashSet::new(),
+            unchanged: 0,
             started: Instant::now(),
         });
         Ok(())
@@ -462,6 +508,7 @@ impl Replica {
         };
         let mut outcome = ResyncOutcome {
             stale_removed: 0,
+            unchanged: resync.unchanged,
             took: resync.started.elapsed(),
         };
         match (self.mode, resync.before) {
@@ -469,7 +516,7 @@ impl Replica {
                 let stale: Vec<(Tuple, u16)> = before
                     .into_iter()
                     .filter(|(t, _)| !resync.seen.contains(t) && !self.own.contains(t))
-                    .map(|(t, (_, zone))| (t, zone))
+                    .map(|(t, e)| (t, e.zone))
                     .collect();
                 let requests: Vec<Request<'_>> =
                     stale.iter().map(|(t, z)| Request::Delete(t, *z)).collect();
@@ -650,5 +697,61 @@ mod tests {
         );
         let folded = fold(vec![Record::New(a.clone()), Record::Destroy(a.original)]);
         assert_eq!(folded, vec![Record::Destroy(a.original)]);
+    }
+
+    fn tcp(entry: Entry, state: u8, flags: u8, status: u32, timeout_s: u32) -> Entry {
+        Entry {
+            tcp: Some(TcpInfo {
+                state,
+                wscale_original: 7,
+                wscale_reply: 7,
+                flags_original: flags,
+                flags_reply: flags,
+            }),
+            status,
+            timeout_s,
+            ..entry
+        }
+    }
+
+    #[test]
+    fn a_bulk_record_is_written_only_when_it_would_change_the_entry() {
+        use tandem_conntrack::entry::{status, tcp as t};
+        let seen = status::SEEN_REPLY | status::ASSURED;
+        let liberal = t::FLAG_BE_LIBERAL | t::FLAG_SACK_PERM;
+        // A copy written earlier, and the master's same entry: nothing to do.
+        let copy = tcp(entry(1, 11), TCP_ESTABLISHED, liberal, seen, 431_990);
+        let record = tcp(entry(1, 11), TCP_ESTABLISHED, liberal, seen, 432_000);
+        assert!(already_applied(&copy, &record));
+        // This node's own entry lacks the be-liberal flag the master's copy
+        // has: written (its window tracking would judge the flow it no
+        // longer sees).
+        let own = tcp(
+            entry(1, 11),
+            TCP_ESTABLISHED,
+            t::FLAG_SACK_PERM,
+            seen,
+            432_000,
+        );
+        assert!(!already_applied(&own, &record));
+        // Another state, a mark, the reply not seen yet, or a timeout the
+        // record would lengthen by more than a minute: written.
+        let syn = tcp(entry(1, 11), 1, liberal, 0, 120);
+        assert!(!already_applied(&syn, &record));
+        let marked = Entry {
+            mark: 7,
+            ..copy.clone()
+        };
+        assert!(!already_applied(&marked, &record));
+        let unseen = tcp(entry(1, 11), TCP_ESTABLISHED, liberal, 0, 431_990);
+        assert!(!already_applied(&unseen, &record));
+        let expiring = tcp(entry(1, 11), TCP_ESTABLISHED, liberal, seen, 300);
+        assert!(!already_applied(&expiring, &record));
+        // A closing flow in the same state needs nothing, flags or not.
+        let tw_own = tcp(entry(2, 11), TCP_TIME_WAIT, 0, seen, 100);
+        let tw_record = tcp(entry(2, 11), TCP_TIME_WAIT, liberal, seen, 120);
+        assert!(already_applied(&tw_own, &tw_record));
+        // Without TCP state (UDP, or an update that carried none): written.
+        assert!(!already_applied(&entry(3, 11), &entry(3, 11)));
     }
 }
