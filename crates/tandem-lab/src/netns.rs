@@ -113,16 +113,42 @@ impl Netns {
 
     /// The addresses on `ifname`, as `10.0.0.1/24` / `fd00::1/64`.
     pub fn addresses(&self, ifname: &str) -> Result<Vec<String>, LabError> {
-        let out = self.ip(&["-o", "addr", "show", "dev", ifname])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                words.find(|w| *w == "inet" || *w == "inet6")?;
-                words.next().map(str::to_owned)
-            })
-            .collect())
+        // Read over netlink from a thread inside the namespace (getifaddrs),
+        // not by starting `ip`: tests and benchmarks poll this while they
+        // measure, and a fork and exec every few milliseconds would take
+        // the CPU they measure.
+        let name = ifname.to_owned();
+        let found = self.run(move || -> Result<Option<Vec<String>>, nix::Error> {
+            let mut exists = false;
+            let mut out = Vec::new();
+            for a in nix::ifaddrs::getifaddrs()? {
+                if a.interface_name != name {
+                    continue;
+                }
+                exists = true;
+                let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+                    continue;
+                };
+                if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                    out.push(format!("{}/{}", ip.ip(), m.ip().to_bits().count_ones()));
+                } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6())
+                {
+                    out.push(format!("{}/{}", ip.ip(), m.ip().to_bits().count_ones()));
+                }
+            }
+            Ok(exists.then_some(out))
+        })?;
+        match found {
+            Ok(Some(addresses)) => Ok(addresses),
+            Ok(None) => Err(LabError::Io {
+                what: format!("reading the addresses of {ifname} in netns {}", self.name),
+                source: io::Error::new(io::ErrorKind::NotFound, "no such interface"),
+            }),
+            Err(e) => Err(LabError::Io {
+                what: format!("reading the addresses of {ifname} in netns {}", self.name),
+                source: io::Error::from(e),
+            }),
+        }
     }
 
     pub fn set_link(&self, ifname: &str, up: bool) -> Result<(), LabError> {
