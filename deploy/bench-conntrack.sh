@@ -9,10 +9,13 @@
 #             backup holds 2 s after, peak RSS, retransmissions, packing
 #   datapath  new TCP connections/s through the VIP with no sync daemon,
 #             conntrack-syncd and conntrackd, twice interleaved
+#   datapath-split  the same with the backup's daemons on CPU 1 and all
+#             else on CPU 0, as if the backup were a second machine
+#             (not in the default set)
 #   classic   real connections as fast as two client threads open them,
 #             lag one at a time, the cache modes' commit, 100 connections
 #             across the master's death (all four modes)
-# Usage: deploy/bench-conntrack.sh [capacity|burst|datapath|classic ...] [syncd-inject|syncd-cache|conntrackd-cache|conntrackd-inject ...]
+# Usage: deploy/bench-conntrack.sh [capacity|burst|datapath|datapath-split|classic ...] [syncd-inject|syncd-cache|conntrackd-cache|conntrackd-inject ...]
 # TANDEM_BENCH_CAPACITY_S / TANDEM_BENCH_DATAPATH_S set the run lengths;
 # TANDEM_BENCH_KEEP_LOGS=1 keeps every daemon's log (the directory is printed).
 # TANDEM_BENCH_SYNCD_ARGS="--nice -10" passes extra arguments to conntrack-syncd.

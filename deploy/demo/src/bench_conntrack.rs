@@ -988,7 +988,11 @@ fn burst(peers: &[Peer]) {
 /// master and the backup.
 type RateRun = (f64, f64, f64);
 
-fn datapath(peers: &[Peer], secs: u64) {
+/// `split`: the backup's daemons on CPU 1, everything else (client,
+/// backends, the master and its sync daemon) on CPU 0 — as if the backup
+/// were the second machine it is in production, whose work takes nothing
+/// from the master's datapath. Otherwise every process shares both cores.
+fn datapath(peers: &[Peer], secs: u64, split: bool) {
     let threads = 4;
     let mut configs = vec![Peer::NoSync];
     configs.extend(peers.iter().filter(|p| **p != Peer::NoSync));
@@ -997,7 +1001,7 @@ fn datapath(peers: &[Peer], secs: u64) {
     for round in 0..2 {
         for (peer, runs) in figures.iter_mut() {
             eprintln!("== datapath cost, round {}: {}", round + 1, peer.name());
-            runs.push(load::connection_rate(*peer, threads, secs));
+            runs.push(load::connection_rate(*peer, threads, secs, split));
         }
     }
     let mean = |runs: &[RateRun], f: fn(&RateRun) -> f64| {
@@ -1031,23 +1035,30 @@ fn datapath(peers: &[Peer], secs: u64) {
             },
         ]);
     }
+    let cores = if split {
+        "the backup's daemons on CPU 1, the client, backends, master and its daemon on CPU 0"
+    } else {
+        "every process on both cores"
+    };
     println!(
-        "Cost on the datapath: new TCP connections per second through the VIP ({threads} client threads for {secs} s, each reads the greeting and resets), with and without a sync daemon, same run:"
+        "Cost on the datapath: new TCP connections per second through the VIP ({threads} client threads for {secs} s, each reads the greeting and resets; {cores}), with and without a sync daemon, same run:"
     );
     println!("{t}");
 }
 
 fn main() {
     // Usage: tandem-bench-conntrack [PART ...] [PEER ...]
-    //   PART among capacity, burst, datapath, classic (default: all);
+    //   PART among capacity, burst, datapath, datapath-split, classic
+    //   (default: all but datapath-split);
     //   PEER among syncd-inject, syncd-cache, conntrackd-cache,
     //   conntrackd-inject (default: all for classic; the inject modes for
     //   capacity and datapath). TANDEM_BENCH_CAPACITY_S (default 30) and
     //   TANDEM_BENCH_DATAPATH_S (default 10) set the run lengths.
     let wanted: Vec<String> = std::env::args().skip(1).collect();
     let part = |p: &str| {
-        let parts = ["capacity", "burst", "datapath", "classic"];
-        !wanted.iter().any(|w| parts.contains(&w.as_str())) || wanted.iter().any(|w| w == p)
+        let parts = ["capacity", "burst", "datapath", "datapath-split", "classic"];
+        (p != "datapath-split" && !wanted.iter().any(|w| parts.contains(&w.as_str())))
+            || wanted.iter().any(|w| w == p)
     };
     let all = [
         ("syncd-inject", Peer::SyncdInject),
@@ -1093,7 +1104,10 @@ fn main() {
         burst(&inject);
     }
     if part("datapath") {
-        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10));
+        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), false);
+    }
+    if part("datapath-split") {
+        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), true);
     }
     if !part("classic") {
         return;

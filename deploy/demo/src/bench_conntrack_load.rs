@@ -290,9 +290,10 @@ pub fn capacity_run(peer: Peer, rate: u64, secs: u64) -> CapacityRun {
 
 /// New TCP connections a second through the VIP (each reads the backend's
 /// greeting, then is reset), from `threads` client threads for `secs`.
-pub fn connection_rate(peer: Peer, threads: usize, secs: u64) -> (f64, f64, f64) {
+pub fn connection_rate(peer: Peer, threads: usize, secs: u64, split: bool) -> (f64, f64, f64) {
     let bench = Bench::new(peer);
     let lab = &bench.lab;
+    let _cores = split.then(|| SplitCores::new(&bench));
     let pids: Vec<i32> = if peer == Peer::NoSync {
         Vec::new()
     } else {
@@ -356,6 +357,53 @@ pub fn connection_rate(peer: Peer, threads: usize, secs: u64) -> (f64, f64, f64)
         cpu.first().copied().unwrap_or(0.0),
         cpu.get(1).copied().unwrap_or(0.0),
     )
+}
+
+/// The backup's daemons on CPU 1, this process (client, backends) and the
+/// master's daemons on CPU 0, until dropped (this process gets its CPUs
+/// back; the daemons end with their lab).
+struct SplitCores {
+    before: nix::sched::CpuSet,
+}
+
+impl SplitCores {
+    fn new(bench: &Bench) -> SplitCores {
+        let me = nix::unistd::Pid::from_raw(0);
+        let before = nix::sched::sched_getaffinity(me).expect("this process's CPUs");
+        let only = |cpu: usize| {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).expect("a CPU number below the count");
+            set
+        };
+        pin(std::process::id() as i32, &only(0));
+        for (node, cpu) in [("lb1", 0), ("lb2", 1)] {
+            for (_, child) in &bench.lab.node(node).daemons {
+                pin(child.pid().as_raw(), &only(cpu));
+            }
+        }
+        SplitCores { before }
+    }
+}
+
+impl Drop for SplitCores {
+    fn drop(&mut self) {
+        pin(std::process::id() as i32, &self.before);
+    }
+}
+
+/// Sets the CPU affinity of every thread of `pid`.
+fn pin(pid: i32, set: &nix::sched::CpuSet) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+    {
+        // A thread that ended meanwhile has nothing to pin.
+        match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), set) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => panic!("setting the CPUs of thread {tid} of process {pid}: {e}"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
