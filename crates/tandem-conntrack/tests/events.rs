@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{nat_tcp, open};
+use common::{nat_tcp, nat_tcp_many, open};
 use tandem_conntrack::entry::{proto, tcp};
 use tandem_conntrack::{
     CreateOptions, Entry, Event, EventGroup, EventSocket, EventStream, Record, Tuple,
@@ -239,19 +239,7 @@ fn counters_of_a_real_transfer_appear_in_dump_and_destroy_event() {
 fn a_listener_that_falls_behind_gets_an_overrun() {
     let lab = Lab::new().unwrap();
     let ns = lab.netns("ct").unwrap();
-    let entries: Vec<Entry> = (0..3000u16)
-        .map(|i| {
-            nat_tcp(
-                "10.0.0.50",
-                10000 + i,
-                "10.0.0.100",
-                80,
-                "10.1.0.11",
-                8080,
-                "10.1.0.100",
-            )
-        })
-        .collect();
+    let entries: Vec<Entry> = nat_tcp_many(10000, 3000);
     // Control: a large buffer holds the whole burst.
     let mut big = ns
         .run(|| EventSocket::open(&[EventGroup::New]))

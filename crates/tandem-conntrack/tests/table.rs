@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{conntrack_list, nat_tcp, open, tuple};
+use common::{conntrack_list, nat_tcp, nat_tcp_many, open, tuple};
 use tandem_conntrack::entry::{proto, status, tcp};
 use tandem_conntrack::{ConntrackError, CreateOptions, Entry, Record};
 use tandem_lab::Lab;
@@ -212,19 +212,7 @@ fn a_batch_create_reports_each_entry() {
     let lab = Lab::new().unwrap();
     let ns = lab.netns("ct").unwrap();
     let mut ct = open(&ns);
-    let entries: Vec<Entry> = (0..600u16)
-        .map(|i| {
-            nat_tcp(
-                "10.0.0.50",
-                10000 + i,
-                "10.0.0.100",
-                80,
-                "10.1.0.11",
-                8080,
-                "10.1.0.100",
-            )
-        })
-        .collect();
+    let entries: Vec<Entry> = nat_tcp_many(10000, 600);
     ct.create(&entries[300], LIBERAL).unwrap();
     let results = ct.create_many(&entries, LIBERAL);
     assert_eq!(results.len(), 600);
@@ -273,19 +261,7 @@ fn a_mixed_batch_answers_each_request() {
     let lab = Lab::new().unwrap();
     let ns = lab.netns("ct").unwrap();
     let mut ct = open(&ns);
-    let e: Vec<Entry> = (0..4u16)
-        .map(|i| {
-            nat_tcp(
-                "10.0.0.50",
-                20000 + i,
-                "10.0.0.100",
-                80,
-                "10.1.0.11",
-                8080,
-                "10.1.0.100",
-            )
-        })
-        .collect();
+    let e: Vec<Entry> = nat_tcp_many(20000, 4);
     ct.create(&e[0], LIBERAL).unwrap();
     ct.create(&e[1], LIBERAL).unwrap();
     let absent = e[3].original;

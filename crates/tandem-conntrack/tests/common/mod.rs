@@ -53,6 +53,24 @@ pub fn nat_tcp(
     }
 }
 
+/// `n` entries like [`nat_tcp`]'s from client 10.0.0.50 to the VIP
+/// 10.0.0.100:80 via backend 10.1.0.11:8080, client ports from `first`.
+pub fn nat_tcp_many(first: u16, n: u16) -> Vec<Entry> {
+    (0..n)
+        .map(|i| {
+            nat_tcp(
+                "10.0.0.50",
+                first + i,
+                "10.0.0.100",
+                80,
+                "10.1.0.11",
+                8080,
+                "10.1.0.100",
+            )
+        })
+        .collect()
+}
+
 /// One line of `conntrack -L`: the protocol name, the TCP state (if any),
 /// the original and reply tuples' key=value pairs, mark and flags.
 #[derive(Debug, Default)]
