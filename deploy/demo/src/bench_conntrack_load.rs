@@ -11,6 +11,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use tandem_conntrack::{Conntrack, CreateOptions, Entry, TcpInfo, Tuple};
+use tandem_e2e::chaos_lab::nft_packets;
 use tandem_e2e::conntrack_lab::VIP;
 
 use crate::{Bench, Peer, cpu_seconds};
@@ -229,18 +230,11 @@ pub fn capacity_run(peer: Peer, rate: u64, secs: u64) -> CapacityRun {
     let (mut lags, lag_missed) = poller.join().expect("poller").expect("backup netns");
     lags.sort();
     let (cm, cb) = (cpu_seconds(pm) - cm0, cpu_seconds(pb) - cb0);
-    let out = lab
-        .node("lb2")
-        .ns
-        .exec("nft", &["list", "table", "inet", "bench"])
-        .expect("counter");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let datagrams = text
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let datagrams = nft_packets(
+        &lab.node("lb2").ns,
+        &["list", "table", "inet", "bench"],
+        false,
+    );
     let mut run = CapacityRun {
         offered: rate,
         secs: took.as_secs_f64(),
@@ -446,18 +440,11 @@ pub fn burst_run(peer: Peer, flows: usize, over: Duration) -> BurstRun {
     let backup = lab.vip_tuples("lb2");
     let held = master.iter().filter(|t| backup.contains(t)).count();
     let (cm, cb) = (cpu_seconds(pm) - cm0, cpu_seconds(pb) - cb0);
-    let out = lab
-        .node("lb2")
-        .ns
-        .exec("nft", &["list", "table", "inet", "bench"])
-        .expect("counter");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let datagrams = text
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let datagrams = nft_packets(
+        &lab.node("lb2").ns,
+        &["list", "table", "inet", "bench"],
+        false,
+    );
     let mut run = BurstRun {
         flows: sent.len(),
         on_master: master.len(),

@@ -80,13 +80,25 @@ impl LagStats {
         {
             return (p50, p99);
         }
-        let (p50, p99) = (self.quantile(now, 0.5), self.quantile(now, 0.99));
+        let [p50, p99] = self.quantiles_within(now, LAG_WINDOW, [0.5, 0.99]);
         self.quantiles.set(Some((now, p50, p99)));
         (p50, p99)
     }
 
     /// The `q` quantile of the records acknowledged in the last `window`.
     pub fn quantile_within(&self, now: Instant, window: Duration, q: f64) -> Option<Duration> {
+        let [lag] = self.quantiles_within(now, window, [q]);
+        lag
+    }
+
+    /// Several quantiles of the records acknowledged in the last `window`,
+    /// from one sort of the samples.
+    fn quantiles_within<const N: usize>(
+        &self,
+        now: Instant,
+        window: Duration,
+        qs: [f64; N],
+    ) -> [Option<Duration>; N] {
         let mut recent: Vec<(Duration, u32)> = self
             .recent
             .iter()
@@ -95,19 +107,21 @@ impl LagStats {
             .map(|(_, l, n)| (*l, *n))
             .collect();
         if recent.is_empty() {
-            return None;
+            return [None; N];
         }
         recent.sort_unstable();
         let total: u64 = recent.iter().map(|(_, n)| u64::from(*n)).sum();
-        let rank = ((total as f64 * q).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (lag, n) in &recent {
-            seen += u64::from(*n);
-            if seen >= rank {
-                return Some(*lag);
+        qs.map(|q| {
+            let rank = ((total as f64 * q).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (lag, n) in &recent {
+                seen += u64::from(*n);
+                if seen >= rank {
+                    return Some(*lag);
+                }
             }
-        }
-        recent.last().map(|(l, _)| *l)
+            recent.last().map(|(l, _)| *l)
+        })
     }
 
     pub fn histogram(&self) -> LagHistogram {
