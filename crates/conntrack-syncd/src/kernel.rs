@@ -19,7 +19,7 @@
 //!   differs are replaced — except this node's own flows, which it
 //!   forwards and replicates in turn.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::time::{Duration, Instant};
 
 use tandem_conntrack::{

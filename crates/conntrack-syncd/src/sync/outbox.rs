@@ -4,7 +4,9 @@
 //! record per flow), and the markers that frame a bulk resync. Each slot
 //! remembers when its oldest unsent change happened, for the lag.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::time::Instant;
 
 use tandem_conntrack::Tuple;
