@@ -16,7 +16,8 @@
 #             lag one at a time, the cache modes' commit, 100 connections
 #             across the master's death (all four modes)
 # Usage: deploy/bench-conntrack.sh [capacity|burst|datapath|datapath-split|classic ...] [syncd-inject|syncd-cache|conntrackd-cache|conntrackd-inject ...]
-# TANDEM_BENCH_CAPACITY_S / TANDEM_BENCH_DATAPATH_S set the run lengths;
+# TANDEM_BENCH_CAPACITY_S / TANDEM_BENCH_DATAPATH_S set the run lengths,
+# TANDEM_BENCH_ROUNDS the datapath parts' interleaved rounds (default 2);
 # TANDEM_BENCH_KEEP_LOGS=1 keeps every daemon's log (the directory is printed).
 # TANDEM_BENCH_SYNCD_ARGS="--nice -10" passes extra arguments to conntrack-syncd.
 set -euo pipefail

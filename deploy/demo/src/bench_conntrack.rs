@@ -59,6 +59,10 @@ enum Peer {
     ConntrackdInject,
     /// No sync daemon at all (the datapath's own figure).
     NoSync,
+    /// No sync daemon, but a minimal reader of the master's conntrack
+    /// events (blocking reads, each decoded, nothing sent): the floor that
+    /// any replication driven by ctnetlink events pays on the master.
+    EventSink,
 }
 
 impl Peer {
@@ -69,6 +73,7 @@ impl Peer {
             Peer::ConntrackdCache => "conntrackd FTFW ext. cache",
             Peer::ConntrackdInject => "conntrackd FTFW inject",
             Peer::NoSync => "no sync daemon",
+            Peer::EventSink => "event reader only (floor)",
         }
     }
 
@@ -77,6 +82,7 @@ impl Peer {
             Peer::SyncdInject | Peer::SyncdCache => "conntrack-syncd",
             Peer::ConntrackdCache | Peer::ConntrackdInject => "conntrackd",
             Peer::NoSync => "none",
+            Peer::EventSink => "events-sink",
         }
     }
 
@@ -199,7 +205,11 @@ General {{
 fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, extra: &[&str]) {
     let log = File::create(logs.join(format!("{node}-{daemon}.log"))).expect("log file");
     let n = lab.nodes.iter_mut().find(|n| n.name == node).expect("node");
-    let (mut cmd, socket) = if daemon == "conntrackd" {
+    let (mut cmd, socket) = if daemon == "events-sink" {
+        let mut cmd = Command::new(std::env::current_exe().expect("this program's path"));
+        cmd.arg(EVENTS_SINK);
+        (cmd, PathBuf::new())
+    } else if daemon == "conntrackd" {
         let dir = conntrackd_dir(logs, node);
         let mut cmd = Command::new("conntrackd");
         cmd.arg("-C").arg(dir.join("conntrackd.conf"));
@@ -225,7 +235,12 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
     }
     cmd.stdout(Stdio::null()).stderr(log);
     let child = lab.lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
-    tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
+    if daemon == "events-sink" {
+        // Subscribed before the traffic starts (Bench::new waits further).
+        std::thread::sleep(Duration::from_millis(200));
+    } else {
+        tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
+    }
     n.daemons.push((daemon, child));
 }
 
@@ -352,6 +367,11 @@ impl Bench {
                     start(&mut lab, dir.path(), node, "conntrackd", &[]);
                 }
                 Peer::NoSync => {}
+                Peer::EventSink => {
+                    if node == "lb1" {
+                        start(&mut lab, dir.path(), node, "events-sink", &[]);
+                    }
+                }
             }
         }
         start(&mut lab, dir.path(), "lb1", "vrrpd", &[]);
@@ -442,7 +462,7 @@ impl Bench {
     /// daemon keeps them.
     fn backup_count(&self) -> usize {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => {
                 self.lab.vip_entries("lb2")
             }
             Peer::SyncdCache => self
@@ -460,7 +480,7 @@ impl Bench {
     /// Whether the backup holds the entry of this connection.
     fn backup_has(&mut self, t: &Tuple, cached_before: usize) -> bool {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => {
                 matches!(self.backup_ct.get(t), Ok(Some(_)))
             }
             // The cache is not listed by the API: one more entry than
@@ -478,7 +498,7 @@ impl Bench {
     /// whose content the API does not list).
     fn backup_has_all(&mut self, tuples: &[Tuple], cached_before: usize) -> bool {
         match self.peer {
-            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => tuples
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => tuples
                 .iter()
                 .all(|t| matches!(self.backup_ct.get(t), Ok(Some(_)))),
             Peer::SyncdCache => self.backup_count() >= cached_before + tuples.len(),
@@ -631,7 +651,7 @@ impl Bench {
                 fig.commit = self.conntrackd_logged_commit("lb2");
                 self.conntrackd("lb2", &["-f", "external"]);
             }
-            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {}
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => {}
         }
     }
 
@@ -723,7 +743,7 @@ impl Bench {
         fig.failover_commit = match self.peer {
             Peer::SyncdCache => self.logged_commit(),
             Peer::ConntrackdCache => self.conntrackd_logged_commit("lb2"),
-            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => None,
+            Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => None,
         };
     }
 
@@ -994,11 +1014,21 @@ type RateRun = (f64, f64, f64);
 /// from the master's datapath. Otherwise every process shares both cores.
 fn datapath(peers: &[Peer], secs: u64, split: bool) {
     let threads = 4;
-    let mut configs = vec![Peer::NoSync];
-    configs.extend(peers.iter().filter(|p| **p != Peer::NoSync));
-    // Interleaved twice, so a load change on the machine falls on all.
+    let mut configs = vec![Peer::NoSync, Peer::EventSink];
+    configs.extend(
+        peers
+            .iter()
+            .filter(|p| !matches!(p, Peer::NoSync | Peer::EventSink)),
+    );
+    // Interleaved rounds (TANDEM_BENCH_ROUNDS, default 2), so a load change
+    // on the machine falls on all.
+    let rounds = std::env::var("TANDEM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2);
     let mut figures: Vec<(Peer, Vec<RateRun>)> = configs.iter().map(|p| (*p, Vec::new())).collect();
-    for round in 0..2 {
+    for round in 0..rounds {
         for (peer, runs) in figures.iter_mut() {
             eprintln!("== datapath cost, round {}: {}", round + 1, peer.name());
             runs.push(load::connection_rate(*peer, threads, secs, split));
@@ -1010,8 +1040,7 @@ fn datapath(peers: &[Peer], secs: u64, split: bool) {
     let base = figures.first().map_or(0.0, |(_, runs)| mean(runs, |r| r.0));
     let mut t = table(&[
         "configuration",
-        "new conn/s, round 1",
-        "round 2",
+        "new conn/s, each round",
         "mean",
         "change vs no sync",
         "sync CPU µs per connection master / backup",
@@ -1020,18 +1049,20 @@ fn datapath(peers: &[Peer], secs: u64, split: bool) {
         let m = mean(runs, |r| r.0);
         t.add_row([
             peer.name().to_owned(),
-            format!("{:.0}", runs.first().map_or(0.0, |r| r.0)),
-            format!("{:.0}", runs.get(1).map_or(0.0, |r| r.0)),
+            runs.iter()
+                .map(|r| format!("{:.0}", r.0))
+                .collect::<Vec<_>>()
+                .join(" / "),
             format!("{m:.0}"),
             if *peer == Peer::NoSync {
                 "-".to_owned()
             } else {
                 format!("{:+.1} %", 100.0 * (m - base) / base.max(1e-9))
             },
-            if *peer == Peer::NoSync {
-                "-".to_owned()
-            } else {
-                format!("{:.0} / {:.0}", mean(runs, |r| r.1), mean(runs, |r| r.2))
+            match peer {
+                Peer::NoSync => "-".to_owned(),
+                Peer::EventSink => format!("{:.0} / -", mean(runs, |r| r.1)),
+                _ => format!("{:.0} / {:.0}", mean(runs, |r| r.1), mean(runs, |r| r.2)),
             },
         ]);
     }
@@ -1046,7 +1077,28 @@ fn datapath(peers: &[Peer], secs: u64, split: bool) {
     println!("{t}");
 }
 
+/// The argument that makes this program the events sink (see
+/// [`Peer::EventSink`]), started by the bench itself in the master's
+/// namespace.
+const EVENTS_SINK: &str = "__events-sink";
+
+/// Reads and decodes conntrack events until killed.
+fn events_sink() -> ! {
+    use tandem_conntrack::{EventGroup, EventSocket};
+    let mut events = EventSocket::with_receive_buffer(&EventGroup::ALL, 64 << 20)
+        .expect("subscribing to conntrack events");
+    loop {
+        if let Err(e) = events.recv_timeout(Duration::from_secs(1)) {
+            eprintln!("events sink: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(EVENTS_SINK) {
+        events_sink();
+    }
     // Usage: tandem-bench-conntrack [PART ...] [PEER ...]
     //   PART among capacity, burst, datapath, datapath-split, classic
     //   (default: all but datapath-split);
@@ -1174,7 +1226,7 @@ fn main() {
             l.last().map_or_else(|| "-".into(), |d| ms(*d)),
             f.lag_missed.to_string(),
             match peer {
-                Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync => {
+                Peer::SyncdInject | Peer::ConntrackdInject | Peer::NoSync | Peer::EventSink => {
                     "ctnetlink get (kernel table)"
                 }
                 Peer::SyncdCache => "Status.entries_cached (gRPC)",

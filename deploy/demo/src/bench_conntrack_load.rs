@@ -290,6 +290,8 @@ pub fn connection_rate(peer: Peer, threads: usize, secs: u64, split: bool) -> (f
     let _cores = split.then(|| SplitCores::new(&bench));
     let pids: Vec<i32> = if peer == Peer::NoSync {
         Vec::new()
+    } else if peer == Peer::EventSink {
+        vec![bench.pid("lb1")]
     } else {
         vec![bench.pid("lb1"), bench.pid("lb2")]
     };
