@@ -20,6 +20,8 @@
 # TANDEM_BENCH_ROUNDS the datapath parts' interleaved rounds (default 2);
 # TANDEM_BENCH_KEEP_LOGS=1 keeps every daemon's log (the directory is printed).
 # TANDEM_BENCH_SYNCD_ARGS="--nice -10" passes extra arguments to conntrack-syncd.
+# TANDEM_BENCH_CONNTRACKD_NICE=1 moves conntrackd from its real-time
+# scheduler to the normal one at nice -10 (where conntrack-syncd runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v conntrackd >/dev/null || { echo "needs conntrackd: apt-get install conntrackd" >&2; exit 1; }

@@ -241,7 +241,33 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
     } else {
         tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
     }
+    if daemon == "conntrackd" && std::env::var_os("TANDEM_BENCH_CONNTRACKD_NICE").is_some() {
+        // conntrackd makes itself real-time (SCHED_RR 99) at start, and its
+        // configuration offers no other choice; this puts it where
+        // conntrack-syncd runs (the normal scheduler, niceness -10), so that
+        // it does not starve the load generator.
+        demote_to_nice(child.pid().as_raw(), -10);
+    }
     n.daemons.push((daemon, child));
+}
+
+/// Moves a process (one thread) from a real-time scheduler to the normal
+/// one at `nice`.
+fn demote_to_nice(pid: i32, nice: i32) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscalls on a PID this bench started; `param` outlives
+    // the call.
+    let (sched, prio) = unsafe {
+        (
+            libc::sched_setscheduler(pid, libc::SCHED_OTHER, &raw const param),
+            libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice),
+        )
+    };
+    assert!(
+        sched == 0 && prio == 0,
+        "moving PID {pid} to the normal scheduler at nice {nice}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// utime + stime of a process, in seconds.
