@@ -60,7 +60,8 @@ enum Peer {
     /// No sync daemon at all (the datapath's own figure).
     NoSync,
     /// No sync daemon, but a minimal reader of the master's conntrack
-    /// events (blocking reads, each decoded, nothing sent): the floor that
+    /// events (read and decoded a millisecond's worth at a time, as
+    /// conntrack-syncd does; nothing kept, nothing sent): the floor that
     /// any replication driven by ctnetlink events pays on the master.
     EventSink,
 }
@@ -1108,16 +1109,30 @@ fn datapath(peers: &[Peer], secs: u64, split: bool) {
 /// namespace.
 const EVENTS_SINK: &str = "__events-sink";
 
-/// Reads and decodes conntrack events until killed.
+/// Reads and decodes conntrack events until killed, the way conntrack-syncd
+/// does: it wakes for an event, takes every event then waiting, and lets
+/// the next ones gather for a millisecond.
 fn events_sink() -> ! {
     use tandem_conntrack::{EventGroup, EventSocket};
     let mut events = EventSocket::with_receive_buffer(&EventGroup::ALL, 64 << 20)
         .expect("subscribing to conntrack events");
+    let fail = |e: tandem_conntrack::ConntrackError| -> ! {
+        eprintln!("events sink: {e}");
+        std::process::exit(1)
+    };
     loop {
-        if let Err(e) = events.recv_timeout(Duration::from_secs(1)) {
-            eprintln!("events sink: {e}");
-            std::process::exit(1);
+        match events.recv_timeout(Duration::from_secs(1)) {
+            Ok(Some(_)) => loop {
+                match events.try_next() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => fail(e),
+                }
+            },
+            Ok(None) => continue,
+            Err(e) => fail(e),
         }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
