@@ -19,9 +19,9 @@
 //!   differs are replaced — except this node's own flows, which it
 //!   forwards and replicates in turn.
 
-use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::time::{Duration, Instant};
 
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use tandem_conntrack::{
     Conntrack, ConntrackError, CreateOptions, Entry, Event, Filter, Request, TcpInfo, Tuple,
 };

@@ -209,12 +209,12 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
     let (mut cmd, socket) = if daemon == "events-sink" {
         let mut cmd = Command::new(std::env::current_exe().expect("this program's path"));
         cmd.arg(EVENTS_SINK);
-        (cmd, PathBuf::new())
+        (cmd, None)
     } else if daemon == "conntrackd" {
         let dir = conntrackd_dir(logs, node);
         let mut cmd = Command::new("conntrackd");
         cmd.arg("-C").arg(dir.join("conntrackd.conf"));
-        (cmd, dir.join("conntrackd.ctl"))
+        (cmd, Some(dir.join("conntrackd.ctl")))
     } else {
         let mut cmd = Command::new(tandem_e2e::bin(daemon));
         cmd.arg("--config-dir")
@@ -225,7 +225,7 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
             .arg(tandem_e2e::state_dir_beside(&n.runtime_dir))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM");
-        (cmd, n.runtime_dir.join(format!("{daemon}.sock")))
+        (cmd, Some(n.runtime_dir.join(format!("{daemon}.sock"))))
     };
     cmd.args(extra);
     if daemon == "conntrack-syncd" {
@@ -236,11 +236,12 @@ fn start(lab: &mut ClusterLab, logs: &Path, node: &str, daemon: &'static str, ex
     }
     cmd.stdout(Stdio::null()).stderr(log);
     let child = lab.lab.spawn(&n.ns, &mut cmd).expect("spawn daemon");
-    if daemon == "events-sink" {
-        // Subscribed before the traffic starts (Bench::new waits further).
-        std::thread::sleep(Duration::from_millis(200));
-    } else {
-        tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10)).expect("daemon serving");
+    match socket {
+        Some(socket) => tandem_lab::wait_for_unix_socket(&socket, Duration::from_secs(10))
+            .expect("daemon serving"),
+        // No socket to wait for (the events sink): subscribed before the
+        // traffic starts (Bench::new waits further).
+        None => std::thread::sleep(Duration::from_millis(200)),
     }
     if daemon == "conntrackd" && std::env::var_os("TANDEM_BENCH_CONNTRACKD_NICE").is_some() {
         // conntrackd makes itself real-time (SCHED_RR 99) at start, and its
@@ -1039,7 +1040,7 @@ type RateRun = (f64, f64, f64);
 /// backends, the master and its sync daemon) on CPU 0 — as if the backup
 /// were the second machine it is in production, whose work takes nothing
 /// from the master's datapath. Otherwise every process shares both cores.
-fn datapath(peers: &[Peer], secs: u64, split: bool) {
+fn datapath(peers: &[Peer], secs: u64, rounds: u64, split: bool) {
     let threads = 4;
     let mut configs = vec![Peer::NoSync, Peer::EventSink];
     configs.extend(
@@ -1047,13 +1048,7 @@ fn datapath(peers: &[Peer], secs: u64, split: bool) {
             .iter()
             .filter(|p| !matches!(p, Peer::NoSync | Peer::EventSink)),
     );
-    // Interleaved rounds (TANDEM_BENCH_ROUNDS, default 2), so a load change
-    // on the machine falls on all.
-    let rounds = std::env::var("TANDEM_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(2);
+    // Interleaved rounds, so a load change on the machine falls on all.
     let mut figures: Vec<(Peer, Vec<RateRun>)> = configs.iter().map(|p| (*p, Vec::new())).collect();
     for round in 0..rounds {
         for (peer, runs) in figures.iter_mut() {
@@ -1184,12 +1179,15 @@ fn main() {
         eprintln!("needs conntrackd: apt-get install conntrackd");
         std::process::exit(1);
     }
+    // Run lengths and rounds from the environment; 0 or junk: the default.
     let secs = |var: &str, default: u64| {
         std::env::var(var)
             .ok()
             .and_then(|v| v.parse().ok())
+            .filter(|&n: &u64| n > 0)
             .unwrap_or(default)
     };
+    let rounds = secs("TANDEM_BENCH_ROUNDS", 2);
     if part("capacity") {
         capacity(&inject, secs("TANDEM_BENCH_CAPACITY_S", 30));
     }
@@ -1197,10 +1195,10 @@ fn main() {
         burst(&inject);
     }
     if part("datapath") {
-        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), false);
+        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), rounds, false);
     }
     if part("datapath-split") {
-        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), true);
+        datapath(&inject, secs("TANDEM_BENCH_DATAPATH_S", 10), rounds, true);
     }
     if !part("classic") {
         return;

@@ -5,10 +5,9 @@
 //! remembers when its oldest unsent change happened, for the lag.
 
 use std::collections::VecDeque;
-
-use foldhash::HashMap;
 use std::time::Instant;
 
+use foldhash::HashMap;
 use tandem_conntrack::Tuple;
 
 use super::wire::Record;
